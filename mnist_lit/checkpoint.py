@@ -1,0 +1,272 @@
+"""Checkpoints that survive a kill at any instant, resume exactly, and load nothing but tensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import zipfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving a resumable checkpoint."""
+
+
+def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> Path:
+    """Where a run's checkpoints go: --checkpoint.dirpath, else <default_root_dir>/checkpoints."""
+    if dirpath is not None:
+        return Path(dirpath).expanduser()
+    return Path(default_root_dir or os.getcwd()).expanduser() / "checkpoints"
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
+                " code). Use a checkpoint written by mnist_lit"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
+    """Fail unless the checkpoint holds weights of exactly this model's shapes."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    found = {k: getattr(v, "shape", None) for k, v in checkpoint["state_dict"].items()}
+    if expected.keys() != found.keys():
+        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        raise CheckpointError(
+            f"{path} is a checkpoint of another model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if wrong := [k for k in expected if expected[k] != found[k]]:
+        raise CheckpointError(f"{path} is a checkpoint of another model: {wrong[0]} has shape {found[wrong[0]]}")
+
+
+def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
+    """The file --ckpt_path names: 'last' is <directory>/last.ckpt, which must exist."""
+    if ckpt_path == "best":
+        raise CheckpointError(
+            "--ckpt_path best needs a checkpoint that tracks a metric; pass 'last' or a checkpoint file"
+        )
+    if ckpt_path != "last":
+        return ckpt_path
+    last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
+    if not last.is_file():
+        hint = "run `fit` first" if not fitting else "drop --ckpt_path to start a new run"
+        raise CheckpointError(
+            f"no checkpoint to resume: {last} does not exist ({hint}, or check --trainer.default_root_dir)"
+        )
+    return str(last)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in this directory durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file in the same folder, flush, fsync, then rename over the target.
+
+    A kill at any instant leaves either the previous complete file or the new one, never a torn one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = os.fspath(path)
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.part"
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+
+
+class Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files are never half-written and whose last.ckpt resumes a run exactly.
+
+    - Every file is written through AtomicCheckpointIO: a kill at any instant leaves the previous complete
+      file or the new one, never a torn one; a periodic file is complete before the older one is deleted.
+    - The checkpoint carries the torch RNG state (dropout's randomness) and, through the train loader, the
+      position in the epoch, so a resumed run continues bit for bit on the same hardware.
+    - Ctrl-C or SIGTERM during fit finishes the current batch, saves last.ckpt and stops.
+    - last.ckpt is also written when training ends, so `test --ckpt_path last` sees the final weights.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        every_n_train_steps: int | None = 10,
+        save_last: bool = True,
+        save_top_k: int = 1,
+        save_weights_only: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        """
+        Args:
+            dirpath: Folder for checkpoints; default <trainer.default_root_dir>/checkpoints.
+            filename: Name pattern of the periodic checkpoints; default "epoch={epoch}-step={step}".
+            every_n_train_steps: Save after this many optimizer steps (the guide saves every 10 batches).
+            save_last: Also keep last.ckpt, the one `--ckpt_path last` resumes from.
+            save_top_k: Periodic checkpoints to keep: 1 the newest only, -1 all of them, 0 none.
+            save_weights_only: Leave out optimizer and loop state (such checkpoints cannot resume a run).
+            verbose: Print a line on every save.
+        """
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            every_n_train_steps=every_n_train_steps,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            save_weights_only=save_weights_only,
+            verbose=verbose,
+            # Overwrite a name rather than write name-v1: a file left by a killed run is replaced atomically.
+            enable_version_counter=False,
+        )
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._last_write: tuple[int, str] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(checkpoint_dir(trainer.default_root_dir, None).resolve())
+        # Every checkpoint the trainer writes, this callback's or anyone's, goes through the atomic writer.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        super().setup(trainer, pl_module, stage)
+
+    # --- atomic writes -------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        previous = self._last_write
+        self._last_write = (trainer.global_step, filepath)
+        if previous is None or previous[0] != trainer.global_step:
+            super()._save_checkpoint(trainer, filepath)  # through AtomicCheckpointIO
+            return
+        # last.ckpt right after the periodic file of the same step holds the same bytes: link them (atomically,
+        # through a temporary name) rather than serialise and write them again.
+        if trainer.is_global_zero:
+            tmp = f"{filepath}.part"
+            _remove_if_exists(tmp)
+            try:
+                os.link(previous[1], tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(previous[1], tmp)
+            os.replace(tmp, filepath)
+            fsync_dir(os.path.dirname(filepath))
+        trainer.strategy.barrier("Checkpoint.link")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._restore_signal_handlers()
+
+    # --- exact resume: the RNG state rides in the checkpoint ------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["rng_cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._rng_to_restore = {k: v for k, v in state_dict.items() if k.startswith("rng_")}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Restored here, not on load: the sanity check and loader setup in between must not shift it.
+        if self._rng_to_restore:
+            torch.set_rng_state(self._rng_to_restore["rng_cpu"])
+            if "rng_cuda" in self._rng_to_restore and pl_module.device.type == "cuda":
+                torch.cuda.set_rng_state(self._rng_to_restore["rng_cuda"])
+            self._rng_to_restore = None
+        self._install_signal_handlers()
+
+    # --- Ctrl-C and SIGTERM: stop at the next batch boundary with a checkpoint ----------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self._stop_signal is not None:  # a second Ctrl-C: the user really wants out now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals to whoever owns them
+                return
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers = {}
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stop = self._stop_signal is not None
+        if trainer.world_size > 1:  # every process must stop at the same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        raise Interrupted(
+            f"{name}: stopped at step {trainer.global_step} and saved {self.last_model_path};"
+            " resume with `fit --ckpt_path last`"
+        )
+
+
+def _remove_if_exists(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,139 @@
+"""The command line: LightningCLI's fit, validate, test and predict, plus export; errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mnist_lit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Interrupted,
+    check_weights,
+    checkpoint_dir,
+    load_checkpoint,
+    resolve,
+)
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.model import LitMNIST
+from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DESCRIPTION = (
+    "Train and use the guide's MNIST model. Subcommands: fit, validate, test, predict (each with --help),"
+    " and export (python -m mnist_lit export --help)."
+)
+
+
+class CPUThreads(Callback):
+    """Give each process on this machine an equal share of the cores, so threads x processes <= cores.
+
+    Two processes each running as many threads as there are cores slow each other down many times over.
+    OMP_NUM_THREADS, when set, wins.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = getattr(trainer.datamodule, "num_workers", 0)
+        torch.set_num_threads(max(1, cores // trainer.num_devices - workers))
+
+
+class MNISTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.set_defaults({"trainer.max_epochs": 10})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
+        config = self._get(self.config_init, "trainer")
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBarBase) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, ProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve --ckpt_path (and check the file) before anything is built or written."""
+        config = self.config[self.config.subcommand]
+        directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
+        fitting = self.config.subcommand == "fit"
+        if config.ckpt_path is None:
+            last = directory / "last.ckpt"
+            if fitting and last.exists():
+                raise CheckpointError(
+                    f"{last} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path last,"
+                    " or start the new run in another --trainer.default_root_dir"
+                )
+            if self.config.subcommand == "predict":
+                raise CheckpointError("predict needs trained weights: pass --ckpt_path last or a checkpoint file")
+        else:
+            config.ckpt_path = resolve(config.ckpt_path, directory, fitting)
+            checkpoint = load_checkpoint(config.ckpt_path)
+            check_weights(config.ckpt_path, checkpoint, LitMNIST())
+        super()._parse_ckpt_path()
+
+
+def _one_line(message: str) -> str:
+    message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message.strip())
+    return re.sub(r"\s*\n\s*", " ", message)
+
+
+def run_lightning(args: list[str]) -> None:
+    parser_kwargs = {"exit_on_error": False, "description": DESCRIPTION}
+    MNISTCLI(
+        LitMNIST,
+        MNISTDataModule,
+        seed_everything_default=1,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [CPUThreads(), TrainingCurves(), TestReport(), PredictionWriter()]},
+        parser_kwargs={**parser_kwargs, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
+        args=args,
+    )
+
+
+def run_export(args: list[str]) -> None:
+    from mnist_lit.export import export  # onnx only when exporting
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_lit export",
+        description="Write a trained Net for deployment: .pth (the guide's plain state_dict) or .onnx.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="A checkpoint file, or 'last'.")
+    parser.add_argument("--output", required=True, help="File to write; its extension picks the format.")
+    parser.add_argument(
+        "--default_root_dir", default=".", help="Where 'last' is looked for: <this>/checkpoints/last.ckpt."
+    )
+    options = parser.parse_args(args)
+    ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.default_root_dir, None), fitting=False)
+    print(export(ckpt_path, Path(options.output)))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the command line; user errors end in one line on stderr and a non-zero exit status."""
+    args = sys.argv[1:] if args is None else list(args)
+    try:
+        if args[:1] == ["export"]:
+            run_export(args[1:])
+        else:
+            run_lightning(args)
+    except (DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    except argparse.ArgumentError as err:
+        sys.exit(f"error: {_one_line(str(err))} (see --help)")
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        sys.exit(130)

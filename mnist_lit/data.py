@@ -1,0 +1,371 @@
+"""MNIST as tensors in memory, and the LightningDataModule that serves it.
+
+The four IDX files are decoded once per process into one normalised float tensor; batches are cut
+from it by indexing, so the training loop never runs per-sample Python or PIL.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import socket
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+# The guide's normalisation: the training set's mean and standard deviation.
+MEAN, STD = 0.1307, 0.3081
+
+# sha256 of the decompressed canonical files: a .gz wrapper may differ between mirrors, its content may not.
+FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+# The validation hold-out never depends on the run's seed, so every run and resume sees the same split.
+SPLIT_SEED = 0
+DOWNLOAD_TIMEOUT_S = 15
+
+
+class DataError(RuntimeError):
+    """A problem with the data that the user can fix; its message says how."""
+
+
+def find_files(data_dir: Path) -> dict[str, Path]:
+    """Where each of the four files is: raw or .gz, directly in data_dir or in torchvision's MNIST/raw/."""
+    found = {}
+    for name in FILES:
+        for folder in (data_dir, data_dir / "MNIST" / "raw"):
+            candidates = [folder / name, folder / f"{name}.gz"]
+            if hit := next((p for p in candidates if p.is_file()), None):
+                found[name] = hit
+                break
+    return found
+
+
+def missing_message(data_dir: Path, missing: list[str]) -> str:
+    return (
+        f"MNIST files not found in {data_dir}: {', '.join(missing)} (looked for each, raw or .gz, in that folder"
+        f" and in its MNIST/raw/). Put the four files there, or pass --data.data_dir to the folder that has them"
+    )
+
+
+def download(data_dir: Path) -> None:
+    """Fetch the four files with torchvision's downloader into data_dir/MNIST/raw/."""
+    from torchvision.datasets import MNIST  # only here: torchvision is slow to import and rarely needed
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # without a network, fail in seconds rather than hang
+    try:
+        MNIST(str(data_dir), train=False, download=True)
+    except Exception as err:  # torchvision wraps network failures in several types
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"{missing_message(data_dir, sorted(set(FILES) - set(find_files(data_dir))))}. Downloading them failed"
+            f" (no network?): {reason}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def read_idx(path: Path, verify: bool) -> bytes:
+    """The decompressed bytes of one IDX file, checked against MNIST's checksum when verify is set."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {err}. Replace it with an intact copy") from None
+    name = path.name.removesuffix(".gz")
+    if verify and name in FILES and hashlib.sha256(raw).hexdigest() != FILES[name]:
+        raise DataError(
+            f"{path} is corrupt or truncated (its content does not match MNIST's checksum). Replace it with an"
+            " intact copy, or pass --data.verify_checksums false for other data in MNIST's format"
+        )
+    return raw
+
+
+def parse_idx(raw: bytes, path: Path, magic: int) -> Tensor:
+    """An IDX payload as a uint8 tensor of the shape its header declares."""
+    ndim = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}[magic]
+    header = 4 + 4 * ndim
+    if len(raw) < header or struct.unpack(">I", raw[:4])[0] != magic:
+        kind = "images" if magic == IMAGES_MAGIC else "labels"
+        raise DataError(f"{path} is not an IDX {kind} file (wrong magic number {raw[:4].hex() or 'none'})")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = 1
+    for size in shape:
+        count *= size
+    if len(raw) - header != count:
+        raise DataError(
+            f"{path} holds {len(raw) - header} bytes of data where its header declares {count}: it is truncated"
+            " or corrupt. Replace it with an intact copy"
+        )
+    if magic == IMAGES_MAGIC and shape[1:] != (28, 28):
+        raise DataError(f"{path} holds {shape[1]}x{shape[2]} images; the model needs 28x28")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*shape)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 images (N, 28, 28) to the guide's normalised float (N, 1, 28, 28).
+
+    The same operations in the same order as ToTensor() then Normalize(), so the values are bit-identical.
+    """
+    return images.unsqueeze(1).float().div_(255).sub_(MEAN).div_(STD)
+
+
+def load_split(files: dict[str, Path], train: bool, verify: bool) -> tuple[Tensor, Tensor]:
+    """The normalised images and int64 labels of the training or test set."""
+    prefix = "train" if train else "t10k"
+    images_path, labels_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
+    images = parse_idx(read_idx(images_path, verify), images_path, IMAGES_MAGIC)
+    labels = parse_idx(read_idx(labels_path, verify), labels_path, LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+    if len(labels) and int(labels.max()) > 9:
+        raise DataError(f"{labels_path} holds label {int(labels.max())}; MNIST's labels are 0 to 9")
+    return normalize(images), labels.long()
+
+
+class EpochBatches(Sampler[Tensor]):
+    """One process's batches of indices for one epoch, resumable from any batch.
+
+    The order is a pure function of (seed, epoch): a resumed run re-creates exactly the order it was killed in,
+    with nothing to restore but the epoch and the position. Under DDP the epoch's order is dealt out in turn
+    to the world_size processes, as DistributedSampler does, so their shards are disjoint; for training each
+    process gets the same number of samples (the remainder of at most world_size - 1 samples is left out of
+    that epoch), for evaluation every sample is seen exactly once.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        # Batches this process has consumed in this epoch, and how far into the epoch's order they reach.
+        self.batches = 0
+        self.position = 0
+
+    def _shard_size(self) -> int:
+        if self.shuffle:  # training: equal shards, or DDP processes would wait on each other at the end
+            return self.size // self.world_size
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return -(-self._shard_size() // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches, self.position = epoch, 0, 0
+
+    def indices(self) -> Tensor:
+        """This process's sample indices for the rest of the epoch."""
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        # What this process still has to see this epoch. After a resume with another number of processes the
+        # rest of the order is dealt out anew, wrapping round to its start if the new processes need more.
+        remaining = self._shard_size() - self.batches * self.batch_size
+        stream = torch.arange(self.position, self.position + remaining * self.world_size) % max(self.size, 1)
+        return order[stream[self.rank :: self.world_size]]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.indices().split(self.batch_size))
+
+    def advance(self, batch_len: int) -> None:
+        self.batches += 1
+        self.position += batch_len * self.world_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches, self.position = state["epoch"], state["batches"], state["position"]
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Batches by index tensor, for DataLoader workers (batch_size=None hands each worker a whole batch)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class BatchLoader:
+    """Batches (images, labels) cut from tensors in memory; Lightning saves and restores its position.
+
+    With num_workers=0 batches are cut in the training process (fastest for data already in memory); with
+    workers they are cut in a torch DataLoader's worker processes. pin_memory pins each batch so that the
+    copy to the GPU is asynchronous. The tensors may also live on the GPU already: then batches never cross.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, sampler: EpochBatches, num_workers: int = 0, pin_memory: bool = False
+    ) -> None:
+        self.images, self.labels, self.sampler = images, labels, sampler
+        # As in a DataLoader with batch_size=None: the sampler yields whole batches. Lightning reads both
+        # attributes (and calls sampler.set_epoch at each epoch).
+        self.batch_sampler = None
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # A generator: Lightning creates the iterator before it calls set_epoch, so the order is fixed lazily.
+        if self.num_workers == 0:
+            order = self.sampler.indices().to(self.images.device)
+            for index in order.split(self.sampler.batch_size):
+                images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
+                if self.pin_memory:
+                    images, labels = images.pin_memory(), labels.pin_memory()
+                yield images, labels
+                self.sampler.advance(len(index))
+            return
+        loader = DataLoader(
+            _Rows(self.images, self.labels),
+            sampler=list(self.sampler),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator(),  # leaves the global RNG, which drives dropout, untouched
+        )
+        for images, labels in loader:
+            yield images, labels
+            self.sampler.advance(len(labels))
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class MNISTDataModule(LightningDataModule):
+    """MNIST from four IDX files: 55k training, 5k validation (held out of the 60k), the official 10k test."""
+
+    def __init__(
+        self,
+        data_dir: str = "~/.torch/datasets/mnist",
+        batch_size: PositiveInt = 64,
+        test_batch_size: PositiveInt = 1000,
+        val_size: NonNegativeInt = 5000,
+        num_workers: NonNegativeInt = 0,
+        pin_memory: bool | None = None,
+        data_on_device: bool = False,
+        download: bool = True,
+        verify_checksums: bool = True,
+        predict_path: str | None = None,
+    ) -> None:
+        """
+        Args:
+            data_dir: Folder with the four MNIST files (raw or .gz, directly or in MNIST/raw/). Only written to
+                when files are missing and download is on.
+            batch_size: Training batch size per process.
+            test_batch_size: Batch size for validation, test and predict.
+            val_size: Images held out of the 60k training images for validation; 0 trains on all 60k.
+            num_workers: Worker processes that cut batches; 0 (fastest for in-memory data) cuts them in the
+                training process.
+            pin_memory: Pin batches for asynchronous copies to the GPU; default: on when training on a GPU.
+            data_on_device: Keep the whole dataset on the accelerator (190 MB), so batches never cross to it.
+            download: Fetch missing files with torchvision's downloader.
+            verify_checksums: Check the files against MNIST's checksums; turn off for other data in
+                MNIST's format (e.g. Fashion-MNIST).
+            predict_path: For predict: an image file, a folder of images, or a glob (PNG, JPEG, BMP).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size, self.test_batch_size, self.val_size = batch_size, test_batch_size, val_size
+        self.num_workers, self.pin_memory, self.data_on_device = num_workers, pin_memory, data_on_device
+        self.download, self.verify_checksums, self.predict_path = download, verify_checksums, predict_path
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def prepare_data(self) -> None:
+        """Runs once per machine before setup: find the files, or download them."""
+        if self.trainer is not None and self.trainer.predicting:
+            return  # predict reads the user's own images, not MNIST
+        missing = sorted(set(FILES) - set(find_files(self.data_dir)))
+        if not missing:
+            return
+        if not self.download:
+            raise DataError(f"{missing_message(self.data_dir, missing)} (download is off)")
+        download(self.data_dir)
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            return
+        files = find_files(self.data_dir)
+        if missing := sorted(set(FILES) - set(files)):
+            raise DataError(missing_message(self.data_dir, missing))
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            images, labels = load_split(files, train=True, verify=self.verify_checksums)
+            if self.val_size >= len(images):
+                raise DataError(f"val_size {self.val_size} leaves no training images out of {len(images)}")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+            train, val = order[self.val_size :], order[: self.val_size]
+            if self.val_size == 0:
+                train = torch.arange(len(images))  # all 60k in their file order, as the guide trains
+            self.splits["train"] = self._place(images[train], labels[train])
+            if self.val_size:
+                self.splits["val"] = self._place(images[val], labels[val])
+        if stage == "test" and "test" not in self.splits:
+            self.splits["test"] = self._place(*load_split(files, train=False, verify=self.verify_checksums))
+
+    def _place(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.data_on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            return images.to(device), labels.to(device)
+        return images, labels
+
+    def _loader(self, split: str, train: bool) -> BatchLoader:
+        images, labels = self.splits[split]
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochBatches(
+            len(images),
+            self.batch_size if train else self.test_batch_size,
+            shuffle=train,
+            # seed_everything's seed (torch's initial seed), so --seed_everything also sets the data order
+            seed=torch.initial_seed() % 2**62,
+            rank=rank,
+            world_size=world_size,
+        )
+        pin = self.pin_memory
+        if pin is None:
+            pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        pin = pin and images.device.type == "cpu"
+        return BatchLoader(images, labels, sampler, num_workers=self.num_workers, pin_memory=pin)
+
+    def train_dataloader(self) -> BatchLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> BatchLoader | list:
+        # no hold-out (val_size 0): an empty list tells Lightning there is nothing to validate on
+        return self._loader("val", train=False) if "val" in self.splits else []
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        from mnist_lit.images import ImageFiles  # PIL only when predicting
+
+        if self.predict_path is None:
+            raise DataError("predict needs images: pass --data.predict_path with an image file, folder or glob")
+        return DataLoader(ImageFiles(self.predict_path), batch_size=self.test_batch_size, collate_fn=ImageFiles.collate)

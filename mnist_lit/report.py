@@ -1,0 +1,231 @@
+"""What a run leaves to look at: curves after fit, confusion matrix and mistakes after test, predictions."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from mnist_lit.data import MEAN, STD
+
+MAX_MISTAKES_SHOWN = 100
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with the step's loss and images/s, redrawn at most every `interval` seconds.
+
+    Lightning's bar redraws after every batch: at 200 batches/s that alone costs a twentieth of the run.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        """
+        Args:
+            interval: Seconds between redraws of the training bar.
+        """
+        super().__init__()
+        self.interval = interval
+        self._drawn = 0.0
+        self._live: dict[str, str] = {}
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **self._live}
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        bar, now = self.train_progress_bar, time.monotonic()
+        if bar is None or bar.disable or (now - self._drawn < self.interval and batch_idx + 1 != bar.total):
+            return
+        self._drawn = now
+        bar.n = batch_idx + 1
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self._live["loss"] = f"{outputs['loss'].item():.3f}"
+        if rate := bar.format_dict.get("rate"):
+            self._live["img/s"] = f"{rate * len(batch[1]):.0f}"
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+
+def _gather(trainer: Trainer, items: list) -> list:
+    """Every process's items, on every process (evaluation shards are split across DDP processes)."""
+    if trainer.world_size == 1:
+        return items
+    gathered: list[list] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def _pyplot() -> Any:
+    import matplotlib  # only when a figure is drawn: slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class TrainingCurves(Callback):
+    """After fit: loss and accuracy curves as curves.png in the run's log directory.
+
+    The history rides in the checkpoint, so the curves of a resumed run start at its first step.
+    """
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0 and isinstance(outputs, dict):
+            self.train.append((trainer.global_step, outputs["loss"].item()))
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if not trainer.sanity_checking and "val/loss" in metrics:
+            self.val.append((trainer.global_step, metrics["val/loss"].item(), metrics["val/acc"].item()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train, self.val = state_dict["train"], state_dict["val"]
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.train or trainer.log_dir is None:
+            return
+        plt = _pyplot()
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+        steps, losses = zip(*self.train, strict=True)
+        ax_loss.plot(steps, losses, label="train/loss", lw=0.8)
+        if self.val:
+            val_steps, val_losses, val_accs = zip(*self.val, strict=True)
+            ax_loss.plot(val_steps, val_losses, "o-", label="val/loss")
+            ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2", label="val/acc")
+        ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
+        ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="Validation accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        path = os.path.join(trainer.log_dir, "curves.png")
+        _save(fig, path)
+        print(f"Training curves: {path}")
+
+
+class TestReport(Callback):
+    """After test: confusion.png (the confusion matrix) and mistakes.png (misclassified test digits)."""
+
+    def __init__(self) -> None:
+        self.mistakes: list[tuple[Tensor, int, int]] = []
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.mistakes = []
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        images, labels = batch
+        wrong = (outputs != labels).nonzero().flatten()
+        room = MAX_MISTAKES_SHOWN - len(self.mistakes)
+        for i in wrong[:room].tolist():
+            self.mistakes.append((images[i, 0].float().cpu(), int(labels[i]), int(outputs[i])))
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mistakes = _gather(trainer, self.mistakes)[:MAX_MISTAKES_SHOWN]
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        confusion = pl_module.confusion
+        plt = _pyplot()
+        paths = [os.path.join(trainer.log_dir, name) for name in ("confusion.png", "mistakes.png")]
+        _save(_confusion_figure(plt, confusion), paths[0])
+        _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace())), paths[1])
+        print(f"Confusion matrix: {paths[0]}\nMisclassified digits: {paths[1]}")
+
+
+def _confusion_figure(plt: Any, confusion: Tensor) -> Any:
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow(shown.sqrt(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
+    for true in range(10):
+        for pred in range(10):
+            count = int(confusion[true, pred])
+            if count:
+                color = "white" if true == pred else "black"
+                ax.text(pred, true, str(count), ha="center", va="center", fontsize=8, color=color)
+    accuracy = confusion.trace() / confusion.sum().clamp(min=1)
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true")
+    ax.set_title(f"Test confusion matrix (accuracy {100 * accuracy:.2f}%)")
+    return fig
+
+
+def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int) -> Any:
+    columns = 10
+    rows = max(1, -(-len(mistakes) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
+        ax.imshow(image * STD + MEAN, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"{true} → {pred}", fontsize=9, color="C3")
+    shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
+    fig.suptitle(f"Misclassified test digits, true → predicted ({shown})")
+    return fig
+
+
+def _save(fig: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clf()
+
+
+class PredictionWriter(Callback):
+    """After predict: one line per image on stdout, and predictions.csv in the run's log directory."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, list[float]]] = []
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        paths, probabilities = outputs
+        self.rows.extend(zip(paths, probabilities.float().cpu().tolist(), strict=True))
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rows = sorted(_gather(trainer, self.rows))
+        if not trainer.is_global_zero:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, "predictions.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "digit", "probability", *(f"p{d}" for d in range(10))])
+            for image_path, probs in rows:
+                digit = max(range(10), key=probs.__getitem__)
+                writer.writerow([image_path, digit, f"{probs[digit]:.4f}", *(f"{p:.6f}" for p in probs)])
+                print(f"{image_path}\t{digit}\t{probs[digit]:.4f}")
+        print(f"Predictions: {path}")

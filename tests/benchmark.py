@@ -1,0 +1,211 @@
+"""Per-epoch cost of the default `fit` against hand-written loops, measured from outside.
+
+Each side runs as whole processes for 1 and for 3 epochs; (3-epoch time - 1-epoch time) / 2 is its cost per
+epoch, with start-up, data loading and the final test cancelled out. Sides alternate A B C A B C so that a
+slow spell on this shared machine hits all of them alike. Prints per-epoch seconds and the ratios.
+
+    python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3]
+
+Sides:
+  fit      python -m mnist_lit fit, defaults (55k train + 5k val each epoch, progress bar, TensorBoard,
+           checkpoint every 10 steps)
+  fit60k   the same with --data.val_size 0 (all 60k, no validation), as the loops below train
+  plain    the guide's recipe as a plain loop fed from one pre-normalised tensor in memory (NCHW), 2 threads,
+           no checkpoints: the strictest baseline
+  plain_ckpt  the same, saving model, optimiser and losses every 10 batches as the guide does
+  guide    the guide's loop as written: torchvision MNIST, per-sample ToTensor + Normalize, DataLoader with
+           4 workers and pinned memory, saves every 10 batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def guide_net():
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+            self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+            self.conv2_drop = nn.Dropout2d()
+            self.fc1 = nn.Linear(320, 50)
+            self.fc2 = nn.Linear(50, 10)
+
+        def forward(self, x):
+            x = F.relu(F.max_pool2d(self.conv1(x), 2))
+            x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+            x = x.view(-1, 320)
+            x = F.relu(self.fc1(x))
+            x = self.fc2(x)
+            return F.log_softmax(x, dim=1)
+
+    return Net()
+
+
+def run_loop(kind: str, epochs: int, data_dir: str, workdir: str) -> None:
+    """One side's whole job in this process: train `epochs` epochs, then test once."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    os.chdir(workdir)
+    model = guide_net()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    if kind.startswith("plain"):
+        from mnist_lit.data import find_files, load_split
+
+        files = find_files(Path(data_dir))
+        x, y = load_split(files, train=True, verify=True)
+        test_x, test_y = load_split(files, train=False, verify=True)
+
+        def batches():
+            perm = torch.randperm(len(x))
+            for i in range(0, len(x), 64):
+                index = perm[i : i + 64]
+                yield x[index], y[index]
+
+        test_batches = list(zip(test_x.split(1000), test_y.split(1000), strict=True))
+    else:
+        from torch.utils.data import DataLoader
+        from torchvision import datasets, transforms
+
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        train_data = datasets.MNIST(data_dir, train=True, transform=transform)
+        test_data = datasets.MNIST(data_dir, train=False, transform=transform)
+        loader = DataLoader(train_data, batch_size=64, shuffle=True, num_workers=4, pin_memory=True)
+
+        def batches():
+            yield from loader
+
+        test_batches = DataLoader(test_data, batch_size=64, num_workers=4, pin_memory=True)
+    train_losses = []
+    for _ in range(epochs):
+        model.train()
+        for i, (data, target) in enumerate(batches()):
+            optimiser.zero_grad()
+            loss = F.nll_loss(model(data), target)
+            loss.backward()
+            train_losses.append(loss.item())
+            optimiser.step()
+            if i % 10 == 0 and kind != "plain":
+                torch.save(model.state_dict(), "model.pth")
+                torch.save(optimiser.state_dict(), "optimiser.pth")
+                torch.save(train_losses, "train_losses.pth")
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for data, target in test_batches:
+            correct += model(data).argmax(1).eq(target).sum().item()
+    print(f"{kind}: test accuracy {correct / 10000:.4f}")
+
+
+def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir: str) -> list[str]:
+    if side in ("fit", "fit60k"):
+        cmd = [sys.executable, "-m", "mnist_lit", "fit", "--data.data_dir", data_dir]
+        cmd += ["--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", workdir]
+        return cmd + (["--data.val_size", "0"] if side == "fit60k" else [])
+    source = data_dir if side.startswith("plain") else torchvision_dir
+    return [
+        sys.executable,
+        __file__,
+        "--run",
+        side,
+        "--epochs",
+        str(epochs),
+        "--data_dir",
+        source,
+        "--workdir",
+        workdir,
+    ]
+
+
+def torchvision_layout(data_dir: str, into: str) -> str:
+    """torchvision's MNIST wants MNIST/raw/ with the decompressed files; build it once in a temp folder."""
+    raw = Path(into) / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        source = Path(data_dir) / name
+        if source.exists():
+            shutil.copy(source, raw / name)
+        else:
+            with gzip.open(f"{source}.gz") as f:
+                (raw / name).write_bytes(f.read())
+    return into
+
+
+def main() -> None:
+    default_data = ROOT.parent / "shared" / "mnist"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(default_data if default_data.is_dir() else "~/.torch/datasets/mnist"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", default="fit,fit60k,plain,plain_ckpt,guide")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        run_loop(args.run, args.epochs, args.data_dir, args.workdir)
+        return
+    data_dir = str(Path(args.data_dir).expanduser())
+    sides = args.sides.split(",")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    times: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        tv_dir = torchvision_layout(data_dir, os.path.join(scratch, "tv")) if "guide" in sides else ""
+        for round_ in range(args.rounds):
+            for side in sides:
+                for epochs in (1, 3):
+                    workdir = tempfile.mkdtemp(dir=scratch)
+                    start = time.perf_counter()
+                    done = subprocess.run(
+                        command(side, epochs, data_dir, tv_dir, workdir),
+                        env=env,
+                        cwd=workdir,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    )
+                    elapsed = time.perf_counter() - start
+                    if done.returncode:
+                        sys.exit(f"{side} failed:\n{done.stdout[-3000:]}")
+                    times.setdefault((side, epochs), []).append(elapsed)
+                    print(f"round {round_ + 1} {side:10s} {epochs} epoch(s): {elapsed:6.1f} s", flush=True)
+                    shutil.rmtree(workdir)
+    per_epoch = {}
+    print("\nper epoch = (median 3-epoch run - median 1-epoch run) / 2")
+    for side in sides:
+        one, three = statistics.median(times[(side, 1)]), statistics.median(times[(side, 3)])
+        per_epoch[side] = (three - one) / 2
+        print(f"  {side:10s} {per_epoch[side]:6.2f} s/epoch   (1 epoch {one:5.1f} s, 3 epochs {three:5.1f} s)")
+    print("ratios (per epoch)")
+    for side in ("fit", "fit60k"):
+        if side in per_epoch:
+            for other in ("plain", "plain_ckpt", "guide"):
+                if other in per_epoch:
+                    print(f"  {side} / {other}: {per_epoch[side] / per_epoch[other]:.2f}x")
+    if "guide" in per_epoch and "fit" in per_epoch:
+        print(f"  guide / fit: {per_epoch['guide'] / per_epoch['fit']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
