@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,7 @@ def _one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message)
 
 
-def run_lightning(args: list[str]) -> None:
+def run_lightning(args: list[str] | None) -> None:
     parser_kwargs = {"exit_on_error": False, "description": DESCRIPTION}
     MNISTCLI(
         LitMNIST,
@@ -124,10 +126,13 @@ def run_export(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Run the command line; user errors end in one line on stderr and a non-zero exit status."""
-    args = sys.argv[1:] if args is None else list(args)
+    # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
+    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(lambda r: "💡" not in str(r.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        if args[:1] == ["export"]:
-            run_export(args[1:])
+        if argv[:1] == ["export"]:
+            run_export(argv[1:])
         else:
             run_lightning(args)
     except (DataError, CheckpointError) as err:

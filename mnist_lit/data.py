@@ -137,13 +137,14 @@ def load_split(files: dict[str, Path], train: bool, verify: bool) -> tuple[Tenso
 
 
 class EpochBatches(Sampler[Tensor]):
-    """One process's batches of indices for one epoch, resumable from any batch.
+    """One process's batches of indices for one epoch.
 
-    The order is a pure function of (seed, epoch): a resumed run re-creates exactly the order it was killed in,
-    with nothing to restore but the epoch and the position. Under DDP the epoch's order is dealt out in turn
-    to the world_size processes, as DistributedSampler does, so their shards are disjoint; for training each
-    process gets the same number of samples (the remainder of at most world_size - 1 samples is left out of
-    that epoch), for evaluation every sample is seen exactly once.
+    For training (shuffle=True) the order is a pure function of (seed, epoch) and the position in it is part
+    of the state Lightning checkpoints: a resumed run re-creates exactly the order it was killed in, and goes
+    on from the next batch. Under DDP the epoch's order is dealt out in turn to the world_size processes, as
+    DistributedSampler does, so their shards are disjoint: for training each gets the same number of samples
+    (the remainder, fewer than world_size samples, sits that epoch out), for evaluation (shuffle=False, the
+    file order, every pass from the start) every sample is seen exactly once.
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class EpochBatches(Sampler[Tensor]):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        # Batches this process has consumed in this epoch, and how far into the epoch's order they reach.
+        # Batches this process has been handed this epoch, and how far into the epoch's order they reach.
         self.batches = 0
         self.position = 0
 
@@ -169,7 +170,9 @@ class EpochBatches(Sampler[Tensor]):
             self.epoch, self.batches, self.position = epoch, 0, 0
 
     def indices(self) -> Tensor:
-        """This process's sample indices for the rest of the epoch."""
+        """This process's sample indices for the rest of the epoch (for evaluation: for a whole pass)."""
+        if not self.shuffle:
+            self.batches = self.position = 0
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
@@ -235,8 +238,9 @@ class BatchLoader:
                 images, labels = self.images.index_select(0, index), self.labels.index_select(0, index)
                 if self.pin_memory:
                     images, labels = images.pin_memory(), labels.pin_memory()
-                yield images, labels
+                # Counted as it is handed out: a checkpoint saved after this batch must not replay it.
                 self.sampler.advance(len(index))
+                yield images, labels
             return
         loader = DataLoader(
             _Rows(self.images, self.labels),
@@ -247,8 +251,8 @@ class BatchLoader:
             generator=torch.Generator(),  # leaves the global RNG, which drives dropout, untouched
         )
         for images, labels in loader:
-            yield images, labels
             self.sampler.advance(len(labels))
+            yield images, labels
 
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny synthetic MNIST files, the real ones when present, and running the CLI as a user does."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = ROOT.parent / "shared" / "mnist"
+# Options every CLI run on synthetic data needs: the files are not MNIST's, and they are small.
+SYNTHETIC = ["--data.verify_checksums", "false", "--data.val_size", "64", "--data.test_batch_size", "50"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def idx_bytes(tensor: torch.Tensor, magic: int) -> bytes:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", size) for size in tensor.shape)
+    return header + tensor.to(torch.uint8).numpy().tobytes()
+
+
+def write_mnist(folder: Path, train: int = 640, test: int = 200, gz: bool = True, seed: int = 0) -> Path:
+    """Four IDX files of random digits: each class is a bright bar at its own row, plus noise, so a model
+    can learn them in a few steps and the files are tiny."""
+    generator = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = torch.randint(0, 10, (count,), generator=generator)
+        images = torch.randint(0, 60, (count, 28, 28), generator=generator)
+        for i, label in enumerate(labels.tolist()):
+            images[i, 4 + 2 * label : 6 + 2 * label, 4:24] = 250
+        for name, payload in ((f"{prefix}-images-idx3-ubyte", idx_bytes(images, 2051)),
+                              (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 2049))):
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (folder / name).write_bytes(payload)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("the real MNIST files (../shared/mnist) are not here")
+    return REAL_MNIST
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LOCAL_RANK", "MASTER_", "WORLD_SIZE"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m mnist_lit ARGS` in cwd, as a user runs it (or `python SCRIPT... ARGS` for a test harness)."""
+    command = [sys.executable, *(script or ["-m", "mnist_lit"]), *args]
+    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert result.returncode not in (0, None), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
