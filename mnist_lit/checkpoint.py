@@ -26,6 +26,10 @@ class CheckpointError(RuntimeError):
 class Interrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after saving a resumable checkpoint."""
 
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> Path:
     """Where a run's checkpoints go: --checkpoint.dirpath, else <default_root_dir>/checkpoints."""
@@ -204,24 +208,37 @@ class Checkpoint(ModelCheckpoint):
 
     # --- exact resume: the RNG state rides in the checkpoint ------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["rng_cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return state
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # At the checkpoint's top level, not in this callback's state: that is keyed by the callback's settings
+        # and silently dropped when a run resumes with, say, another every_n_train_steps.
+        rng = {"cpu": torch.get_rng_state()}
+        if pl_module.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(pl_module.device)
+        checkpoint["rng_state"] = rng
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._rng_to_restore = {k: v for k, v in state_dict.items() if k.startswith("rng_")}
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        loop = trainer.fit_loop
+        if (
+            loop.restarted_mid_epoch
+            and loop.epoch_loop.restarted_on_train_batch_end
+            and loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            # Lightning 2.6 resumes a checkpoint taken after an epoch's last batch by closing that epoch, then
+            # runs the next one as if already started: it never counts it as started or calls
+            # on_train_epoch_start, and every checkpoint saved in it resumes wrongly (whole epochs repeat).
+            # Start the next epoch the normal way.
+            loop.reset_restart_stage()
+        # A resumed run starts from a checkpoint of this very step: nothing new to save until the next step.
+        self._last_global_step_saved = trainer.global_step
         # Restored here, not on load: the sanity check and loader setup in between must not shift it.
         if self._rng_to_restore:
-            torch.set_rng_state(self._rng_to_restore["rng_cpu"])
-            if "rng_cuda" in self._rng_to_restore and pl_module.device.type == "cuda":
-                torch.cuda.set_rng_state(self._rng_to_restore["rng_cuda"])
+            torch.set_rng_state(self._rng_to_restore["cpu"])
+            if "cuda" in self._rng_to_restore and pl_module.device.type == "cuda":
+                torch.cuda.set_rng_state(self._rng_to_restore["cuda"], pl_module.device)
             self._rng_to_restore = None
         self._install_signal_handlers()
 
@@ -258,10 +275,11 @@ class Checkpoint(ModelCheckpoint):
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        signum = self._stop_signal or signal.SIGTERM  # another process got the signal
         raise Interrupted(
-            f"{name}: stopped at step {trainer.global_step} and saved {self.last_model_path};"
-            " resume with `fit --ckpt_path last`"
+            f"{signal.Signals(signum).name}: stopped at step {trainer.global_step} and saved {self.last_model_path};"
+            " resume with `fit --ckpt_path last`",
+            signum,
         )
 
 

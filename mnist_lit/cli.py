@@ -141,4 +141,4 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(f"error: {_one_line(str(err))} (see --help)")
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"

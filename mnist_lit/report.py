@@ -84,7 +84,8 @@ class TrainingCurves(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % trainer.log_every_n_steps == 0 and isinstance(outputs, dict):
+        logged = trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0
+        if (logged or batch_idx + 1 == trainer.num_training_batches) and isinstance(outputs, dict):
             self.train.append((trainer.global_step, outputs["loss"].item()))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -34,8 +34,10 @@ def write_mnist(folder: Path, train: int = 640, test: int = 200, gz: bool = True
         images = torch.randint(0, 60, (count, 28, 28), generator=generator)
         for i, label in enumerate(labels.tolist()):
             images[i, 4 + 2 * label : 6 + 2 * label, 4:24] = 250
-        for name, payload in ((f"{prefix}-images-idx3-ubyte", idx_bytes(images, 2051)),
-                              (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 2049))):
+        for name, payload in (
+            (f"{prefix}-images-idx3-ubyte", idx_bytes(images, 2051)),
+            (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, 2049)),
+        ):
             if gz:
                 (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
             else:
@@ -62,7 +64,9 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 300, script: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m mnist_lit ARGS` in cwd, as a user runs it (or `python SCRIPT... ARGS` for a test harness)."""
     command = [sys.executable, *(script or ["-m", "mnist_lit"]), *args]
     return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)

@@ -38,7 +38,7 @@ def plant(moment: str, n: int) -> None:
     if moment == "step":
         training_step = LitMNIST.training_step
 
-        def step(self, batch, batch_idx):  # noqa: ANN001, ANN202
+        def step(self, batch, batch_idx):
             loss = training_step(self, batch, batch_idx)
             if self.global_step + 1 == n:
                 die()
@@ -48,7 +48,7 @@ def plant(moment: str, n: int) -> None:
     elif moment == "write":
         save = torch.save
 
-        def torn_save(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def torn_save(obj, f, *args, **kwargs):
             if not (hasattr(f, "write") and nth()):
                 return save(obj, f, *args, **kwargs)
             buffer = io.BytesIO()
@@ -61,7 +61,7 @@ def plant(moment: str, n: int) -> None:
     elif moment in ("rename", "link"):
         replace = os.replace
 
-        def replace_or_die(src, dst):  # noqa: ANN001, ANN202
+        def replace_or_die(src, dst):
             linked = os.stat(src).st_nlink > 1
             if linked == (moment == "link") and nth():
                 die()

@@ -1,0 +1,124 @@
+"""The command line as a user runs it: subprocesses, a fit -> test round trip, resume, defaults, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli
+from guide import Net as GuideNet
+from guide import evaluate
+
+from mnist_lit.data import find_files, load_split
+
+
+def fit_args(data: Path, *extra: str) -> list[str]:
+    return ["fit", "--data.data_dir", str(data), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", *extra]
+
+
+def printed_metrics(stdout: str) -> dict[str, float]:
+    """The values in Lightning's results table."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+|val/\w+)\s+([-\d.e]+)", stdout, re.M)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """A finished 1-epoch run on synthetic data, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("run")
+    result = run_cli(*fit_args(mnist_dir, "--model.lr", "0.1", "--trainer.max_epochs", "2"), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnist_dir):
+    result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = printed_metrics(result.stdout)
+    # the guide's own model and test code on the checkpoint's weights give the numbers printed
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    net = GuideNet()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, strict=True)
+    images, labels = load_split(find_files(mnist_dir), train=False, verify=False)
+    acc, loss = evaluate(net, zip(images.split(64), labels.split(64), strict=True), len(labels))
+    assert printed["test/acc"] == pytest.approx(acc, abs=1e-6)
+    assert printed["test/loss"] == pytest.approx(loss, rel=1e-5)
+    assert acc > 0.8  # trained: random weights score 0.1
+    assert {f"test/acc_{d}" for d in range(10)} <= printed.keys()
+
+
+def test_checkpoints_and_logs_go_where_the_readme_says(trained):
+    names = {p.name for p in (trained / "checkpoints").iterdir()}
+    assert names == {"last.ckpt", "epoch=1-step=10.ckpt"}  # every 10 steps, and last.ckpt at the end
+    assert torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
+    version = trained / "lightning_logs" / "version_0"
+    assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_the_step_counter(tmp_path, mnist_dir):
+    assert run_cli(*fit_args(mnist_dir), cwd=tmp_path).returncode == 0
+    result = run_cli(*fit_args(mnist_dir, "--ckpt_path", "last", "--trainer.max_epochs", "2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (
+        18,
+        2,
+    )  # the end-of-fit checkpoint counts the finished epoch
+    assert "Restored all states from the checkpoint" in result.stdout + result.stderr
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path, mnist_dir):
+    for command in ("test", "fit", "validate", "predict"):
+        result = run_cli(command, "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
+        assert_clean_error(result, "no checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained, mnist_dir):
+    before = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    assert_clean_error(run_cli(*fit_args(mnist_dir), cwd=trained), "holds an earlier run", "--ckpt_path last")
+    assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_rerunning_in_the_same_root_with_logging_off_does_not_trip_on_the_saved_config(tmp_path, mnist_dir):
+    off = ["--trainer.logger", "false"]
+    assert run_cli(*fit_args(mnist_dir, *off), cwd=tmp_path).returncode == 0
+    again = ["validate", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *off]
+    for _ in range(2):
+        result = run_cli(*again, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_print_config_shows_the_guides_defaults(tmp_path):
+    result = run_cli("fit", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = result.stdout
+    for line in (
+        "seed_everything: 1",
+        "max_epochs: 10",
+        "lr: 0.01",
+        "momentum: 0.5",
+        "batch_size: 64",
+        "test_batch_size: 1000",
+        "val_size: 5000",
+        "every_n_train_steps: 10",
+        "data_dir: ~/.torch/datasets/mnist",
+    ):
+        assert line in config, line
+
+
+def test_overrides_and_config_files_stack(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  lr: 0.02\ndata:\n  batch_size: 32\n")
+    result = run_cli("fit", "--config", "a.yaml", "--model.lr", "0.05", "--print_config", cwd=tmp_path)
+    assert "lr: 0.05" in result.stdout and "batch_size: 32" in result.stdout
+
+
+def test_help_lists_the_options_with_their_docs(tmp_path):
+    result = run_cli("fit", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--model.lr" in result.stdout and "SGD learning rate" in result.stdout
+    assert "--checkpoint.every_n_train_steps" in result.stdout
+    top = run_cli("--help", cwd=tmp_path)
+    assert "export" in top.stdout

@@ -1,0 +1,135 @@
+"""Never lose a run: kills at any moment, Ctrl-C, and resumes that end bit for bit where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, ROOT, SYNTHETIC, cli_env, run_cli
+
+KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
+
+
+def args(data: Path, epochs: int = 3) -> list[str]:
+    # checkpoints every 3 steps of 9 per epoch: kills land mid-epoch, at epoch ends and inside writes
+    return [
+        "fit",
+        "--data.data_dir",
+        str(data),
+        *SYNTHETIC,
+        *QUIET,
+        "--trainer.max_epochs",
+        str(epochs),
+        "--checkpoint.every_n_train_steps",
+        "3",
+    ]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Weights, optimizer state and counters of two last.ckpt files are identical."""
+    x = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
+    y = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (x["global_step"], x["epoch"]) == (y["global_step"], y["epoch"])
+    assert x["state_dict"].keys() == y["state_dict"].keys()
+    for key in x["state_dict"]:
+        assert torch.equal(x["state_dict"][key], y["state_dict"][key]), key
+    for s, t in zip(
+        x["optimizer_states"][0]["state"].values(), y["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(*args(mnist_dir), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, mnist_dir, reference):
+    # each entry: where the process kills itself; each run resumes the one before
+    plan = [
+        ("step", 5),  # mid-epoch, mid-step: last.ckpt is from step 3
+        ("write", 2),  # halfway through writing a checkpoint file: the torn file is a .part, last.ckpt intact
+        ("rename", 3),  # a complete new file not yet renamed over the old one
+        ("link", 2),  # last.ckpt linked to the newest periodic file, not yet renamed
+        ("step", 20),  # resumed at an epoch's last batch, killed in the next epoch
+        ("step", 26),
+    ]
+    for i, (moment, n) in enumerate(plan):
+        resume = ["--ckpt_path", "last"] if i else []
+        result = run_cli(moment, str(n), *args(mnist_dir), *resume, cwd=tmp_path, script=KILLPOINTS)
+        assert result.returncode == -signal.SIGKILL, (moment, n, result.stderr[-2000:])
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # loadable after every kill
+    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
+
+
+def test_a_kill_from_outside_at_a_random_moment_costs_at_most_the_steps_since_the_last_checkpoint(
+    tmp_path, mnist_dir, reference
+):
+    for delay in (0.0, 0.15, 0.3):
+        resume = ["--ckpt_path", "last"] if (tmp_path / "checkpoints" / "last.ckpt").exists() else []
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", *args(mnist_dir), *resume],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        start = time.monotonic()
+        checkpoints = tmp_path / "checkpoints"
+        while time.monotonic() - start < 120 and process.poll() is None:
+            if (any(checkpoints.glob("epoch=*")) and not resume) or (resume and time.monotonic() - start > 6):
+                break
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        torch.load(checkpoints / "last.ckpt", weights_only=True)
+    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_dir, reference):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", *args(mnist_dir)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    start = time.monotonic()
+    while not (tmp_path / "checkpoints" / "last.ckpt").exists() and time.monotonic() - start < 120:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "SIGINT: stopped at step" in stderr and "resume with `fit --ckpt_path last`" in stderr
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < 27
+    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
+
+
+def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_dir, reference):
+    """last.ckpt written at the end of fit (step 18, between the every-3-step saves... and off the grid of 10)
+    resumes as exactly as one written mid-run."""
+    shorter = [*args(mnist_dir, epochs=2)]
+    shorter[shorter.index("3", shorter.index("--checkpoint.every_n_train_steps"))] = "4"
+    assert run_cli(*shorter, cwd=tmp_path).returncode == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
+    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
