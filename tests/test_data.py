@@ -101,7 +101,7 @@ def test_damaged_files_are_named(tmp_path, how, message):
 def test_label_count_must_match(tmp_path):
     folder = write_mnist(tmp_path / "d", train=100, test=10)
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(torch.zeros(99), 2049)))
-    with pytest.raises(DataError, match="100 images but .* 99 labels"):
+    with pytest.raises(DataError, match=r"100 images but .* 99 labels"):
         datamodule(folder).setup("fit")
 
 
@@ -159,7 +159,7 @@ def test_training_shards_are_disjoint_equal_and_cover_what_divides(world_size):
 @pytest.mark.parametrize("world_size", [1, 3, 7])
 def test_evaluation_shards_see_every_sample_exactly_once(world_size):
     shards = [all_indices(EpochBatches(1000, 64, False, rank=r, world_size=world_size)) for r in range(world_size)]
-    assert sorted(sum(shards, [])) == list(range(1000))
+    assert sorted(i for shard in shards for i in shard) == list(range(1000))
 
 
 def test_resume_mid_epoch_continues_the_same_order():
