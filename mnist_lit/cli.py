@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -108,7 +109,7 @@ def run_lightning(args: list[str] | None) -> None:
 
 
 def run_export(args: list[str]) -> None:
-    from mnist_lit.export import export  # onnx only when exporting
+    from mnist_lit.export import ExportError, export  # onnx only when exporting
 
     parser = argparse.ArgumentParser(
         prog="python -m mnist_lit export",
@@ -121,7 +122,10 @@ def run_export(args: list[str]) -> None:
     )
     options = parser.parse_args(args)
     ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.default_root_dir, None), fitting=False)
-    print(export(ckpt_path, Path(options.output)))
+    try:
+        print(export(ckpt_path, Path(options.output)))
+    except ExportError as err:
+        sys.exit(f"error: {err}")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -135,8 +139,8 @@ def main(args: list[str] | None = None) -> None:
             run_export(argv[1:])
         else:
             run_lightning(args)
-    except (DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    except (DataError, CheckpointError, MisconfigurationException) as err:
+        sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {_one_line(str(err))} (see --help)")
     except Interrupted as err:

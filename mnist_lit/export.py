@@ -1,0 +1,71 @@
+"""Export a trained Net for deployment: the guide's plain state_dict (.pth), or ONNX checked with onnxruntime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mnist_lit.checkpoint import check_weights, load_checkpoint
+from mnist_lit.model import LitMNIST, Net
+
+ONNX_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done or did not check out; the message says why."""
+
+
+def net_from_checkpoint(ckpt_path: str | os.PathLike) -> Net:
+    """The plain Net held in a mnist_lit checkpoint, loaded without unpickling anything but tensors."""
+    checkpoint = load_checkpoint(ckpt_path)
+    check_weights(ckpt_path, checkpoint, LitMNIST())
+    net = Net()
+    # contiguous: a channels_last run's conv weights become the plain layout the guide's model.pth has
+    state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def export(ckpt_path: str | os.PathLike, output: Path) -> str:
+    """Write the checkpoint's Net to output in the format its extension names; return what was done."""
+    suffix = output.suffix.lower()
+    if suffix not in (".pth", ".pt", ".onnx"):
+        raise ExportError(f"cannot export to {output}: the extension must be .pth (the guide's state_dict) or .onnx")
+    net = net_from_checkpoint(ckpt_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.part")  # renamed over output once complete: never a half-written file
+    if suffix == ".onnx":
+        difference = _write_onnx(net, tmp)
+        os.replace(tmp, output)
+        return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, output)
+    return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
+
+
+def _write_onnx(net: Net, path: Path) -> float:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("ONNX export needs onnx and onnxruntime: pip install 'mnist-lit[export]'") from None
+    example = torch.randn(2, 1, 28, 28)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        torch.onnx.export(
+            net, (example,), path, input_names=["image"], output_names=["log_probs"],
+            dynamic_shapes=({0: batch},), external_data=False, dynamo=True, verbose=False,
+        )  # fmt: skip
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs {err.name or 'onnxscript'}: pip install 'mnist-lit[export]'") from None
+    # Check the written file, with another batch size than the one traced.
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 1, 28, 28)
+    (onnx_out,) = session.run(None, {"image": images.numpy()})
+    with torch.inference_mode():
+        difference = float((torch.from_numpy(onnx_out) - net(images)).abs().max())
+    if not difference <= ONNX_TOLERANCE:
+        path.unlink()
+        raise ExportError(f"the ONNX model differs from PyTorch by {difference:.2e} (> {ONNX_TOLERANCE}); not written")
+    return difference

@@ -1,0 +1,169 @@
+"""Every failure a user can cause: a one-line error, a non-zero exit, no traceback, nothing on disk harmed."""
+
+from __future__ import annotations
+
+import builtins
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
+
+from mnist_lit.checkpoint import CheckpointError, load_checkpoint
+from mnist_lit.cli import main
+
+
+class Evil:
+    """Unpickling this creates a file: what a booby-trapped checkpoint could do with any code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory, mnist_dir):
+    """An existing run that no failed command may touch, plus the bad files the cases point at."""
+    root = tmp_path_factory.mktemp("existing")
+    result = run_cli(
+        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "random.ckpt").write_bytes(bytes(range(256)) * 40)
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, bad / "other-model.ckpt")
+    torch.save({"conv1.weight": torch.zeros(10, 1, 5, 5)}, bad / "model.pth")  # the guide's file, not a checkpoint
+    torch.save({"state_dict": {}, "payload": Evil(root / "PWNED")}, bad / "evil.ckpt")
+    good = (root / "checkpoints" / "last.ckpt").read_bytes()
+    (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    for how in ("truncated-gz", "short", "magic"):
+        folder = write_mnist(bad / f"data-{how}", train=200, test=50)
+        path = folder / "train-images-idx3-ubyte.gz"
+        payload = gzip.decompress(path.read_bytes())
+        damaged = {
+            "truncated-gz": path.read_bytes()[:500],
+            "short": gzip.compress(payload[:-1000]),
+            "magic": gzip.compress(b"\x00\x00\x08\x01" + payload[4:]),
+        }[how]
+        path.write_bytes(damaged)
+    (bad / "not-a-dir").write_text("x")
+    return root
+
+
+def data(mnist_dir: Path) -> list[str]:
+    return ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+
+
+CASES = {
+    # name: (arguments after the subcommand, words the one-line error must contain)
+    "negative lr": (["fit", "--model.lr", "-1"], ["--model.lr", "-1"]),
+    "zero lr": (["fit", "--model.lr", "0"], ["--model.lr"]),
+    "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.momentum"]),
+    "batch size 0": (["fit", "--data.batch_size", "0"], ["--data.batch_size"]),
+    "text for a number": (["fit", "--trainer.max_epochs", "ten"], ["--trainer.max_epochs", "ten"]),
+    "unknown option": (["fit", "--model.lx", "3"], ["--model.lx"]),
+    "missing config file": (["fit", "--config", "nope.yaml"], ["nope.yaml"]),
+    "no subcommand option": (["fitt"], ["fitt"]),
+    "missing checkpoint": (["test", "--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist"]),
+    "random bytes": (["test", "--ckpt_path", "bad/random.ckpt"], ["random.ckpt", "not a readable checkpoint"]),
+    "truncated checkpoint": (["test", "--ckpt_path", "bad/truncated.ckpt"], ["truncated.ckpt"]),
+    "another model": (["test", "--ckpt_path", "bad/other-model.ckpt"], ["another model"]),
+    "a plain state_dict": (["validate", "--ckpt_path", "bad/model.pth"], ["not a Lightning checkpoint"]),
+    "pickled payload": (["test", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load", "evil.ckpt"]),
+    "pickled payload, weights_only off": (
+        ["test", "--ckpt_path", "bad/evil.ckpt", "--weights_only", "false"],
+        ["refusing to load"],
+    ),
+    "resume a pickled payload": (["fit", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load"]),
+    "truncated data file": (
+        ["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-truncated-gz"],
+        ["cannot read"],
+    ),
+    "short data file": (["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-short"], ["truncated"]),
+    "wrong magic number": (["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-magic"], ["magic"]),
+    "data_dir is a file": (["test", "--ckpt_path", "last", "--data.data_dir", "bad/not-a-dir"], ["not found"]),
+    "val_size too large": (["validate", "--ckpt_path", "last", "--data.val_size", "100000"], ["val_size"]),
+    "no GPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "gpu"], ["gpu"]),
+    "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir, monkeypatch):
+    args, needles = CASES[case]
+    if args[0] in ("fit", "validate", "test", "predict"):
+        args = [args[0], *data(mnist_dir), *args[1:]]  # the case's own options come last and win
+    monkeypatch.chdir(run_root)
+    monkeypatch.setattr("sys.argv", ["mnist_lit"])
+    before = fingerprint(run_root)
+    if torch.cuda.is_available() and case == "no GPU here":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    after = fingerprint(run_root)
+    assert {k: after[k] for k in before} == before  # nothing that was there changed or went
+    assert not (run_root / "PWNED").exists()
+
+
+def test_errors_reach_the_shell_as_one_line_and_a_failure_status(run_root, mnist_dir):
+    assert_clean_error(run_cli("fit", "--model.lr", "-1", cwd=run_root), "--model.lr")
+    assert_clean_error(run_cli("test", "--ckpt_path", "bad/evil.ckpt", *data(mnist_dir), cwd=run_root), "refusing")
+    assert not (run_root / "PWNED").exists()
+
+
+def test_the_booby_trap_really_fires_when_loaded_unsafely(run_root, tmp_path):
+    """So the tests above prove something: the same file, loaded the unsafe way, creates the marker."""
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"payload": Evil(tmp_path / "marker")}, evil)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "marker").exists()
+    torch.load(evil, weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+def test_empty_data_dir_without_network_fails_fast_and_clean(tmp_path):
+    """No files, no network (sockets are blocked in the child): a clear error within seconds."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _blocked(*a, **k):\n    raise OSError('network blocked by the test')\n"
+        "socket.getaddrinfo = _blocked\nsocket.socket.connect = _blocked\n"
+    )
+    import os
+    import time
+
+    from conftest import cli_env
+
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    start = time.monotonic()
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_lit", "fit", "--data.data_dir", str(tmp_path / "empty"), *QUIET],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_clean_error(result, "MNIST files not found", "Downloading them failed")
+    assert time.monotonic() - start < 60
+    shutil.rmtree(tmp_path / "empty", ignore_errors=True)
