@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mnist_lit import __main__
 from mnist_lit.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -31,10 +32,6 @@ from mnist_lit.model import LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DESCRIPTION = (
-    "Train and use the guide's MNIST model. Subcommands: fit, validate, test, predict (each with --help),"
-    " and export (python -m mnist_lit export --help)."
-)
 
 
 class CPUThreads(Callback):
@@ -95,7 +92,7 @@ def _one_line(message: str) -> str:
 
 
 def run_lightning(args: list[str] | None) -> None:
-    parser_kwargs = {"exit_on_error": False, "description": DESCRIPTION}
+    parser_kwargs = {"exit_on_error": False, "description": __main__.USAGE.split("\n\n")[1]}
     MNISTCLI(
         LitMNIST,
         MNISTDataModule,
