@@ -80,13 +80,20 @@ class TrainingCurves(Callback):
     def __init__(self) -> None:
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float, float]] = []
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._steps = 0
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        logged = trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0
-        if (logged or batch_idx + 1 == trainer.num_training_batches) and isinstance(outputs, dict):
-            self.train.append((trainer.global_step, outputs["loss"].item()))
+        if not isinstance(outputs, dict):
+            return
+        self._loss_sum = self._loss_sum + outputs["loss"].detach()  # no .item(): that would wait for a GPU
+        self._steps += 1
+        every = trainer.log_every_n_steps or 50
+        if trainer.global_step % every == 0 or batch_idx + 1 == trainer.num_training_batches:
+            self.train.append((trainer.global_step, float(self._loss_sum) / self._steps))
+            self._loss_sum, self._steps = 0.0, 0
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -106,16 +113,20 @@ class TrainingCurves(Callback):
         plt = _pyplot()
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
         steps, losses = zip(*self.train, strict=True)
-        ax_loss.plot(steps, losses, label="train/loss", lw=0.8)
+        ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
         if self.val:
             val_steps, val_losses, val_accs = zip(*self.val, strict=True)
-            ax_loss.plot(val_steps, val_losses, "o-", label="val/loss")
-            ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2", label="val/acc")
+            ax_loss.plot(val_steps, val_losses, "o-", label="validation")
+            ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2")
+            ax_acc.set(xlabel="step", ylabel="accuracy (%)")
+            ax_acc.grid(alpha=0.3)
+        else:
+            ax_acc.axis("off")
+            ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
+        ax_acc.set_title("Validation accuracy")
         ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
-        ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="Validation accuracy")
-        for ax in (ax_loss, ax_acc):
-            ax.grid(alpha=0.3)
-            ax.legend()
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
         path = os.path.join(trainer.log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")

@@ -1,0 +1,162 @@
+"""predict on a person's own images, export for deployment, and what a run leaves to look at."""
+
+from __future__ import annotations
+
+import csv
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, SYNTHETIC, run_cli
+from guide import Net as GuideNet
+from PIL import Image
+
+from mnist_lit.data import MEAN, STD, DataError
+from mnist_lit.images import expand, prepare
+
+
+def digit(size: int = 28) -> Image.Image:
+    """A light '7'-ish stroke on black, MNIST style."""
+    image = Image.new("L", (size, size), 0)
+    scale = size / 28
+    for x in range(int(8 * scale), int(20 * scale)):
+        for t in range(int(2 * scale)):
+            image.putpixel((x, int(6 * scale) + t), 255)
+    for y in range(int(6 * scale), int(22 * scale)):
+        x = int(19 * scale) - int((y - 6 * scale) * 0.4)
+        for t in range(int(2 * scale)):
+            image.putpixel((x + t, y), 255)
+    return image
+
+
+def unnormalised(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[0] * STD + MEAN
+
+
+def test_prepare_gives_mnist_like_tensors():
+    out = prepare(digit())
+    assert out.shape == (1, 28, 28)
+    pixels = unnormalised(out)
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    rows, cols = (pixels > 0.3).any(1).nonzero(), (pixels > 0.3).any(0).nonzero()
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 21  # inside the 20x20 box
+    mass = pixels.sum()
+    cy = (pixels.sum(1) * torch.arange(28)).sum() / mass
+    cx = (pixels.sum(0) * torch.arange(28)).sum() / mass
+    assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1  # centred by centre of mass
+
+
+def test_a_scan_becomes_the_same_digit():
+    """Dark ink on light paper, three times larger, off-centre, in colour: prepared like the original."""
+    small = digit()
+    big = Image.eval(small.resize((84, 84), Image.Resampling.BICUBIC), lambda v: 255 - v)
+    page = Image.new("L", (300, 200), 240)
+    page.paste(big, (190, 20))
+    a, b = unnormalised(prepare(small)), unnormalised(prepare(page.convert("RGB")))
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.9
+
+
+def test_prepare_keeps_the_aspect_ratio():
+    bar = Image.new("L", (100, 100), 0)
+    bar.paste(255, (45, 10, 55, 90))  # 10 wide, 80 tall
+    pixels = unnormalised(prepare(bar))
+    rows, cols = (pixels > 0.5).any(1).nonzero(), (pixels > 0.5).any(0).nonzero()
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 <= 4
+
+
+def test_blank_image_is_not_a_digit():
+    with pytest.raises(ValueError, match="no digit"):
+        prepare(Image.new("L", (40, 40), 200))
+
+
+def test_expand_file_folder_glob(tmp_path):
+    for name in ("b.png", "a.jpg", ".hidden.png"):
+        digit().save(tmp_path / name)
+    assert [p.name for p in expand(str(tmp_path))] == ["a.jpg", "b.png"]
+    assert [p.name for p in expand(str(tmp_path / "*.png"))] == ["b.png"]
+    assert [p.name for p in expand(str(tmp_path / "a.jpg"))] == ["a.jpg"]
+    with pytest.raises(DataError, match="no such file"):
+        expand(str(tmp_path / "nope"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("trained")
+    args = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "2"]
+    result = run_cli(*args, "--model.lr", "0.1", "--trainer.log_every_n_steps", "2", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_image(trained, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    digit().save(folder / "seven.png")
+    digit(56).convert("RGB").save(folder / "seven.jpg", quality=90)
+    Image.eval(digit(40), lambda v: 255 - v).save(folder / "seven-on-paper.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + zlib.compress(b"x"))
+    result = run_cli("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET, cwd=trained)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split("\t") for line in result.stdout.splitlines() if line.count("\t") == 2]
+    assert sorted(Path(path).name for path, _, _ in lines) == ["seven-on-paper.bmp", "seven.jpg", "seven.png"]
+    assert all(0 <= int(d) <= 9 and 0 < float(p) <= 1 for _, d, p in lines)
+    assert "skipped" in result.stderr and "notes.txt" in result.stderr and "broken.png" in result.stderr
+    csv_path = next(trained.glob("lightning_logs/version_*/predictions.csv"))
+    assert str(csv_path) in result.stdout
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["path"] for r in rows] == sorted(path for path, _, _ in lines)
+    assert list(rows[0]) == ["path", "digit", "probability", *(f"p{d}" for d in range(10))]
+    probabilities = [float(rows[0][f"p{d}"]) for d in range(10)]
+    assert sum(probabilities) == pytest.approx(1, abs=1e-3)
+    assert float(rows[0]["probability"]) == pytest.approx(max(probabilities), abs=1e-4)
+
+
+def test_export_pth_loads_into_the_guides_net_without_lightning(trained, tmp_path):
+    result = run_cli("export", "--ckpt_path", "last", "--output", str(tmp_path / "model.pth"), cwd=trained)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    net = GuideNet()
+    net.load_state_dict(state)  # strict, as in the guide
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(state[k], checkpoint[f"net.{k}"]) for k in state)
+    assert all(t.is_contiguous() for t in state.values())
+
+
+def test_export_onnx_runs_in_onnxruntime_like_pytorch(trained, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = run_cli("export", "--ckpt_path", "last", "--output", str(tmp_path / "model.onnx"), cwd=trained)
+    assert result.returncode == 0, result.stderr
+    net = GuideNet().eval()
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, 64):
+        images = torch.randn(batch, 1, 28, 28)
+        (out,) = session.run(None, {"image": images.numpy()})
+        assert (torch.from_numpy(out) - net(images).detach()).abs().max() <= 1e-4
+
+
+def test_tensorboard_reads_the_logged_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(trained.glob("lightning_logs/version_0"))))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/loss", "val/acc"} <= tags
+    assert len(events.Scalars("train/loss")) == 9  # every 2 steps of 18
+    assert events.Scalars("train/lr")[0].value == pytest.approx(0.1)
+
+
+def test_figures_are_png_files_after_fit_and_test(trained, mnist_dir):
+    curves = trained / "lightning_logs" / "version_0" / "curves.png"
+    result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
+    assert result.returncode == 0, result.stderr[-2000:]
+    version = max(trained.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for path in (curves, version / "confusion.png", version / "mistakes.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        with Image.open(path) as image:
+            assert image.width > 300 and image.height > 150
+    assert str(version / "confusion.png") in result.stdout
