@@ -72,21 +72,31 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
         raise CheckpointError(f"{path} is a checkpoint of another model: {wrong[0]} has shape {found[wrong[0]]}")
 
 
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The run's latest checkpoint: last.ckpt, or, if a kill came between the first periodic file and the first
+    last.ckpt, the newest periodic file (the same state)."""
+    last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
+    if last.is_file():
+        return last
+    periodic = [p for p in directory.glob(f"*{Checkpoint.FILE_EXTENSION}") if p.is_file()]
+    return max(periodic, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
 def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
-    """The file --ckpt_path names: 'last' is <directory>/last.ckpt, which must exist."""
+    """The file --ckpt_path names: 'last' is the run's latest checkpoint in directory, which must exist."""
     if ckpt_path == "best":
         raise CheckpointError(
             "--ckpt_path best needs a checkpoint that tracks a metric; pass 'last' or a checkpoint file"
         )
     if ckpt_path != "last":
         return ckpt_path
-    last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
-    if not last.is_file():
+    if (newest := newest_checkpoint(directory)) is None:
+        last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
         hint = "run `fit` first" if not fitting else "drop --ckpt_path to start a new run"
         raise CheckpointError(
             f"no checkpoint to resume: {last} does not exist ({hint}, or check --trainer.default_root_dir)"
         )
-    return str(last)
+    return str(newest)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -221,16 +231,22 @@ class Checkpoint(ModelCheckpoint):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         loop = trainer.fit_loop
+        epoch_loop = loop.epoch_loop
         if (
             loop.restarted_mid_epoch
-            and loop.epoch_loop.restarted_on_train_batch_end
-            and loop.epoch_loop.batch_progress.is_last_batch
+            and epoch_loop.restarted_on_train_batch_end
+            and epoch_loop.batch_progress.is_last_batch
         ):
-            # Lightning 2.6 resumes a checkpoint taken after an epoch's last batch by closing that epoch, then
-            # runs the next one as if already started: it never counts it as started or calls
-            # on_train_epoch_start, and every checkpoint saved in it resumes wrongly (whole epochs repeat).
-            # Start the next epoch the normal way.
+            # The checkpoint was taken after an epoch's last batch. Lightning 2.6 closes that epoch on resume but
+            # then runs the next as if already started (never counted as started, no on_train_epoch_start, and
+            # its checkpoints resume wrongly), and keeps counting the finished epoch's batches when an epoch has
+            # another number of them now (another number of processes). Start the next epoch afresh.
             loop.reset_restart_stage()
+            epoch_loop.reset_restart_stage()
+            epoch_loop.batch_progress.reset_on_run()
+            epoch_loop.scheduler_progress.reset_on_run()
+            epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+            epoch_loop.val_loop.batch_progress.total.reset()
         # A resumed run starts from a checkpoint of this very step: nothing new to save until the next step.
         self._last_global_step_saved = trainer.global_step
         # Restored here, not on load: the sanity check and loader setup in between must not shift it.

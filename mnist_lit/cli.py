@@ -25,6 +25,7 @@ from mnist_lit.checkpoint import (
     check_weights,
     checkpoint_dir,
     load_checkpoint,
+    newest_checkpoint,
     resolve,
 )
 from mnist_lit.data import DataError, MNISTDataModule
@@ -71,11 +72,10 @@ class MNISTCLI(LightningCLI):
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = self.config.subcommand == "fit"
         if config.ckpt_path is None:
-            last = directory / "last.ckpt"
-            if fitting and last.exists():
+            if fitting and (earlier := newest_checkpoint(directory)) is not None:
                 raise CheckpointError(
-                    f"{last} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path last,"
-                    " or start the new run in another --trainer.default_root_dir"
+                    f"{earlier} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path"
+                    " last, or start the new run in another --trainer.default_root_dir"
                 )
             if self.config.subcommand == "predict":
                 raise CheckpointError("predict needs trained weights: pass --ckpt_path last or a checkpoint file")

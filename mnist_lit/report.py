@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from mnist_lit.data import MEAN, STD
@@ -106,9 +105,9 @@ class TrainingCurves(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train, self.val = state_dict["train"], state_dict["val"]
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.train or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # on every process: under DDP it is a collective call
+        if not self.train or log_dir is None or not trainer.is_global_zero:
             return
         plt = _pyplot()
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -127,7 +126,7 @@ class TrainingCurves(Callback):
         ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
-        path = os.path.join(trainer.log_dir, "curves.png")
+        path = os.path.join(log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")
 
@@ -158,11 +157,12 @@ class TestReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         mistakes = _gather(trainer, self.mistakes)[:MAX_MISTAKES_SHOWN]
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # on every process: under DDP it is a collective call
+        if not trainer.is_global_zero or log_dir is None:
             return
         confusion = pl_module.confusion
         plt = _pyplot()
-        paths = [os.path.join(trainer.log_dir, name) for name in ("confusion.png", "mistakes.png")]
+        paths = [os.path.join(log_dir, name) for name in ("confusion.png", "mistakes.png")]
         _save(_confusion_figure(plt, confusion), paths[0])
         _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace())), paths[1])
         print(f"Confusion matrix: {paths[0]}\nMisclassified digits: {paths[1]}")
@@ -228,9 +228,9 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = sorted(_gather(trainer, self.rows))
+        log_dir = trainer.log_dir or trainer.default_root_dir  # on every process: a collective call under DDP
         if not trainer.is_global_zero:
             return
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, "predictions.csv")
         with open(path, "w", newline="") as f:

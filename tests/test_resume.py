@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, cli_env, run_cli
 
+from mnist_lit.checkpoint import newest_checkpoint
+
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
 
@@ -73,25 +75,23 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
 
 
 def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_dir, reference):
+    checkpoints = tmp_path / "checkpoints"
     for delay in (0.0, 0.15, 0.3):
-        resume = ["--ckpt_path", "last"] if (tmp_path / "checkpoints" / "last.ckpt").exists() else []
+        resume = ["--ckpt_path", "last"] if newest_checkpoint(checkpoints) else []
         process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_lit", *args(mnist_dir), *resume],
-            cwd=tmp_path,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+            [sys.executable, "-m", "mnist_lit", *args(mnist_dir), *resume], cwd=tmp_path, env=cli_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         start = time.monotonic()
-        checkpoints = tmp_path / "checkpoints"
+        # the first run: as soon as its first checkpoint file appears; later ones: a while into training
         while time.monotonic() - start < 120 and process.poll() is None:
-            if (any(checkpoints.glob("epoch=*")) and not resume) or (resume and time.monotonic() - start > 6):
+            if (not resume and any(checkpoints.glob("epoch=*"))) or (resume and time.monotonic() - start > 6):
                 break
             time.sleep(0.01)
         time.sleep(delay)
         process.kill()
         process.wait()
-        torch.load(checkpoints / "last.ckpt", weights_only=True)
+        torch.load(newest_checkpoint(checkpoints), weights_only=True)
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)

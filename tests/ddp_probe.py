@@ -1,0 +1,48 @@
+"""Run the CLI and record, per process, which samples it trained on and which checkpoint files it wrote.
+
+    python tests/ddp_probe.py OUT_DIR fit ARGS...
+
+Lightning's DDP launcher re-runs this same command for every process, so each one is probed. Writes
+OUT_DIR/indices-rank<R>.txt (one line per epoch pass: "epoch index index ...") and OUT_DIR/writes-rank<R>.txt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from mnist_lit import checkpoint, data
+from mnist_lit.cli import main
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def probe(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    indices = data.EpochBatches.indices
+
+    def recorded_indices(self: data.EpochBatches) -> torch.Tensor:
+        result = indices(self)
+        if self.shuffle:
+            with open(out / f"indices-rank{rank()}.txt", "a") as f:
+                f.write(" ".join(map(str, [self.epoch, *result.tolist()])) + "\n")
+        return result
+
+    save = checkpoint.AtomicCheckpointIO.save_checkpoint
+
+    def recorded_save(self, ckpt, path, storage_options=None):
+        with open(out / f"writes-rank{rank()}.txt", "a") as f:
+            f.write(f"{path}\n")
+        return save(self, ckpt, path, storage_options)
+
+    data.EpochBatches.indices = recorded_indices
+    checkpoint.AtomicCheckpointIO.save_checkpoint = recorded_save
+
+
+if __name__ == "__main__":
+    probe(Path(sys.argv[1]))
+    main(sys.argv[2:])

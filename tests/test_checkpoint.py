@@ -1,0 +1,58 @@
+"""Checkpoint files: atomic writes, which file 'last' means, and loading nothing but tensors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from mnist_lit.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint, newest_checkpoint, resolve
+
+
+def test_atomic_write_replaces_the_old_file_only_when_the_new_one_is_complete(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before  # the failed write never touched it
+    monkeypatch.undo()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(3))
+    assert not (tmp_path / "last.ckpt.part").exists()
+
+
+def test_last_is_last_ckpt_or_after_an_early_kill_the_newest_periodic_file(tmp_path):
+    assert newest_checkpoint(tmp_path) is None
+    for step in (3, 6):
+        torch.save({}, tmp_path / f"epoch=0-step={step}.ckpt")
+        time.sleep(0.01)
+    (tmp_path / "epoch=0-step=9.ckpt.part").write_bytes(b"torn")
+    assert newest_checkpoint(tmp_path).name == "epoch=0-step=6.ckpt"
+    torch.save({}, tmp_path / "last.ckpt")
+    assert resolve("last", tmp_path, fitting=True) == str(tmp_path / "last.ckpt")
+    assert resolve("some/file.ckpt", tmp_path, fitting=False) == "some/file.ckpt"
+
+
+def test_resolve_says_where_it_looked(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "last.ckpt")):
+        resolve("last", tmp_path, fitting=False)
+    with pytest.raises(CheckpointError, match="tracks a metric"):
+        resolve("best", tmp_path, fitting=False)
+
+
+def test_load_refuses_what_is_not_a_lightning_checkpoint(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with pytest.raises(CheckpointError, match="no state_dict"):
+        load_checkpoint(tmp_path / "list.ckpt")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "empty.ckpt")

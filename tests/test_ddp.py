@@ -1,0 +1,95 @@
+"""Several processes (DDP on CPU): exact metrics, disjoint shards, one writer, resume with another world size."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, ROOT, SYNTHETIC, run_cli, write_mnist
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+PROBE = [str(ROOT / "tests" / "ddp_probe.py")]
+
+
+def printed(stdout: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+)\s+([-\d.e]+)", stdout, re.M)}
+
+
+@pytest.fixture(scope="module")
+def big_mnist(tmp_path_factory):
+    # 6400 training images after the 64 held out: 50 steps per epoch for 2 processes of 64, 100 for one
+    return write_mnist(tmp_path_factory.mktemp("big"), train=6464, test=200)
+
+
+def test_ddp_test_metrics_equal_a_single_process_exactly(tmp_path, mnist_dir):
+    fit = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1"]
+    assert run_cli(*fit, "--model.lr", "0.05", cwd=tmp_path).returncode == 0
+    test = ["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+    single = run_cli(*test, cwd=tmp_path)
+    three = run_cli(*test, *DDP, "--trainer.devices", "3", cwd=tmp_path)  # 200 test images: 67 + 67 + 66
+    assert single.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
+    one, many = printed(single.stdout), printed(three.stdout)
+    assert one.keys() == many.keys() and {"test/acc", "test/loss"} <= one.keys()
+    for key in one:
+        assert many[key] == pytest.approx(one[key], abs=1e-6), key
+    assert 0.1 < one["test/acc"] < 1  # a real, imperfect model: every image counts
+
+
+def test_ddp_fit_shards_are_disjoint_one_process_writes_and_one_process_resumes(tmp_path, big_mnist):
+    probe = tmp_path / "probe"
+    fit = ["fit", "--data.data_dir", str(big_mnist), *SYNTHETIC, *QUIET, "--trainer.log_every_n_steps", "10"]
+    result = run_cli(str(probe), *fit, *DDP, "--trainer.devices", "2", "--trainer.max_epochs", "3", cwd=tmp_path,
+                     script=PROBE)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 150  # batch_size is per process: 2 x 64 images per step
+    # the two processes' shards are disjoint and together cover the training set, anew each epoch
+    passes = {r: [line.split() for line in (probe / f"indices-rank{r}.txt").read_text().splitlines()] for r in (0, 1)}
+    for epoch in range(3):
+        shards = [[int(i) for i in passes[r][epoch][1:]] for r in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) == 3200
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 6400
+    assert passes[0][0] != passes[0][1]
+    # only rank 0 wrote checkpoint files
+    assert not (probe / "writes-rank1.txt").exists() and (probe / "writes-rank0.txt").read_text()
+    # one process resumes the two-process run
+    result = run_cli(*fit, "--ckpt_path", "last", "--trainer.max_epochs", "4", "--trainer.accelerator", "cpu",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 250
+
+
+def test_mid_epoch_resume_with_another_number_of_processes_finishes_the_epoch(tmp_path, big_mnist):
+    fit = ["fit", "--data.data_dir", str(big_mnist), *SYNTHETIC, *QUIET, "--trainer.accelerator", "cpu"]
+    stopped = run_cli(*fit, *DDP, "--trainer.devices", "2", "--trainer.max_steps", "70", cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (
+        state["global_step"] == 70 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 20
+    )
+    resumed = run_cli(*fit, "--ckpt_path", "last", "--trainer.max_epochs", "3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # epoch 1 ends after its 100 single-process batches (20 done by two processes, 80 now), then epoch 2
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 70 + 80 + 100
+
+
+def test_every_config_parses_and_runs(tmp_path, mnist_dir):
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        shown = run_cli("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+        assert shown.returncode == 0, (config.name, shown.stderr)
+        root = tmp_path / config.stem
+        root.mkdir()
+        args = ["fit", "--config", str(config), "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+        if config.stem == "gpu" and not torch.cuda.is_available():
+            result = run_cli(*args, cwd=root)
+            assert result.returncode != 0 and "error:" in result.stderr and "Traceback" not in result.stderr
+            continue
+        result = run_cli(*args, "--trainer.max_epochs", "1", cwd=root)
+        assert result.returncode == 0, (config.name, result.stderr[-3000:])
+        assert (root / "checkpoints" / "last.ckpt").is_file(), config.name
+
+
+def test_write_mnist_makes_what_the_ddp_tests_count_on(big_mnist: Path):
+    assert (big_mnist / "train-images-idx3-ubyte.gz").stat().st_size > 0
