@@ -72,6 +72,29 @@ def run_cli(
     return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """`python -m mnist_lit ARGS` in this process (no start-up cost): returns (exit status, stdout, stderr)."""
+
+    def run(*args: str, cwd: Path) -> tuple[int, str, str]:
+        from mnist_lit.cli import main
+
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr("sys.argv", ["mnist_lit"])
+        capsys.readouterr()
+        status = 0
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """A user error: non-zero exit, one line on stderr naming the problem, no traceback."""
     assert result.returncode not in (0, None), result.stdout + result.stderr

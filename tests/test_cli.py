@@ -68,10 +68,12 @@ def test_resume_continues_the_step_counter(tmp_path, mnist_dir):
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
 
 
-def test_no_checkpoint_is_a_clear_error(tmp_path, mnist_dir):
-    for command in ("test", "fit", "validate", "predict"):
-        result = run_cli(command, "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
-        assert_clean_error(result, "no checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"))
+def test_no_checkpoint_is_a_clear_error(tmp_path, mnist_dir, run_main):
+    result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
+    assert_clean_error(result, "no checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"))
+    for command in ("fit", "validate", "predict"):
+        status, _, err = run_main(command, "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
+        assert status != 0 and err.startswith("error: no checkpoint") and str(tmp_path / "checkpoints") in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -81,13 +83,13 @@ def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained, mnist_dir):
     assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
-def test_rerunning_in_the_same_root_with_logging_off_does_not_trip_on_the_saved_config(tmp_path, mnist_dir):
+def test_rerunning_in_the_same_root_with_logging_off_does_not_trip_on_the_saved_config(tmp_path, mnist_dir, run_main):
     off = ["--trainer.logger", "false"]
     assert run_cli(*fit_args(mnist_dir, *off), cwd=tmp_path).returncode == 0
     again = ["validate", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *off]
     for _ in range(2):
-        result = run_cli(*again, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-2000:]
+        status, _, err = run_main(*again, cwd=tmp_path)
+        assert status == 0, err[-2000:]
     assert (tmp_path / "config.yaml").is_file()
 
 
