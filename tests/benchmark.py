@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_loop(kind: str, epochs: int, data_dir: str, workdir: str) -> None:
-    """One side's whole job in this process: train `epochs` epochs, then test once."""
+def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = "cpu") -> float:
+    """One side's whole job in this process: train `epochs` epochs, then test once; returns the accuracy."""
     import torch
     import torch.nn.functional as F
 
@@ -42,7 +42,7 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str) -> None:
     os.chdir(workdir)
     from guide import Net  # tests/guide.py: the guide's model, verbatim
 
-    model = Net()
+    model = Net().to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
     if kind.startswith("plain"):
         from mnist_lit.data import find_files, load_split
@@ -75,6 +75,8 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str) -> None:
     for _ in range(epochs):
         model.train()
         for i, (data, target) in enumerate(batches()):
+            data = data.to(device=device, non_blocking=True)
+            target = target.to(device=device, non_blocking=True)
             optimiser.zero_grad()
             loss = F.nll_loss(model(data), target)
             loss.backward()
@@ -88,8 +90,10 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str) -> None:
     correct = 0
     with torch.inference_mode():
         for data, target in test_batches:
+            data, target = data.to(device), target.to(device)
             correct += model(data).argmax(1).eq(target).sum().item()
     print(f"{kind}: test accuracy {correct / 10000:.4f}")
+    return correct / 10000
 
 
 def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir: str) -> list[str]:
@@ -140,9 +144,10 @@ def main() -> None:
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        run_loop(args.run, args.epochs, args.data_dir, args.workdir)
+        run_loop(args.run, args.epochs, args.data_dir, args.workdir, args.device)
         return
     data_dir = str(Path(args.data_dir).expanduser())
     sides = args.sides.split(",")
