@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -35,19 +35,17 @@ from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, Training
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-class CPUThreads(Callback):
-    """Give each process on this machine an equal share of the cores, so threads x processes <= cores.
+def share_cores(processes: int, workers: int) -> None:
+    """Give each training process on this machine an equal share of the cores: threads x processes <= cores.
 
-    Two processes each running as many threads as there are cores slow each other down many times over.
-    OMP_NUM_THREADS, when set, wins.
+    Two processes that each run as many threads as there are cores slow each other down many times over.
+    Every process of a DDP run passes here (Lightning starts each one from this command line). Data loader
+    workers, if any, get a core each. OMP_NUM_THREADS, when set, wins.
     """
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = getattr(trainer.datamodule, "num_workers", 0)
-        torch.set_num_threads(max(1, cores // trainer.num_devices - workers))
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // processes - workers))
 
 
 class MNISTCLI(LightningCLI):
@@ -99,7 +97,7 @@ def run_lightning(args: list[str] | None) -> None:
         seed_everything_default=1,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [CPUThreads(), TrainingCurves(), TestReport(), PredictionWriter()]},
+        trainer_defaults={"callbacks": [TrainingCurves(), TestReport(), PredictionWriter()]},
         parser_kwargs={**parser_kwargs, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         args=args,
     )

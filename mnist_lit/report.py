@@ -100,10 +100,12 @@ class TrainingCurves(Callback):
             self.val.append((trainer.global_step, metrics["val/loss"].item(), metrics["val/acc"].item()))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train": self.train, "val": self.val}
+        # as tensors: one object each to pickle, however long the run (a checkpoint is written every 10 steps)
+        return {"train": torch.tensor(self.train).reshape(-1, 2), "val": torch.tensor(self.val).reshape(-1, 3)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train, self.val = state_dict["train"], state_dict["val"]
+        self.train = [(int(step), loss) for step, loss in state_dict["train"].tolist()]
+        self.val = [(int(step), loss, acc) for step, loss, acc in state_dict["val"].tolist()]
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: under DDP it is a collective call

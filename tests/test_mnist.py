@@ -1,0 +1,96 @@
+"""End to end on the real MNIST files (../shared/mnist): slow, run with `python -m pytest -m slow`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, run_cli
+from guide import Net as GuideNet
+from guide import evaluate
+from PIL import Image, ImageFilter
+
+from mnist_lit.data import find_files, load_split, parse_idx, read_idx
+
+pytestmark = pytest.mark.slow
+
+
+def printed(stdout: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+)\s+([-\d.e]+)", stdout, re.M)}
+
+
+def test_300_batches_then_test_in_another_process(tmp_path, real_mnist):
+    data = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "300", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-2000:]
+    metrics = printed(test.stdout)
+    assert metrics["test/acc"] >= 0.75  # random weights score 0.10
+    # the net.* weights load strictly into the guide's own Net, and its own test code gives the printed numbers
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    net = GuideNet()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, strict=True)
+    images, labels = load_split(find_files(real_mnist), train=False, verify=True)
+    acc, loss = evaluate(net, zip(images.split(64), labels.split(64), strict=True), len(labels))
+    assert metrics["test/acc"] == pytest.approx(acc, abs=1e-6)
+    assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_the_guides_recipe_for_ten_epochs_reaches_its_accuracy(tmp_path, real_mnist):
+    data = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", *data, cwd=tmp_path, timeout=1200)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
+    assert printed(test.stdout)["test/acc"] >= 0.984, test.stdout[-2000:]
+
+
+def scan(image: Image.Image, seed: int) -> Image.Image:
+    """A re-drawing of an MNIST digit as a scan: dark ink on light grey paper, 4x larger, off-centre, noisy."""
+    generator = torch.Generator().manual_seed(seed)
+    big = image.resize((112, 112), Image.Resampling.BICUBIC)
+    page = Image.new("L", (240, 180), 230)
+    x, y = (int(v) for v in torch.randint(5, 60, (2,), generator=generator))
+    page.paste(Image.new("L", big.size, 0), (x + 60, y), mask=big)
+    page = page.filter(ImageFilter.GaussianBlur(0.8))
+    pixels = torch.frombuffer(bytearray(page.tobytes()), dtype=torch.uint8).view(180, 240).int()
+    pixels = (pixels + torch.randint(-12, 12, pixels.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("L", (240, 180), pixels.numpy().tobytes()).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def one_epoch_model(tmp_path_factory, real_mnist):
+    """The guide's loop for one epoch: all 60k training images."""
+    root = tmp_path_factory.mktemp("one-epoch")
+    args = ["fit", "--data.data_dir", str(real_mnist), *QUIET, "--trainer.max_epochs", "1", "--data.val_size", "0"]
+    result = run_cli(*args, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_predict_on_png_digits_as_stored_and_as_scans(one_epoch_model, real_mnist, tmp_path):
+    images = parse_idx(read_idx(real_mnist / "t10k-images-idx3-ubyte.gz", True), Path("t10k"), 2051)
+    labels = parse_idx(read_idx(real_mnist / "t10k-labels-idx1-ubyte.gz", True), Path("t10k"), 2049)
+    for folder in ("stored", "scan"):
+        (tmp_path / folder).mkdir()
+    truth = {}
+    for i in range(0, 10_000, 10):  # 1000 digits from all over the test set
+        digit = Image.frombytes("L", (28, 28), images[i].numpy().tobytes())
+        name = f"{i:05d}.png"
+        digit.save(tmp_path / "stored" / name)
+        scan(digit, i).save(tmp_path / "scan" / name)
+        truth[name] = int(labels[i])
+    accuracy = {}
+    for folder in ("stored", "scan"):
+        result = run_cli("predict", "--ckpt_path", "last", "--data.predict_path", str(tmp_path / folder), *QUIET,
+                         cwd=one_epoch_model)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = [line.split("\t") for line in result.stdout.splitlines() if line.count("\t") == 2]
+        assert len(lines) == 1000
+        accuracy[folder] = sum(int(d) == truth[Path(p).name] for p, d, _ in lines) / len(lines)
+    assert accuracy["stored"] >= 0.93, accuracy
+    assert accuracy["scan"] >= 0.85, accuracy
+    shutil.rmtree(tmp_path / "scan")
