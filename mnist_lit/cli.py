@@ -64,6 +64,11 @@ class MNISTCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, ProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        if config.get("enable_checkpointing") is False:  # the --checkpoint group is always built: drop it
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def _parse_ckpt_path(self) -> None:
         """Resolve --ckpt_path (and check the file) before anything is built or written."""
         config = self.config[self.config.subcommand]

@@ -318,6 +318,8 @@ class MNISTDataModule(LightningDataModule):
         files = find_files(self.data_dir)
         if missing := sorted(set(FILES) - set(files)):
             raise DataError(missing_message(self.data_dir, missing))
+        if stage == "validate" and self.val_size == 0:
+            raise DataError("validate needs a validation set, and --data.val_size is 0")
         if stage in ("fit", "validate") and "train" not in self.splits:
             images, labels = load_split(files, train=True, verify=self.verify_checksums)
             if self.val_size >= len(images):

@@ -32,13 +32,23 @@ class ProgressBar(TQDMProgressBar):
         self.interval = interval
         self._drawn = 0.0
         self._live: dict[str, str] = {}
+        self._start, self._images = time.monotonic(), 0
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         return {**super().get_metrics(trainer, pl_module), **self._live}
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start, self._images = time.monotonic(), 0
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._start, self._images = time.monotonic(), 0
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._images += len(batch[1])
         bar, now = self.train_progress_bar, time.monotonic()
         if bar is None or bar.disable or (now - self._drawn < self.interval and batch_idx + 1 != bar.total):
             return
@@ -46,8 +56,7 @@ class ProgressBar(TQDMProgressBar):
         bar.n = batch_idx + 1
         if isinstance(outputs, dict) and "loss" in outputs:
             self._live["loss"] = f"{outputs['loss'].item():.3f}"
-        if rate := bar.format_dict.get("rate"):
-            self._live["img/s"] = f"{rate * len(batch[1]):.0f}"
+        self._live["img/s"] = f"{self._images / max(now - self._start, 1e-9):.0f}"
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
 

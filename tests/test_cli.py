@@ -124,3 +124,16 @@ def test_help_lists_the_options_with_their_docs(tmp_path):
     assert "--checkpoint.every_n_train_steps" in result.stdout
     top = run_cli("--help", cwd=tmp_path)
     assert "export" in top.stdout
+
+
+def test_checkpointing_can_be_switched_off(tmp_path, mnist_dir, run_main):
+    status, _, err = run_main(*fit_args(mnist_dir, "--trainer.enable_checkpointing", "false"), cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_progress_bar_shows_loss_and_throughput(tmp_path, mnist_dir, run_main):
+    args = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, "--trainer.max_epochs", "1"]
+    status, out, err = run_main(*args, cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    assert re.search(r"Epoch 0: 100%.*loss=[\d.]+.*img/s=\d+", out + err), (out + err)[-2000:]

@@ -95,6 +95,8 @@ CASES = {
     "wrong magic number": (["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-magic"], ["magic"]),
     "data_dir is a file": (["test", "--ckpt_path", "last", "--data.data_dir", "bad/not-a-dir"], ["not found"]),
     "val_size too large": (["validate", "--ckpt_path", "last", "--data.val_size", "100000"], ["val_size"]),
+    "validate without a validation set": (["validate", "--ckpt_path", "last", "--data.val_size", "0"], ["val_size"]),
+    "best without a monitored metric": (["test", "--ckpt_path", "best"], ["best"]),
     "no GPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "gpu"], ["gpu"]),
     "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
 }
