@@ -85,7 +85,7 @@ def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_di
         start = time.monotonic()
         # the first run: as soon as its first checkpoint file appears; later ones: a while into training
         while time.monotonic() - start < 120 and process.poll() is None:
-            if (not resume and any(checkpoints.glob("epoch=*"))) or (resume and time.monotonic() - start > 6):
+            if (not resume and any(checkpoints.glob("epoch=*.ckpt"))) or (resume and time.monotonic() - start > 6):
                 break
             time.sleep(0.01)
         time.sleep(delay)
