@@ -131,7 +131,8 @@ def run_export(args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Run the command line; user errors end in one line on stderr and a non-zero exit status."""
     # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
-    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(lambda r: "💡" not in str(r.msg))
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     argv = sys.argv[1:] if args is None else list(args)
     try:

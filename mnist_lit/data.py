@@ -6,6 +6,7 @@ from it by indexing, so the training loop never runs per-sample Python or PIL.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import socket
@@ -60,14 +61,22 @@ def missing_message(data_dir: Path, missing: list[str]) -> str:
 
 
 def download(data_dir: Path) -> None:
-    """Fetch the four files with torchvision's downloader into data_dir/MNIST/raw/."""
+    """Fetch the four files with torchvision's downloader into data_dir/MNIST/raw/.
+
+    If that fails, whatever it had created is removed again: no empty folders, no half-downloaded file that a
+    later run would take for a corrupt one.
+    """
     from torchvision.datasets import MNIST  # only here: torchvision is slow to import and rarely needed
 
+    existed = _tree(data_dir)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # without a network, fail in seconds rather than hang
     try:
         MNIST(str(data_dir), train=False, download=True)
     except Exception as err:  # torchvision wraps network failures in several types
+        for path in sorted(_tree(data_dir) - existed, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise DataError(
             f"{missing_message(data_dir, sorted(set(FILES) - set(find_files(data_dir))))}. Downloading them failed"
@@ -75,6 +84,12 @@ def download(data_dir: Path) -> None:
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _tree(folder: Path) -> set[Path]:
+    """The existing paths among folder and the folders above it, and everything inside folder."""
+    paths = {p for p in (folder, *folder.parents) if p.exists()}
+    return paths | set(folder.rglob("*")) if folder.exists() else paths
 
 
 def read_idx(path: Path, verify: bool) -> bytes:

@@ -117,7 +117,13 @@ def test_missing_files_without_network_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(DataError, match="Downloading them failed"):
-        datamodule(tmp_path / "empty", download=True).prepare_data()
+        datamodule(tmp_path / "new" / "empty", download=True).prepare_data()
+    assert list(tmp_path.iterdir()) == []  # the failed download left no folders behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(DataError, match="Downloading them failed"):
+        datamodule(tmp_path / "mine", download=True).prepare_data()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_partial_set_reports_only_the_missing(tmp_path):
