@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import shutil
 import signal
 import zipfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -112,27 +115,100 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the same folder, flush, fsync, then rename over the target.
+def write_atomically(path: str, data: io.BytesIO) -> None:
+    """data to a temporary file beside path, fsynced, then renamed over path: a complete file or none."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        f.write(data.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(directory)
 
-    A kill at any instant leaves either the previous complete file or the new one, never a torn one.
+
+def link_atomically(source: str, target: str) -> None:
+    """target becomes a second name of source's file (a copy where hard links are not supported)."""
+    tmp = f"{target}.part"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    fsync_dir(os.path.dirname(target) or ".")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written atomically, and off the training thread.
+
+    A checkpoint is serialised on the caller's thread, a snapshot while training goes on; one writer thread
+    then writes it with write_atomically. Removals and links wait in the same queue behind the writes before
+    them, so an older file is never removed before its successor is complete. A kill at any instant leaves
+    complete files only. At most one write is in flight (a slow disk slows training down rather than piling up
+    snapshots), and a failed write is raised at the next save or at teardown.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writer: ThreadPoolExecutor | None = None
+        self._write: Future | None = None
+        self._error: BaseException | None = None
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
+        self._raise_error()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        future = self._writer.submit(fn, *args)
+        future.add_done_callback(self._record_error)
+        return future
+
+    def _record_error(self, future: Future) -> None:
+        if future.exception() is not None and self._error is None:
+            self._error = future.exception()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
+            self.flush()
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = os.fspath(path)
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.part"
-        buffer = io.BytesIO()  # serialised first, then one write: faster than torch.save's many small ones
+        buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(directory)
+        if self._write is not None:
+            wait([self._write])
+        self._write = self._submit(write_atomically, os.fspath(path), buffer)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        if not _is_local_file_protocol(path):
+            self.flush()
+            return super().remove_checkpoint(path)
+        self._submit(_remove, os.fspath(path))
+
+    def link(self, source: str, target: str) -> None:
+        self._submit(link_atomically, source, target)
+
+    def flush(self) -> None:
+        """Wait until every queued write, link and removal is on disk."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()
+        self._raise_error()
+
+    def teardown(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 class Checkpoint(ModelCheckpoint):
@@ -198,17 +274,14 @@ class Checkpoint(ModelCheckpoint):
         if previous is None or previous[0] != trainer.global_step:
             super()._save_checkpoint(trainer, filepath)  # through AtomicCheckpointIO
             return
-        # last.ckpt right after the periodic file of the same step holds the same bytes: link them (atomically,
-        # through a temporary name) rather than serialise and write them again.
+        # last.ckpt right after the periodic file of the same step holds the same bytes: link them rather than
+        # serialise and write them again.
         if trainer.is_global_zero:
-            tmp = f"{filepath}.part"
-            _remove_if_exists(tmp)
-            try:
-                os.link(previous[1], tmp)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(previous[1], tmp)
-            os.replace(tmp, filepath)
-            fsync_dir(os.path.dirname(filepath))
+            checkpoint_io = trainer.strategy.checkpoint_io
+            if isinstance(checkpoint_io, AtomicCheckpointIO):
+                checkpoint_io.link(previous[1], filepath)
+            else:
+                link_atomically(previous[1], filepath)
         trainer.strategy.barrier("Checkpoint.link")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
@@ -263,6 +336,8 @@ class Checkpoint(ModelCheckpoint):
     # --- Ctrl-C and SIGTERM: stop at the next batch boundary with a checkpoint ----------------------------
 
     def _install_signal_handlers(self) -> None:
+        self._stop_signal = None
+
         def handler(signum: int, frame: FrameType | None) -> None:
             if self._stop_signal is not None:  # a second Ctrl-C: the user really wants out now
                 raise KeyboardInterrupt
@@ -299,10 +374,3 @@ class Checkpoint(ModelCheckpoint):
             " resume with `fit --ckpt_path last`",
             signum,
         )
-
-
-def _remove_if_exists(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -142,6 +142,8 @@ def main(args: list[str] | None = None) -> None:
             run_lightning(args)
     except (DataError, CheckpointError, MisconfigurationException) as err:
         sys.exit(f"error: {_one_line(str(err))}")
+    except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
+        sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {_one_line(str(err))} (see --help)")
     except Interrupted as err:

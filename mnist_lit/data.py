@@ -301,7 +301,7 @@ class MNISTDataModule(LightningDataModule):
             val_size: Images held out of the 60k training images for validation; 0 trains on all 60k.
             num_workers: Worker processes that cut batches; 0 (fastest for in-memory data) cuts them in the
                 training process.
-            pin_memory: Pin batches for asynchronous copies to the GPU; default: on when training on a GPU.
+            pin_memory: Pin batches for asynchronous copies to the GPU (default: on whenever batches go to one).
             data_on_device: Keep the whole dataset on the accelerator (190 MB), so batches never cross to it.
             download: Fetch missing files with torchvision's downloader.
             verify_checksums: Check the files against MNIST's checksums; turn off for other data in
@@ -368,10 +368,9 @@ class MNISTDataModule(LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        pin = self.pin_memory
-        if pin is None:
-            pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        pin = pin and images.device.type == "cpu"
+        # Pinning only helps copies from host memory to a GPU; elsewhere it would fail or just cost time.
+        to_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda" and images.device.type == "cpu"
+        pin = to_gpu and self.pin_memory is not False
         return BatchLoader(images, labels, sampler, num_workers=self.num_workers, pin_memory=pin)
 
     def train_dataloader(self) -> BatchLoader:

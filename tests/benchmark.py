@@ -174,20 +174,20 @@ def main() -> None:
                     times.setdefault((side, epochs), []).append(elapsed)
                     print(f"round {round_ + 1} {side:10s} {epochs} epoch(s): {elapsed:6.1f} s", flush=True)
                     shutil.rmtree(workdir)
-    per_epoch = {}
-    print("\nper epoch = (median 3-epoch run - median 1-epoch run) / 2")
+    # Per round: each side's (3-epoch - 1-epoch) / 2, and the ratios between sides measured minutes apart. The
+    # median over rounds of those ratios is robust to this machine's slow spells, which hit a whole round.
+    rounds = range(args.rounds)
+    per_epoch = {side: [(times[(side, 3)][r] - times[(side, 1)][r]) / 2 for r in rounds] for side in sides}
+    print("\nper epoch, s: (3-epoch run - 1-epoch run) / 2 in each round; median over rounds")
     for side in sides:
-        one, three = statistics.median(times[(side, 1)]), statistics.median(times[(side, 3)])
-        per_epoch[side] = (three - one) / 2
-        print(f"  {side:10s} {per_epoch[side]:6.2f} s/epoch   (1 epoch {one:5.1f} s, 3 epochs {three:5.1f} s)")
-    print("ratios (per epoch)")
-    for side in ("fit", "fit60k"):
-        if side in per_epoch:
-            for other in ("plain", "plain_ckpt", "guide"):
-                if other in per_epoch:
-                    print(f"  {side} / {other}: {per_epoch[side] / per_epoch[other]:.2f}x")
-    if "guide" in per_epoch and "fit" in per_epoch:
-        print(f"  guide / fit: {per_epoch['guide'] / per_epoch['fit']:.2f}x faster")
+        values = " ".join(f"{v:5.2f}" for v in per_epoch[side])
+        print(f"  {side:10s} {statistics.median(per_epoch[side]):5.2f}   (rounds: {values})")
+    print("ratios per epoch: median over rounds of each round's ratio")
+    for side, other in (("fit", "plain"), ("fit", "plain_ckpt"), ("fit60k", "plain"), ("guide", "fit")):
+        if side in per_epoch and other in per_epoch:
+            ratios = [a / b for a, b in zip(per_epoch[side], per_epoch[other], strict=True)]
+            values = " ".join(f"{v:.2f}" for v in ratios)
+            print(f"  {side} / {other}: {statistics.median(ratios):.2f}x   (rounds: {values})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 MOMENT is where the process kills itself, N counts from 1:
   step    inside the training step that makes global step N (after the forward pass, before the update)
-  write   halfway through writing the bytes of the N-th checkpoint file written by this process
+  write   while the N-th checkpoint file of this process is being written: half its bytes are on disk
   rename  after the N-th checkpoint file is complete and fsynced, before it replaces the previous one
   link    before the N-th hard-linked last.ckpt replaces the previous one
 Nothing here is imported by mnist_lit: the hooks wrap the real functions the package calls.
@@ -12,12 +12,9 @@ Nothing here is imported by mnist_lit: the hooks wrap the real functions the pac
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sys
-
-import torch
 
 from mnist_lit import checkpoint
 from mnist_lit.cli import main
@@ -46,18 +43,16 @@ def plant(moment: str, n: int) -> None:
 
         LitMNIST.training_step = step
     elif moment == "write":
-        save = torch.save
+        fsync = os.fsync
 
-        def torn_save(obj, f, *args, **kwargs):
-            if not (hasattr(f, "write") and nth()):
-                return save(obj, f, *args, **kwargs)
-            buffer = io.BytesIO()
-            save(obj, buffer, *args, **kwargs)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            f.flush()
-            die()
+        def torn_fsync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if path.endswith(".ckpt.part") and nth():
+                os.truncate(path, os.path.getsize(path) // 2)  # what a power cut mid-write leaves
+                die()
+            fsync(fd)
 
-        checkpoint.torch.save = torn_save
+        checkpoint.os.fsync = torn_fsync
     elif moment in ("rename", "link"):
         replace = os.replace
 

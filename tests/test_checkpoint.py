@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -15,19 +16,43 @@ def test_atomic_write_replaces_the_old_file_only_when_the_new_one_is_complete(tm
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    io.flush()
     before = path.read_bytes()
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", fail)
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)  # written by another thread...
     with pytest.raises(OSError, match="disk full"):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+        io.flush()  # ...whose failure is raised here (or at the next save)
     assert path.read_bytes() == before  # the failed write never touched it
     monkeypatch.undo()
     io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    io.teardown()
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(3))
     assert not (tmp_path / "last.ckpt.part").exists()
+
+
+def test_removal_waits_for_the_write_before_it(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    old, new = tmp_path / "epoch=0-step=10.ckpt", tmp_path / "epoch=0-step=20.ckpt"
+    torch.save({"state_dict": {}}, old)
+    release = threading.Event()
+    replace = os.replace
+
+    def slow_replace(src, dst):
+        release.wait(10)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    io.save_checkpoint({"state_dict": {}}, new)
+    io.remove_checkpoint(old)
+    time.sleep(0.2)
+    assert old.exists() and not new.exists()  # the old file stays until its successor is complete
+    release.set()
+    io.teardown()
+    assert new.exists() and not old.exists()
 
 
 def test_last_is_last_ckpt_or_after_an_early_kill_the_newest_periodic_file(tmp_path):
