@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -33,6 +33,11 @@ from mnist_lit.model import LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def reports(subcommand: str | None) -> list[Callback]:
+    """What a subcommand leaves to look at: only its own, as Lightning calls every callback at every step."""
+    return {"fit": [TrainingCurves()], "test": [TestReport()], "predict": [PredictionWriter()]}.get(subcommand, [])
 
 
 def share_cores(processes: int, workers: int) -> None:
@@ -57,12 +62,14 @@ class MNISTCLI(LightningCLI):
         # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
         config = self._get(self.config_init, "trainer")
         callbacks = config.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), *reports(self.subcommand)]
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBarBase) for c in callbacks
         ):
-            kwargs["callbacks"] = [*callbacks, ProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+            callbacks.append(ProgressBar())
+        trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        share_cores(trainer.num_devices, self.datamodule.num_workers)
+        return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         if config.get("enable_checkpointing") is False:  # the --checkpoint group is always built: drop it
@@ -102,7 +109,6 @@ def run_lightning(args: list[str] | None) -> None:
         seed_everything_default=1,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [TrainingCurves(), TestReport(), PredictionWriter()]},
         parser_kwargs={**parser_kwargs, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         args=args,
     )

@@ -3,7 +3,8 @@
     python tests/ddp_probe.py OUT_DIR fit ARGS...
 
 Lightning's DDP launcher re-runs this same command for every process, so each one is probed. Writes
-OUT_DIR/indices-rank<R>.txt (one line per epoch pass: "epoch index index ...") and OUT_DIR/writes-rank<R>.txt.
+OUT_DIR/indices-rank<R>.txt (one line per epoch pass: "epoch index index ..."), OUT_DIR/writes-rank<R>.txt and
+OUT_DIR/threads-rank<R>.txt (the torch threads it trained with).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def probe(out: Path) -> None:
 
     def recorded_indices(self: data.EpochBatches) -> torch.Tensor:
         result = indices(self)
+        (out / f"threads-rank{rank()}.txt").write_text(str(torch.get_num_threads()))
         if self.shuffle:
             with open(out / f"indices-rank{rank()}.txt", "a") as f:
                 f.write(" ".join(map(str, [self.epoch, *result.tolist()])) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli
 from guide import Net as GuideNet
 from guide import evaluate
 
+from mnist_lit.cli import share_cores
 from mnist_lit.data import find_files, load_split
 
 
@@ -137,3 +139,20 @@ def test_progress_bar_shows_loss_and_throughput(tmp_path, mnist_dir, run_main):
     status, out, err = run_main(*args, cwd=tmp_path)
     assert status == 0, err[-2000:]
     assert re.search(r"Epoch 0: 100%.*loss=[\d.]+.*img/s=\d+", out + err), (out + err)[-2000:]
+
+
+def test_processes_share_the_cores_unless_omp_num_threads_says_otherwise(monkeypatch):
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        share_cores(processes=1, workers=0)
+        assert torch.get_num_threads() == cores
+        share_cores(processes=3, workers=0)
+        assert torch.get_num_threads() == max(1, cores // 3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(cores)
+        share_cores(processes=2, workers=0)
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)

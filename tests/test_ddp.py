@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def test_ddp_fit_shards_are_disjoint_one_process_writes_and_one_process_resumes(
         assert len(shards[0]) == len(shards[1]) == 3200
         assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 6400
     assert passes[0][0] != passes[0][1]
+    # the processes share the cores rather than each taking them all
+    cores = len(os.sched_getaffinity(0))
+    assert [int((probe / f"threads-rank{r}.txt").read_text()) for r in (0, 1)] == [max(1, cores // 2)] * 2
     # only rank 0 wrote checkpoint files
     assert not (probe / "writes-rank1.txt").exists() and (probe / "writes-rank0.txt").read_text()
     # one process resumes the two-process run
