@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import logging
 import os
 import re
@@ -53,7 +55,19 @@ def share_cores(processes: int, workers: int) -> None:
     torch.set_num_threads(max(1, cores // processes - workers))
 
 
+class ConfigError(ValueError):
+    """The options parsed, but the objects they describe cannot be built (e.g. an unknown strategy)."""
+
+
 class MNISTCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        # What Lightning raises here comes from the options given (a strategy or an accelerator this machine
+        # lacks, devices it does not have): a user's error, not a program's.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
+            raise ConfigError(_one_line(str(err))) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"trainer.max_epochs": 10})
@@ -97,8 +111,30 @@ class MNISTCLI(LightningCLI):
 
 
 def _one_line(message: str) -> str:
-    message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message.strip())
-    return re.sub(r"\s*\n\s*", " ", message)
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+def _explain(message: str) -> str:
+    """jsonargparse's parse error as one line naming the option, the value given and what would fit."""
+    message = _one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message.strip()))
+    if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
+        bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
+        return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
+    if union := re.search(r"(--\S+): Does not validate against any of .*Given value: (.*)$", message):
+        expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
+        names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
+        return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
+    if unknown := re.search(r"unrecognized arguments: (--[\w.]+)", message):
+        if close := difflib.get_close_matches(unknown[1], _option_names(), n=1, cutoff=0.75):
+            return f"{message}; did you mean {close[0]}?"
+    return message
+
+
+def _option_names() -> list[str]:
+    """Every --group.option the CLI takes, for suggestions on a misspelt one."""
+    groups = {"model": LitMNIST, "data": MNISTDataModule, "checkpoint": Checkpoint, "trainer": Trainer}
+    names = [f"--{g}.{p}" for g, cls in groups.items() for p in inspect.signature(cls.__init__).parameters]
+    return [*names, "--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only"]
 
 
 def run_lightning(args: list[str] | None) -> None:
@@ -151,7 +187,9 @@ def main(args: list[str] | None = None) -> None:
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
-        sys.exit(f"error: {_one_line(str(err))} (see --help)")
+        sys.exit(f"error: {_explain(str(err))} (see --help)")
+    except ConfigError as err:
+        sys.exit(f"error: {err} (see --help)")
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"

@@ -68,12 +68,14 @@ def data(mnist_dir: Path) -> list[str]:
 
 CASES = {
     # name: (arguments after the subcommand, words the one-line error must contain)
-    "negative lr": (["fit", "--model.lr", "-1"], ["--model.lr", "-1"]),
+    "negative lr": (["fit", "--model.lr", "-1"], ["--model.lr", "-1", "must be > 0"]),
     "zero lr": (["fit", "--model.lr", "0"], ["--model.lr"]),
     "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.momentum"]),
     "batch size 0": (["fit", "--data.batch_size", "0"], ["--data.batch_size"]),
-    "text for a number": (["fit", "--trainer.max_epochs", "ten"], ["--trainer.max_epochs", "ten"]),
-    "unknown option": (["fit", "--model.lx", "3"], ["--model.lx"]),
+    "text for a number": (["fit", "--trainer.max_epochs", "ten"], ["--trainer.max_epochs", "'ten'", "int"]),
+    "unknown option": (["fit", "--model.lx", "3"], ["--model.lx", "did you mean --model.lr?"]),
+    "unknown strategy": (["test", "--ckpt_path", "last", "--trainer.strategy", "foo"], ["strategy"]),
+    "no TPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "tpu"], ["torch_xla"]),
     "missing config file": (["fit", "--config", "nope.yaml"], ["nope.yaml"]),
     "no subcommand option": (["fitt"], ["fitt"]),
     "missing checkpoint": (["test", "--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist"]),
