@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def real_mnist() -> Path:
     if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("the real MNIST files (../shared/mnist) are not here")
     return REAL_MNIST
+
+
+def printed_metrics(stdout: str) -> dict[str, float]:
+    """The values in Lightning's results table."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+|val/\w+)\s+([-\d.e]+)", stdout, re.M)}
+
+
+def guide_evaluation(checkpoint: Path, data_dir: Path, verify: bool) -> tuple[float, float]:
+    """The guide's own Net, loaded (strictly) with a checkpoint's net.* weights, scored by the guide's own test
+    code on the test set: (accuracy, summed NLL / N)."""
+    from guide import Net, evaluate
+
+    from mnist_lit.data import find_files, load_split
+
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    net = Net()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, strict=True)
+    images, labels = load_split(find_files(data_dir), train=False, verify=verify)
+    return evaluate(net, zip(images.split(64), labels.split(64), strict=True), len(labels))
 
 
 def cli_env() -> dict[str, str]:

@@ -8,21 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli
-from guide import Net as GuideNet
-from guide import evaluate
+from conftest import QUIET, SYNTHETIC, assert_clean_error, guide_evaluation, printed_metrics, run_cli
 
 from mnist_lit.cli import share_cores
-from mnist_lit.data import find_files, load_split
 
 
 def fit_args(data: Path, *extra: str) -> list[str]:
     return ["fit", "--data.data_dir", str(data), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", *extra]
-
-
-def printed_metrics(stdout: str) -> dict[str, float]:
-    """The values in Lightning's results table."""
-    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+|val/\w+)\s+([-\d.e]+)", stdout, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +31,7 @@ def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnis
     assert result.returncode == 0, result.stderr[-2000:]
     printed = printed_metrics(result.stdout)
     # the guide's own model and test code on the checkpoint's weights give the numbers printed
-    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    net = GuideNet()
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, strict=True)
-    images, labels = load_split(find_files(mnist_dir), train=False, verify=False)
-    acc, loss = evaluate(net, zip(images.split(64), labels.split(64), strict=True), len(labels))
+    acc, loss = guide_evaluation(trained / "checkpoints" / "last.ckpt", mnist_dir, verify=False)
     assert printed["test/acc"] == pytest.approx(acc, abs=1e-6)
     assert printed["test/loss"] == pytest.approx(loss, rel=1e-5)
     assert acc > 0.8  # trained: random weights score 0.1

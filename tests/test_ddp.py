@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, run_cli, write_mnist
+from conftest import QUIET, ROOT, SYNTHETIC, printed_metrics, run_cli, write_mnist
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
 PROBE = [str(ROOT / "tests" / "ddp_probe.py")]
-
-
-def printed(stdout: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+)\s+([-\d.e]+)", stdout, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def test_ddp_test_metrics_equal_a_single_process_exactly(tmp_path, mnist_dir, ru
     status, single, _ = run_main(*test, cwd=tmp_path)
     three = run_cli(*test, *DDP, "--trainer.devices", "3", cwd=tmp_path)  # 200 test images: 67 + 67 + 66
     assert status == 0 and three.returncode == 0, three.stderr[-3000:]
-    one, many = printed(single), printed(three.stdout)
+    one, many = printed_metrics(single), printed_metrics(three.stdout)
     assert one.keys() == many.keys() and {"test/acc", "test/loss"} <= one.keys()
     for key in one:
         assert many[key] == pytest.approx(one[key], abs=1e-6), key

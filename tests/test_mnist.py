@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, run_cli
-from guide import Net as GuideNet
-from guide import evaluate
+from conftest import QUIET, guide_evaluation, printed_metrics, run_cli
 from PIL import Image, ImageFilter
 
-from mnist_lit.data import find_files, load_split, parse_idx, read_idx
+from mnist_lit.data import parse_idx, read_idx
 
 pytestmark = pytest.mark.slow
-
-
-def printed(stdout: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in re.finditer(r"^\W*(test/\w+)\s+([-\d.e]+)", stdout, re.M)}
 
 
 def test_300_batches_then_test_in_another_process(tmp_path, real_mnist):
@@ -28,14 +21,10 @@ def test_300_batches_then_test_in_another_process(tmp_path, real_mnist):
     assert fit.returncode == 0, fit.stderr[-2000:]
     test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-2000:]
-    metrics = printed(test.stdout)
+    metrics = printed_metrics(test.stdout)
     assert metrics["test/acc"] >= 0.75  # random weights score 0.10
     # the net.* weights load strictly into the guide's own Net, and its own test code gives the printed numbers
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    net = GuideNet()
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()}, strict=True)
-    images, labels = load_split(find_files(real_mnist), train=False, verify=True)
-    acc, loss = evaluate(net, zip(images.split(64), labels.split(64), strict=True), len(labels))
+    acc, loss = guide_evaluation(tmp_path / "checkpoints" / "last.ckpt", real_mnist, verify=True)
     assert metrics["test/acc"] == pytest.approx(acc, abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
 
@@ -45,7 +34,7 @@ def test_the_guides_recipe_for_ten_epochs_reaches_its_accuracy(tmp_path, real_mn
     fit = run_cli("fit", *data, cwd=tmp_path, timeout=1200)
     assert fit.returncode == 0, fit.stderr[-2000:]
     test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
-    assert printed(test.stdout)["test/acc"] >= 0.984, test.stdout[-2000:]
+    assert printed_metrics(test.stdout)["test/acc"] >= 0.984, test.stdout[-2000:]
 
 
 def scan(image: Image.Image, seed: int) -> Image.Image:
