@@ -176,6 +176,8 @@ def main(args: list[str] | None = None) -> None:
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
+    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['TrainingCurves'\]\.$")
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv[:1] == ["export"]:

@@ -182,7 +182,7 @@ class TestReport(Callback):
 def _confusion_figure(plt: Any, confusion: Tensor) -> Any:
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    ax.imshow(shown.sqrt(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
+    ax.imshow(shown.sqrt().numpy(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
     for true in range(10):
         for pred in range(10):
             count = int(confusion[true, pred])
@@ -202,7 +202,7 @@ def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: i
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
-        ax.imshow(image * STD + MEAN, cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow((image * STD + MEAN).numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(f"{true} → {pred}", fontsize=9, color="C3")
     shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
     fig.suptitle(f"Misclassified test digits, true → predicted ({shown})")

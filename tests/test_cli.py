@@ -26,7 +26,8 @@ def trained(tmp_path_factory, mnist_dir):
     return root
 
 
-def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnist_dir):
+def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnist_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "default::UserWarning")  # what users see of Lightning's warnings
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
     assert result.returncode == 0, result.stderr[-2000:]
     printed = printed_metrics(result.stdout)
@@ -36,6 +37,7 @@ def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnis
     assert printed["test/loss"] == pytest.approx(loss, rel=1e-5)
     assert acc > 0.8  # trained: random weights score 0.1
     assert {f"test/acc_{d}" for d in range(10)} <= printed.keys()
+    assert "Be aware" not in result.stderr  # no nag about the fit-only curves callback
 
 
 def test_checkpoints_and_logs_go_where_the_readme_says(trained):
