@@ -96,9 +96,9 @@ def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
         return ckpt_path
     if (newest := newest_checkpoint(directory)) is None:
         last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
-        hint = "run `fit` first" if not fitting else "drop --ckpt_path to start a new run"
+        verb, hint = ("resume", "drop --ckpt_path to start a new run") if fitting else ("load", "run `fit` first")
         raise CheckpointError(
-            f"no checkpoint to resume: {last} does not exist ({hint}, or check --trainer.default_root_dir)"
+            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check --trainer.default_root_dir)"
         )
     return str(newest)
 

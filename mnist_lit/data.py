@@ -55,8 +55,8 @@ def find_files(data_dir: Path) -> dict[str, Path]:
 
 def missing_message(data_dir: Path, missing: list[str]) -> str:
     return (
-        f"MNIST files not found in {data_dir}: {', '.join(missing)} (looked for each, raw or .gz, in that folder"
-        f" and in its MNIST/raw/). Put the four files there, or pass --data.data_dir to the folder that has them"
+        f"MNIST files not found in {data_dir.absolute()}: {', '.join(missing)} (looked for each, raw or .gz, in that"
+        " folder and in its MNIST/raw/). Put the four files there, or pass --data.data_dir to the folder that has them"
     )
 
 

@@ -62,10 +62,13 @@ def test_resume_continues_the_step_counter(tmp_path, mnist_dir):
 
 def test_no_checkpoint_is_a_clear_error(tmp_path, mnist_dir, run_main):
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
-    assert_clean_error(result, "no checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert_clean_error(result, "no checkpoint to load", str(tmp_path / "checkpoints" / "last.ckpt"))
     for command in ("fit", "validate", "predict"):
         status, _, err = run_main(command, "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), cwd=tmp_path)
         assert status != 0 and err.startswith("error: no checkpoint") and str(tmp_path / "checkpoints") in err
+    # a relative root is named by its full path, the one that was looked in
+    status, _, err = run_main("test", "--ckpt_path", "last", "--trainer.default_root_dir", "runs/a", cwd=tmp_path)
+    assert status != 0 and str(tmp_path / "runs" / "a" / "checkpoints" / "last.ckpt") in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -105,9 +106,12 @@ def test_label_count_must_match(tmp_path):
         datamodule(folder).setup("fit")
 
 
-def test_missing_files_without_download_say_where_to_put_them(tmp_path):
+def test_missing_files_without_download_say_where_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"MNIST files not found in .*empty.*Put the four files there"):
         datamodule(tmp_path / "empty").prepare_data()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"not found in {re.escape(str(tmp_path / 'rel'))}: "):
+        datamodule(Path("rel")).prepare_data()  # a relative folder is named by its full path
 
 
 def test_missing_files_without_network_fail_fast(tmp_path, monkeypatch):
