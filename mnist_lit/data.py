@@ -154,12 +154,13 @@ def load_split(files: dict[str, Path], train: bool, verify: bool) -> tuple[Tenso
 class EpochBatches(Sampler[Tensor]):
     """One process's batches of indices for one epoch.
 
-    For training (shuffle=True) the order is a pure function of (seed, epoch) and the position in it is part
-    of the state Lightning checkpoints: a resumed run re-creates exactly the order it was killed in, and goes
-    on from the next batch. Under DDP the epoch's order is dealt out in turn to the world_size processes, as
-    DistributedSampler does, so their shards are disjoint: for training each gets the same number of samples
-    (the remainder, fewer than world_size samples, sits that epoch out), for evaluation (shuffle=False, the
-    file order, every pass from the start) every sample is seen exactly once.
+    For training (shuffle=True) the order is a pure function of (seed, epoch); the seed and the position in
+    the order are the state Lightning checkpoints: a resumed run re-creates exactly the order it was killed in
+    (also without --seed_everything, or with another one), and goes on from the next sample. Under DDP the
+    epoch's order is dealt out in turn to the world_size processes, as DistributedSampler does, so their shards
+    are disjoint: for training each gets the same number of samples (the remainder, fewer than world_size
+    samples, sits that epoch out), for evaluation (shuffle=False, the file order, every pass from the start)
+    every sample is seen exactly once.
     """
 
     def __init__(
@@ -168,8 +169,9 @@ class EpochBatches(Sampler[Tensor]):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        # Batches this process has been handed this epoch, and how far into the epoch's order they reach.
-        self.batches = 0
+        # Samples this process has been handed this epoch (counted in samples, not batches, so a resume with
+        # another batch_size still sees each sample once), and how far into the epoch's order they reach.
+        self.seen = 0
         self.position = 0
 
     def _shard_size(self) -> int:
@@ -182,19 +184,19 @@ class EpochBatches(Sampler[Tensor]):
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.batches, self.position = epoch, 0, 0
+            self.epoch, self.seen, self.position = epoch, 0, 0
 
     def indices(self) -> Tensor:
         """This process's sample indices for the rest of the epoch (for evaluation: for a whole pass)."""
         if not self.shuffle:
-            self.batches = self.position = 0
+            self.seen = self.position = 0
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.size)
         # What this process still has to see this epoch. After a resume with another number of processes the
         # rest of the order is dealt out anew, wrapping round to its start if the new processes need more.
-        remaining = self._shard_size() - self.batches * self.batch_size
+        remaining = max(self._shard_size() - self.seen, 0)
         stream = torch.arange(self.position, self.position + remaining * self.world_size) % max(self.size, 1)
         return order[stream[self.rank :: self.world_size]]
 
@@ -202,14 +204,15 @@ class EpochBatches(Sampler[Tensor]):
         return iter(self.indices().split(self.batch_size))
 
     def advance(self, batch_len: int) -> None:
-        self.batches += 1
+        self.seen += batch_len
         self.position += batch_len * self.world_size
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "position": self.position}
+        return {"seed": self.seed, "epoch": self.epoch, "seen": self.seen, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches, self.position = state["epoch"], state["batches"], state["position"]
+        self.seed, self.epoch = state["seed"], state["epoch"]
+        self.seen, self.position = state["seen"], state["position"]
 
 
 class _Rows(torch.utils.data.Dataset):

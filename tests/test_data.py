@@ -190,6 +190,27 @@ def test_resume_mid_epoch_continues_the_same_order():
     assert sum(len(y) for _, y in resumed) == 500
 
 
+def test_resume_keeps_the_runs_data_order_whatever_the_new_seed_and_batch_size():
+    images, labels = torch.arange(500.0)[:, None], torch.arange(500)
+    reference = EpochBatches(500, 64, True, seed=3)
+    reference.set_epoch(1)
+    expected = all_indices(reference)
+    part = BatchLoader(images, labels, EpochBatches(500, 64, True, seed=3))
+    part.sampler.set_epoch(1)
+    iterator = iter(part)
+    seen = [i for _ in range(3) for i in next(iterator)[1].tolist()]
+    # resumed without --seed_everything (another seed) and with another batch size
+    resumed = BatchLoader(images, labels, EpochBatches(500, 100, True, seed=99))
+    resumed.load_state_dict(part.state_dict())
+    resumed.sampler.set_epoch(1)
+    rest = [y.tolist() for _, y in resumed]
+    assert [len(y) for y in rest] == [100, 100, 100, 8]
+    assert seen + [i for y in rest for i in y] == expected  # every sample once, in the run's order
+    reference.set_epoch(2)
+    resumed.sampler.set_epoch(2)
+    assert all_indices(resumed.sampler) == all_indices(reference)  # later epochs follow the run's seed too
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3)])
 def test_resume_with_another_number_of_processes_keeps_the_epoch_length(before, after):
     """The rest of the epoch is dealt out anew; each process still gets its epoch's number of batches."""

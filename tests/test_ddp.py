@@ -66,7 +66,7 @@ def test_mid_epoch_resume_with_another_number_of_processes_finishes_the_epoch(tm
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (
-        state["global_step"] == 70 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 20
+        state["global_step"] == 70 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["seen"] == 20 * 64
     )
     resumed = run_cli(*fit, "--ckpt_path", "last", "--trainer.max_epochs", "3", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
