@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
-from mnist_lit.checkpoint import check_weights, load_checkpoint
+from mnist_lit.checkpoint import check_weights, load_checkpoint, write_atomically
 from mnist_lit.model import LitMNIST, Net
 
 ONNX_TOLERANCE = 1e-4
@@ -33,16 +34,23 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
     suffix = output.suffix.lower()
     if suffix not in (".pth", ".pt", ".onnx"):
         raise ExportError(f"cannot export to {output}: the extension must be .pth (the guide's state_dict) or .onnx")
+    if output.is_dir():
+        raise ExportError(f"cannot export to {output}: it is a folder; name a file")
     net = net_from_checkpoint(ckpt_path)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".pth", ".pt"):
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        write_atomically(str(output), buffer)
+        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
     tmp = output.with_name(f".{output.name}.part")  # renamed over output once complete: never a half-written file
-    if suffix == ".onnx":
+    try:
         difference = _write_onnx(net, tmp)
         os.replace(tmp, output)
-        return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, output)
-    return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
 
 
 def _write_onnx(net: Net, path: Path) -> float:

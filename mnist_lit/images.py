@@ -6,6 +6,7 @@ import glob
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
@@ -22,12 +23,12 @@ INK = 0.3
 
 def expand(path: str) -> list[Path]:
     """The files a predict_path names: one file, every file in a folder, or a glob's matches."""
-    if any(c in path for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
+    if Path(path).is_file():  # before the glob: a file may have [ ] in its name
+        files = [Path(path)]
     elif Path(path).is_dir():
         files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
-    elif Path(path).is_file():
-        files = [Path(path)]
+    elif any(c in path for c in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
     else:
         raise DataError(f"--data.predict_path {path}: no such file, folder or matching glob")
     if not files:
@@ -41,7 +42,13 @@ def prepare(image: Image.Image) -> Tensor:
         # transparent background: paint it white, as paper
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    pixels = pil_to_tensor(image.convert("L"))[0] / 255
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 16-bit scans, or 32-bit: convert("L") would clip them to their darkest 256 levels
+        values = torch.from_numpy(np.array(image, dtype=np.float32))
+        top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+        pixels = (values / top).clamp(0, 1)
+    else:
+        pixels = pil_to_tensor(image.convert("L"))[0] / 255
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if border.median() > 0.5:  # dark ink on light paper: MNIST's digits are light on black
         pixels, border = 1 - pixels, 1 - border
@@ -81,7 +88,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 return prepare(ImageOps.exif_transpose(image)), str(path)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
             reason = "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
             print(f"skipped {path}: {reason}", file=sys.stderr)
             return None, str(path)

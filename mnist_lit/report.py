@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 
-from mnist_lit.data import MEAN, STD
+from mnist_lit.data import MEAN, STD, DataError
 
 MAX_MISTAKES_SHOWN = 100
 
@@ -137,7 +137,7 @@ class TrainingCurves(Callback):
         ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
-        path = os.path.join(log_dir, "curves.png")
+        path = _output_path(trainer, log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")
 
@@ -173,7 +173,7 @@ class TestReport(Callback):
             return
         confusion = pl_module.confusion
         plt = _pyplot()
-        paths = [os.path.join(log_dir, name) for name in ("confusion.png", "mistakes.png")]
+        paths = [_output_path(trainer, log_dir, name) for name in ("confusion.png", "mistakes.png")]
         _save(_confusion_figure(plt, confusion), paths[0])
         _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace())), paths[1])
         print(f"Confusion matrix: {paths[0]}\nMisclassified digits: {paths[1]}")
@@ -209,6 +209,18 @@ def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: i
     return fig
 
 
+def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
+    """name in the run's log folder. Without a logger that is the user's own folder (the root): there a file
+    already present is kept, and the new one gets a free name beside it (name-1, name-2, ...)."""
+    path = os.path.join(log_dir, name)
+    stem, extension = os.path.splitext(name)
+    number = 0
+    while trainer.logger is None and os.path.exists(path):
+        number += 1
+        path = os.path.join(log_dir, f"{stem}-{number}{extension}")
+    return path
+
+
 def _save(fig: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.tight_layout()
@@ -239,11 +251,13 @@ class PredictionWriter(Callback):
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rows = sorted(_gather(trainer, self.rows))
+        if not rows:  # every file was skipped: nothing to write, and not a success
+            raise DataError("no readable images among the files --data.predict_path names")
         log_dir = trainer.log_dir or trainer.default_root_dir  # on every process: a collective call under DDP
         if not trainer.is_global_zero:
             return
         os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, "predictions.csv")
+        path = _output_path(trainer, log_dir, "predictions.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "digit", "probability", *(f"p{d}" for d in range(10))])

@@ -7,6 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, run_cli
@@ -71,12 +72,20 @@ def test_blank_image_is_not_a_digit():
         prepare(Image.new("L", (40, 40), 200))
 
 
+def test_a_16_bit_scan_is_read_at_full_depth():
+    eight = digit()
+    sixteen = Image.fromarray(np.asarray(eight, dtype=np.uint16) * 257)  # the same picture, 16 bits per pixel
+    assert sixteen.mode.startswith("I")
+    assert torch.allclose(prepare(sixteen), prepare(eight), atol=1e-3)
+
+
 def test_expand_file_folder_glob(tmp_path):
-    for name in ("b.png", "a.jpg", ".hidden.png"):
+    for name in ("b.png", "a.jpg", ".hidden.png", "c[1].png"):
         digit().save(tmp_path / name)
-    assert [p.name for p in expand(str(tmp_path))] == ["a.jpg", "b.png"]
-    assert [p.name for p in expand(str(tmp_path / "*.png"))] == ["b.png"]
+    assert [p.name for p in expand(str(tmp_path))] == ["a.jpg", "b.png", "c[1].png"]
+    assert [p.name for p in expand(str(tmp_path / "*.png"))] == ["b.png", "c[1].png"]
     assert [p.name for p in expand(str(tmp_path / "a.jpg"))] == ["a.jpg"]
+    assert [p.name for p in expand(str(tmp_path / "c[1].png"))] == ["c[1].png"]  # a name, not a glob
     with pytest.raises(DataError, match="no such file"):
         expand(str(tmp_path / "nope"))
 
@@ -98,12 +107,14 @@ def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_i
     Image.eval(digit(40), lambda v: 255 - v).save(folder / "seven-on-paper.bmp")
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + zlib.compress(b"x"))
+    Image.new("1", (20000, 10000)).save(folder / "huge.png")  # 200M pixels: PIL's decompression-bomb guard
     result = run_cli("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET, cwd=trained)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split("\t") for line in result.stdout.splitlines() if line.count("\t") == 2]
     assert sorted(Path(path).name for path, _, _ in lines) == ["seven-on-paper.bmp", "seven.jpg", "seven.png"]
     assert all(0 <= int(d) <= 9 and 0 < float(p) <= 1 for _, d, p in lines)
     assert "skipped" in result.stderr and "notes.txt" in result.stderr and "broken.png" in result.stderr
+    assert "huge.png" in result.stderr and "Traceback" not in result.stderr
     csv_path = next(trained.glob("lightning_logs/version_*/predictions.csv"))
     assert str(csv_path) in result.stdout
     rows = list(csv.DictReader(csv_path.open()))
@@ -112,6 +123,13 @@ def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_i
     probabilities = [float(rows[0][f"p{d}"]) for d in range(10)]
     assert sum(probabilities) == pytest.approx(1, abs=1e-3)
     assert float(rows[0]["probability"]) == pytest.approx(max(probabilities), abs=1e-4)
+
+
+def test_predict_with_no_readable_image_is_an_error(trained, tmp_path, run_main):
+    (tmp_path / "notes.txt").write_text("not an image")
+    status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(tmp_path), cwd=trained)
+    assert status != 0 and "skipped" in err and "error: no readable images among the files" in err
+    assert "notes.txt\t" not in out
 
 
 def test_export_pth_loads_into_the_guides_net_without_lightning(trained, tmp_path):
