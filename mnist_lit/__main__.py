@@ -27,9 +27,13 @@ def main() -> None:
         return
     if not args:
         sys.exit(f"{USAGE}\n\nerror: choose a subcommand")
-    from mnist_lit.cli import main as run
+    try:
+        from mnist_lit.cli import main as run
 
-    run()
+        run()
+    except KeyboardInterrupt:  # Ctrl-C before training started (imports, parsing, loading): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import zipfile
@@ -25,6 +26,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+class Diverged(RuntimeError):
+    """Training produced weights that are not finite numbers; they were not saved."""
 
 
 class Interrupted(Exception):
@@ -49,18 +54,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
+        # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
+        if re.search(r"GLOBAL|reduce for|new object", str(err)):
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
                 " code). Use a checkpoint written by mnist_lit"
             ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint (it is not in torch.save's format)") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
+    except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
+        raise CheckpointError(f"{path} is not a readable checkpoint (it is not in torch.save's format)") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    if "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no pytorch-lightning_version)")
     return checkpoint
+
+
+def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """Fail unless the checkpoint holds what resuming needs besides the weights."""
+    if not checkpoint.get("optimizer_states") or "loops" not in checkpoint:
+        raise CheckpointError(
+            f"{path} holds weights only (no optimizer state or progress), so training cannot resume from it;"
+            " it can still be tested, used to predict or exported"
+        )
 
 
 def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
@@ -86,7 +109,7 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return max(periodic, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
-def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
+def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
     """The file --ckpt_path names: 'last' is the run's latest checkpoint in directory, which must exist."""
     if ckpt_path == "best":
         raise CheckpointError(
@@ -98,7 +121,7 @@ def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
         last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
         verb, hint = ("resume", "drop --ckpt_path to start a new run") if fitting else ("load", "run `fit` first")
         raise CheckpointError(
-            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check --trainer.default_root_dir)"
+            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check {root_option})"
         )
     return str(newest)
 
@@ -120,16 +143,23 @@ def write_atomically(path: str, data: io.BytesIO) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.part"
-    with open(tmp, "wb") as f:
-        f.write(data.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(directory)
 
 
 def link_atomically(source: str, target: str) -> None:
     """target becomes a second name of source's file (a copy where hard links are not supported)."""
+    if os.path.exists(target) and os.path.samefile(source, target):  # a rename onto itself would leave tmp
+        return
     tmp = f"{target}.part"
     with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)
@@ -269,6 +299,13 @@ class Checkpoint(ModelCheckpoint):
     # --- atomic writes -------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save, not
+        # per step: a few microseconds and one device sync every 10 steps.
+        if not all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters()):
+            raise Diverged(
+                f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is --model.lr"
+                " too high?); stopped without saving them: checkpoints written before keep the last finite weights"
+            )
         previous = self._last_write
         self._last_write = (trainer.global_step, filepath)
         if previous is None or previous[0] != trainer.global_step:
@@ -367,10 +404,16 @@ class Checkpoint(ModelCheckpoint):
         if not stop:
             return
         if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if self.save_last:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            elif self.save_top_k != 0:  # no last.ckpt wanted: a periodic file of this step then
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         signum = self._stop_signal or signal.SIGTERM  # another process got the signal
-        raise Interrupted(
-            f"{signal.Signals(signum).name}: stopped at step {trainer.global_step} and saved {self.last_model_path};"
-            " resume with `fit --ckpt_path last`",
-            signum,
-        )
+        step, saved = trainer.global_step, self._last_checkpoint_saved or (self.save_last and self.last_model_path)
+        if not saved:
+            done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"
+        elif self._last_global_step_saved == step:
+            done = f"stopped at step {step} and saved {saved}; resume with `fit --ckpt_path last`"
+        else:
+            done = f"stopped at step {step}; the newest checkpoint is {saved}; resume with `fit --ckpt_path last`"
+        raise Interrupted(f"{signal.Signals(signum).name}: {done}", signum)

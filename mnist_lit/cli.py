@@ -11,19 +11,21 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from mnist_lit import __main__
 from mnist_lit.checkpoint import (
     Checkpoint,
     CheckpointError,
+    Diverged,
     Interrupted,
+    check_resumable,
     check_weights,
     checkpoint_dir,
     load_checkpoint,
@@ -53,6 +55,15 @@ def share_cores(processes: int, workers: int) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // processes - workers))
+
+
+class SaveConfig(SaveConfigCallback):
+    """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
+    itself, where a config.yaml may well be the user's own."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 class ConfigError(ValueError):
@@ -95,18 +106,30 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = self.config.subcommand == "fit"
+        if fitting and directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
         if config.ckpt_path is None:
             if fitting and (earlier := newest_checkpoint(directory)) is not None:
                 raise CheckpointError(
                     f"{earlier} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path"
                     " last, or start the new run in another --trainer.default_root_dir"
                 )
-            if self.config.subcommand == "predict":
-                raise CheckpointError("predict needs trained weights: pass --ckpt_path last or a checkpoint file")
+            if not fitting:  # the model's random initial weights would be evaluated as if trained
+                raise CheckpointError(
+                    f"{self.config.subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file"
+                )
         else:
             config.ckpt_path = resolve(config.ckpt_path, directory, fitting)
             checkpoint = load_checkpoint(config.ckpt_path)
             check_weights(config.ckpt_path, checkpoint, LitMNIST())
+            if fitting:
+                check_resumable(config.ckpt_path, checkpoint)
+                here = newest_checkpoint(directory)
+                if here is not None and Path(config.ckpt_path).resolve().parent != directory.resolve():
+                    raise CheckpointError(
+                        f"{here} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
+                        " it in its own --trainer.default_root_dir, or here in an empty one"
+                    )
         super()._parse_ckpt_path()
 
 
@@ -144,16 +167,22 @@ def run_lightning(args: list[str] | None) -> None:
         MNISTDataModule,
         seed_everything_default=1,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfig,
+        save_config_kwargs={"overwrite": True},  # a version folder is the run's own
         parser_kwargs={**parser_kwargs, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         args=args,
     )
 
 
+class _ExportParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, like every other error, not usage + error
+        raise ConfigError(message)
+
+
 def run_export(args: list[str]) -> None:
     from mnist_lit.export import ExportError, export  # onnx only when exporting
 
-    parser = argparse.ArgumentParser(
+    parser = _ExportParser(
         prog="python -m mnist_lit export",
         description="Write a trained Net for deployment: .pth (the guide's plain state_dict) or .onnx.",
     )
@@ -163,7 +192,8 @@ def run_export(args: list[str]) -> None:
         "--default_root_dir", default=".", help="Where 'last' is looked for: <this>/checkpoints/last.ckpt."
     )
     options = parser.parse_args(args)
-    ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.default_root_dir, None), fitting=False)
+    directory = checkpoint_dir(options.default_root_dir, None)
+    ckpt_path = resolve(options.ckpt_path, directory, fitting=False, root_option="--default_root_dir")
     try:
         print(export(ckpt_path, Path(options.output)))
     except ExportError as err:
@@ -184,7 +214,7 @@ def main(args: list[str] | None = None) -> None:
             run_export(argv[1:])
         else:
             run_lightning(args)
-    except (DataError, CheckpointError, MisconfigurationException) as err:
+    except (DataError, CheckpointError, Diverged, MisconfigurationException) as err:
         sys.exit(f"error: {_one_line(str(err))}")
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         sys.exit(f"error: {_one_line(str(err))}")

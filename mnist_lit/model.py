@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, restricted_number_type
+from jsonargparse.typing import restricted_number_type
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+LearningRate = restricted_number_type("LearningRate", float, [(">", 0), ("<", float("inf"))])
 Momentum = restricted_number_type("Momentum", float, [(">=", 0), ("<", 1)])
 
 
@@ -37,7 +38,7 @@ class Net(nn.Module):
 class LitMNIST(LightningModule):
     """Trains the guide's Net with SGD; logs train/loss, val/loss, val/acc, test/loss, test/acc."""
 
-    def __init__(self, lr: PositiveFloat = 0.01, momentum: Momentum = 0.5, channels_last: bool = True) -> None:
+    def __init__(self, lr: LearningRate = 0.01, momentum: Momentum = 0.5, channels_last: bool = True) -> None:
         """
         Args:
             lr: SGD learning rate.

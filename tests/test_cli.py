@@ -78,14 +78,19 @@ def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained, mnist_dir):
     assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
-def test_rerunning_in_the_same_root_with_logging_off_does_not_trip_on_the_saved_config(tmp_path, mnist_dir, run_main):
+def test_with_logging_off_the_users_own_files_in_the_root_are_kept(tmp_path, mnist_dir, run_main):
+    """Without a logger the run's folder is the root itself: nothing already there may be replaced."""
     off = ["--trainer.logger", "false"]
+    (tmp_path / "config.yaml").write_text("# my own config\n")
     assert run_cli(*fit_args(mnist_dir, *off), cwd=tmp_path).returncode == 0
-    again = ["validate", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *off]
+    (tmp_path / "confusion.png").write_bytes(b"my own figure")
+    again = ["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *off]
     for _ in range(2):
         status, _, err = run_main(*again, cwd=tmp_path)
         assert status == 0, err[-2000:]
-    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "config.yaml").read_text() == "# my own config\n"
+    assert (tmp_path / "confusion.png").read_bytes() == b"my own figure"
+    assert (tmp_path / "confusion-1.png").is_file() and (tmp_path / "confusion-2.png").is_file()
 
 
 def test_print_config_shows_the_guides_defaults(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,16 @@ from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
 
 from mnist_lit.checkpoint import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
+
+
+class EvilShell:
+    """The same through os.system, whose module torch's safe loader blocks outright (another refusal path)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 class Evil:
@@ -43,10 +54,20 @@ def run_root(tmp_path_factory, mnist_dir):
     bad = root / "bad"
     bad.mkdir()
     (bad / "random.ckpt").write_bytes(bytes(range(256)) * 40)
-    torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}}, bad / "other-model.ckpt")
+    other = {"state_dict": {"encoder.weight": torch.zeros(3)}, "pytorch-lightning_version": "2.6.0"}
+    torch.save(other, bad / "other-model.ckpt")
     torch.save({"conv1.weight": torch.zeros(10, 1, 5, 5)}, bad / "model.pth")  # the guide's file, not a checkpoint
     torch.save({"state_dict": {}, "payload": Evil(root / "PWNED")}, bad / "evil.ckpt")
+    torch.save({"state_dict": {}, "payload": EvilShell(root / "PWNED")}, bad / "evil-shell.ckpt")
     good = (root / "checkpoints" / "last.ckpt").read_bytes()
+    (bad / "hello.ckpt").write_text("hello")
+    (bad / "other-run" / "checkpoints").mkdir(parents=True)
+    (bad / "other-run" / "checkpoints" / "last.ckpt").write_bytes(good)
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({"state_dict": checkpoint["state_dict"]}, bad / "state-dict-only.ckpt")
+    weights_only = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}
+    torch.save(weights_only, bad / "weights-only.ckpt")
+    (bad / "folder.pth").mkdir()
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     for how in ("truncated-gz", "short", "magic"):
         folder = write_mnist(bad / f"data-{how}", train=200, test=50)
@@ -69,6 +90,7 @@ def data(mnist_dir: Path) -> list[str]:
 CASES = {
     # name: (arguments after the subcommand, words the one-line error must contain)
     "negative lr": (["fit", "--model.lr", "-1"], ["--model.lr", "-1", "must be > 0"]),
+    "infinite lr": (["fit", "--model.lr", "inf"], ["--model.lr", "inf"]),
     "zero lr": (["fit", "--model.lr", "0"], ["--model.lr"]),
     "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.momentum"]),
     "batch size 0": (["fit", "--data.batch_size", "0"], ["--data.batch_size"]),
@@ -89,6 +111,18 @@ CASES = {
         ["refusing to load"],
     ),
     "resume a pickled payload": (["fit", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load"]),
+    "pickled shell command": (["test", "--ckpt_path", "bad/evil-shell.ckpt"], ["refusing to load"]),
+    "a text file": (["test", "--ckpt_path", "bad/hello.ckpt"], ["hello.ckpt", "not a readable checkpoint"]),
+    "a folder": (["test", "--ckpt_path", "bad"], ["is a folder"]),
+    "a state_dict only": (["test", "--ckpt_path", "bad/state-dict-only.ckpt"], ["not a Lightning checkpoint"]),
+    "resume weights only": (["fit", "--ckpt_path", "bad/weights-only.ckpt"], ["weights only", "cannot resume"]),
+    "resume another run over this one": (
+        ["fit", "--ckpt_path", "bad/other-run/checkpoints/last.ckpt"],
+        ["holds another run", "would overwrite"],
+    ),
+    "test without a checkpoint": (["test"], ["test needs trained weights", "--ckpt_path"]),
+    "validate without a checkpoint": (["validate"], ["validate needs trained weights"]),
+    "checkpoint folder is a file": (["fit", "--checkpoint.dirpath", "bad/not-a-dir"], ["is a file"]),
     "truncated data file": (
         ["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-truncated-gz"],
         ["cannot read"],
@@ -101,6 +135,12 @@ CASES = {
     "best without a monitored metric": (["test", "--ckpt_path", "best"], ["best"]),
     "no GPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "gpu"], ["gpu"]),
     "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
+    "export to a folder": (["export", "--ckpt_path", "last", "--output", "bad/folder.pth"], ["is a folder"]),
+    "export without output": (["export", "--ckpt_path", "last"], ["--output"]),
+    "export without checkpoint": (
+        ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
+        ["no checkpoint", "--default_root_dir"],
+    ),
 }
 
 
@@ -123,6 +163,7 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
     after = fingerprint(run_root)
     assert {k: after[k] for k in before} == before  # nothing that was there changed or went
     assert not (run_root / "PWNED").exists()
+    assert not list(run_root.rglob("*.part"))  # no half-written file left behind
 
 
 def test_errors_reach_the_shell_as_one_line_and_a_failure_status(run_root, mnist_dir):
@@ -171,3 +212,11 @@ def test_empty_data_dir_without_network_fails_fast_and_clean(tmp_path):
     assert_clean_error(result, "MNIST files not found", "Downloading them failed")
     assert time.monotonic() - start < 60
     shutil.rmtree(tmp_path / "empty", ignore_errors=True)
+
+
+def test_a_diverged_run_stops_before_saving_non_finite_weights(tmp_path, mnist_dir, run_main):
+    status, _, err = run_main("fit", *data(mnist_dir), "--model.lr", "1e6", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert status != 0 and "error: training diverged" in err and "--model.lr" in err, err[-2000:]
+    for path in tmp_path.rglob("*.ckpt"):  # whatever was saved holds finite numbers
+        weights = torch.load(path, weights_only=True)["state_dict"].values()
+        assert all(bool(w.isfinite().all()) for w in weights), path

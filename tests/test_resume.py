@@ -97,18 +97,28 @@ def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_di
     assert_same_run(tmp_path, reference)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_dir, reference):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mnist_lit", *args(mnist_dir)],
-        cwd=tmp_path,
+def start_fit(cwd: Path, *options: str) -> subprocess.Popen:
+    """`python -m mnist_lit OPTIONS` with Ctrl-C working as in a terminal (a background shell may ignore it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", *options],
+        cwd=cwd,
         env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def wait_for(pattern: str, folder: Path) -> None:
     start = time.monotonic()
-    while not (tmp_path / "checkpoints" / "last.ckpt").exists() and time.monotonic() - start < 120:
+    while not list(folder.glob(pattern)) and time.monotonic() - start < 120:
         time.sleep(0.01)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_dir, reference):
+    process = start_fit(tmp_path, *args(mnist_dir))
+    wait_for("checkpoints/last.ckpt", tmp_path)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
@@ -119,6 +129,26 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_d
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
+
+
+def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path, mnist_dir):
+    process = start_fit(tmp_path, *args(mnist_dir), "--checkpoint.save_last", "false")
+    wait_for("checkpoints/*.ckpt", tmp_path)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    (saved,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    step = torch.load(saved, weights_only=True)["global_step"]
+    assert f"stopped at step {step} and saved {saved}" in stderr
+
+
+def test_ctrl_c_before_training_starts_is_one_line_and_writes_nothing(tmp_path, mnist_dir):
+    process = start_fit(tmp_path, *args(mnist_dir))
+    time.sleep(0.5)  # still importing torch and Lightning
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted" and list(tmp_path.iterdir()) == []
 
 
 def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_dir, reference):
