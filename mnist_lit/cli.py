@@ -79,6 +79,23 @@ class MNISTCLI(LightningCLI):
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
             raise ConfigError(_one_line(str(err))) from None
 
+    def _set_seed(self) -> None:
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+            raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
+        super()._set_seed()
+
+    def before_instantiate_classes(self) -> None:
+        # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError
+        trainer = self._get(self.config, "trainer")
+        for name, low, rule in (
+            ("accumulate_grad_batches", 1, ">= 1"),
+            ("check_val_every_n_epoch", 1, ">= 1"),
+            ("val_check_interval", 1e-9, "> 0"),
+        ):
+            if (value := trainer.get(name)) is not None and value < low:
+                raise ConfigError(f"--trainer.{name}: {value} is out of range; it must be {rule}")
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"trainer.max_epochs": 10})

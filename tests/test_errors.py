@@ -93,6 +93,15 @@ CASES = {
     "infinite lr": (["fit", "--model.lr", "inf"], ["--model.lr", "inf"]),
     "zero lr": (["fit", "--model.lr", "0"], ["--model.lr"]),
     "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.momentum"]),
+    "negative seed": (["test", "--ckpt_path", "last", "--seed_everything", "-5"], ["--seed_everything", "-5"]),
+    "no batches to accumulate": (
+        ["fit", "--ckpt_path", "last", "--trainer.accumulate_grad_batches", "0"],
+        ["accumulate_grad_batches"],
+    ),
+    "validation every 0 batches": (
+        ["fit", "--ckpt_path", "last", "--trainer.val_check_interval", "0"],
+        ["val_check_interval", "> 0"],
+    ),
     "batch size 0": (["fit", "--data.batch_size", "0"], ["--data.batch_size"]),
     "text for a number": (["fit", "--trainer.max_epochs", "ten"], ["--trainer.max_epochs", "'ten'", "int"]),
     "unknown option": (["fit", "--model.lx", "3"], ["--model.lx", "did you mean --model.lr?"]),
