@@ -164,6 +164,11 @@ def _explain(message: str) -> str:
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
+    if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
+        names = [*re.findall(r"'(\w+)'", choice[2]), "export"]  # export is ours, outside LightningCLI's parser
+        close = difflib.get_close_matches(choice[1], names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
     if unknown := re.search(r"unrecognized arguments: (--[\w.]+)", message):
         if close := difflib.get_close_matches(unknown[1], _option_names(), n=1, cutoff=0.75):
             return f"{message}; did you mean {close[0]}?"
@@ -178,7 +183,9 @@ def _option_names() -> list[str]:
 
 
 def run_lightning(args: list[str] | None) -> None:
-    parser_kwargs = {"exit_on_error": False, "description": __main__.USAGE.split("\n\n")[1]}
+    # no abbreviations: --trainer.max_epoch must not silently mean --trainer.max_epochs
+    sub_kwargs = {"exit_on_error": False, "allow_abbrev": False}
+    parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": __main__.USAGE.split("\n\n")[1]}
     MNISTCLI(
         LitMNIST,
         MNISTDataModule,
@@ -186,7 +193,7 @@ def run_lightning(args: list[str] | None) -> None:
         auto_configure_optimizers=False,
         save_config_callback=SaveConfig,
         save_config_kwargs={"overwrite": True},  # a version folder is the run's own
-        parser_kwargs={**parser_kwargs, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
+        parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in SUBCOMMANDS}},
         args=args,
     )
 

@@ -323,6 +323,8 @@ class MNISTDataModule(LightningDataModule):
         """Runs once per machine before setup: find the files, or download them."""
         if self.trainer is not None and self.trainer.predicting:
             return  # predict reads the user's own images, not MNIST
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise DataError(f"--data.data_dir {self.data_dir.absolute()} is a file: pass the folder with MNIST's files")
         missing = sorted(set(FILES) - set(find_files(self.data_dir)))
         if not missing:
             return

@@ -67,6 +67,11 @@ def run_root(tmp_path_factory, mnist_dir):
     torch.save({"state_dict": checkpoint["state_dict"]}, bad / "state-dict-only.ckpt")
     weights_only = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}
     torch.save(weights_only, bad / "weights-only.ckpt")
+    nan = {
+        **checkpoint,
+        "state_dict": {k: torch.full_like(v, float("nan")) for k, v in checkpoint["state_dict"].items()},
+    }
+    torch.save(nan, bad / "nan.ckpt")
     (bad / "folder.pth").mkdir()
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     for how in ("truncated-gz", "short", "magic"):
@@ -108,7 +113,8 @@ CASES = {
     "unknown strategy": (["test", "--ckpt_path", "last", "--trainer.strategy", "foo"], ["strategy"]),
     "no TPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "tpu"], ["torch_xla"]),
     "missing config file": (["fit", "--config", "nope.yaml"], ["nope.yaml"]),
-    "no subcommand option": (["fitt"], ["fitt"]),
+    "no such subcommand": (["fitt"], ["'fitt' is not a subcommand", "export", "did you mean fit?"]),
+    "an abbreviated option": (["fit", "--trainer.max_epoch", "1"], ["did you mean --trainer.max_epochs?"]),
     "missing checkpoint": (["test", "--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist"]),
     "random bytes": (["test", "--ckpt_path", "bad/random.ckpt"], ["random.ckpt", "not a readable checkpoint"]),
     "truncated checkpoint": (["test", "--ckpt_path", "bad/truncated.ckpt"], ["truncated.ckpt"]),
@@ -138,7 +144,8 @@ CASES = {
     ),
     "short data file": (["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-short"], ["truncated"]),
     "wrong magic number": (["validate", "--ckpt_path", "last", "--data.data_dir", "bad/data-magic"], ["magic"]),
-    "data_dir is a file": (["test", "--ckpt_path", "last", "--data.data_dir", "bad/not-a-dir"], ["not found"]),
+    "data_dir is a file": (["test", "--ckpt_path", "last", "--data.data_dir", "bad/not-a-dir"], ["is a file"]),
+    "weights of nan": (["test", "--ckpt_path", "bad/nan.ckpt"], ["nan.ckpt", "finite numbers"]),
     "val_size too large": (["validate", "--ckpt_path", "last", "--data.val_size", "100000"], ["val_size"]),
     "validate without a validation set": (["validate", "--ckpt_path", "last", "--data.val_size", "0"], ["val_size"]),
     "best without a monitored metric": (["test", "--ckpt_path", "best"], ["best"]),
