@@ -82,7 +82,7 @@ def test_with_logging_off_the_users_own_files_in_the_root_are_kept(tmp_path, mni
     """Without a logger the run's folder is the root itself: nothing already there may be replaced."""
     off = ["--trainer.logger", "false"]
     (tmp_path / "config.yaml").write_text("# my own config\n")
-    assert run_cli(*fit_args(mnist_dir, *off), cwd=tmp_path).returncode == 0
+    assert run_main(*fit_args(mnist_dir, *off), cwd=tmp_path)[0] == 0
     (tmp_path / "confusion.png").write_bytes(b"my own figure")
     again = ["test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *off]
     for _ in range(2):

@@ -74,6 +74,7 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # a soak test on top of the planned kills above: in `pytest -m slow`, which CI runs too
 def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_dir, reference):
     checkpoints = tmp_path / "checkpoints"
     for delay in (0.0, 0.15, 0.3):
