@@ -246,6 +246,11 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(f"error: {_explain(str(err))} (see --help)")
     except ConfigError as err:
         sys.exit(f"error: {err} (see --help)")
+    except ValueError as err:
+        # Lightning checks val_check_interval against the epoch's batches only once the data is there
+        if "`val_check_interval`" not in str(err):
+            raise
+        sys.exit(f"error: --trainer.{_one_line(str(err)).replace('`', '')}")
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"

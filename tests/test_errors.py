@@ -103,6 +103,10 @@ CASES = {
         ["fit", "--ckpt_path", "last", "--trainer.accumulate_grad_batches", "0"],
         ["accumulate_grad_batches"],
     ),
+    "validation beyond the epoch": (
+        ["fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", "--trainer.val_check_interval", "1000"],
+        ["--trainer.val_check_interval (1000) must be less than or equal to the number of the training batches"],
+    ),
     "validation every 0 batches": (
         ["fit", "--ckpt_path", "last", "--trainer.val_check_interval", "0"],
         ["val_check_interval", "> 0"],
