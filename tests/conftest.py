@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (see below)
 import pytest
 import torch
+
+# Lightning gives its loggers a handler on the stderr of the moment it is first imported. Imported here, that is
+# pytest's session-long stream; imported inside a test, it would be that test's capsys stream, closed after it.
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = ROOT.parent / "shared" / "mnist"
