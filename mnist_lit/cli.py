@@ -183,6 +183,16 @@ def _option_names() -> list[str]:
 
 
 def run_lightning(args: list[str] | None) -> None:
+    try:
+        _run_lightning(args)
+    finally:
+        # Lightning leaves the DDP process group up; torn down at interpreter exit instead, gloo's threads can
+        # abort the process ("terminate called without an active exception") after a successful run.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_lightning(args: list[str] | None) -> None:
     # no abbreviations: --trainer.max_epoch must not silently mean --trainer.max_epochs
     sub_kwargs = {"exit_on_error": False, "allow_abbrev": False}
     parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": __main__.USAGE.split("\n\n")[1]}
