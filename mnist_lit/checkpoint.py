@@ -49,6 +49,7 @@ def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
+    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -60,7 +61,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
                 " code). Use a checkpoint written by mnist_lit"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (it is not in torch.save's format)") from None
+        raise CheckpointError(unreadable) from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except PermissionError as err:
@@ -69,7 +70,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
-        raise CheckpointError(f"{path} is not a readable checkpoint (it is not in torch.save's format)") from None
+        raise CheckpointError(unreadable) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
     if "pytorch-lightning_version" not in checkpoint:
@@ -304,7 +305,7 @@ class Checkpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save, not
         # per step: a few microseconds and one device sync every 10 steps.
-        if not all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters()):
+        if not bool(torch.stack([p.isfinite().all() for p in trainer.lightning_module.parameters()]).all()):
             raise Diverged(
                 f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is --model.lr"
                 " too high?); stopped without saving them: checkpoints written before keep the last finite weights"

@@ -125,8 +125,9 @@ class MNISTCLI(LightningCLI):
         fitting = self.config.subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+        earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
         if config.ckpt_path is None:
-            if fitting and (earlier := newest_checkpoint(directory)) is not None:
+            if earlier is not None:
                 raise CheckpointError(
                     f"{earlier} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path"
                     " last, or start the new run in another --trainer.default_root_dir"
@@ -141,10 +142,9 @@ class MNISTCLI(LightningCLI):
             check_weights(config.ckpt_path, checkpoint, LitMNIST())
             if fitting:
                 check_resumable(config.ckpt_path, checkpoint)
-                here = newest_checkpoint(directory)
-                if here is not None and Path(config.ckpt_path).resolve().parent != directory.resolve():
+                if earlier is not None and Path(config.ckpt_path).resolve().parent != directory.resolve():
                     raise CheckpointError(
-                        f"{here} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
+                        f"{earlier} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
                         " it in its own --trainer.default_root_dir, or here in an empty one"
                     )
         super()._parse_ckpt_path()
@@ -156,7 +156,7 @@ def _one_line(message: str) -> str:
 
 def _explain(message: str) -> str:
     """jsonargparse's parse error as one line naming the option, the value given and what would fit."""
-    message = _one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message.strip()))
+    message = _one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
     if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
         bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
         return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
@@ -248,9 +248,8 @@ def main(args: list[str] | None = None) -> None:
             run_export(argv[1:])
         else:
             run_lightning(args)
-    except (DataError, CheckpointError, Diverged, MisconfigurationException) as err:
-        sys.exit(f"error: {_one_line(str(err))}")
-    except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
+    # OSError: the machine's, not the program's: a full disk, a folder without write access
+    except (DataError, CheckpointError, Diverged, MisconfigurationException, OSError) as err:
         sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {_explain(str(err))} (see --help)")
