@@ -1,3 +1,18 @@
 """The guide's MNIST recipe as a PyTorch Lightning project."""
 
 __version__ = "0.1.0"
+
+# The top-level help, here so that `python -m mnist_lit --help` answers without importing torch.
+USAGE = """\
+usage: python -m mnist_lit {fit,validate,test,predict,export} [options]
+
+Train and use the guide's MNIST model (Grokking PyTorch) with PyTorch Lightning.
+
+subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
+  fit        Train. A checkpoint every 10 steps; resume a stopped run with --ckpt_path last.
+  validate   Evaluate on the validation hold-out.
+  test       Evaluate on the 10k test set; --ckpt_path last tests the last fit's weights.
+  predict    Classify your own digit images: --ckpt_path last --data.predict_path PATH.
+  export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
+
+Options come from config files and flags: --config configs/smoke.yaml --model.lr 0.05 --print_config."""

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
-USAGE = """\
-usage: python -m mnist_lit {fit,validate,test,predict,export} [options]
+from mnist_lit import USAGE
 
-Train and use the guide's MNIST model (Grokking PyTorch) with PyTorch Lightning.
 
-subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
-  fit        Train. A checkpoint every 10 steps; resume a stopped run with --ckpt_path last.
-  validate   Evaluate on the validation hold-out.
-  test       Evaluate on the 10k test set; --ckpt_path last tests the last fit's weights.
-  predict    Classify your own digit images: --ckpt_path last --data.predict_path PATH.
-  export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
-
-Options come from config files and flags: --config configs/smoke.yaml --model.lr 0.05 --print_config."""
+def _stop_at_once(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def main() -> None:
@@ -27,13 +20,16 @@ def main() -> None:
         return
     if not args:
         sys.exit(f"{USAGE}\n\nerror: choose a subcommand")
+    # Until the command line installs its own handler (after the imports), a signal stops at once, in one line.
+    signal.signal(signal.SIGTERM, _stop_at_once)
     try:
         from mnist_lit.cli import main as run
 
         run()
-    except KeyboardInterrupt:  # Ctrl-C before training started (imports, parsing, loading): nothing to save
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # before anything was built: nothing to save
+        signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+        print(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,20 @@
-"""Checkpoints that survive a kill at any instant, resume exactly, and load nothing but tensors."""
+"""The training-time side of checkpoints: when to save, exact resume (RNG, position in the epoch), and stopping on a
+signal or a limit with a checkpoint of the step reached."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import pickle
-import re
-import shutil
 import signal
-import zipfile
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from pathlib import Path
+import sys
 from types import FrameType
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why."""
+from mnist_lit.storage import AtomicCheckpointIO, CheckpointError, checkpoint_dir
 
 
 class Diverged(RuntimeError):
@@ -38,44 +27,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> Path:
-    """Where a run's checkpoints go: --checkpoint.dirpath, else <default_root_dir>/checkpoints."""
-    if dirpath is not None:
-        return Path(dirpath).expanduser()
-    return Path(default_root_dir or os.getcwd()).expanduser() / "checkpoints"
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
-    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as err:
-        # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
-        if re.search(r"GLOBAL|reduce for|new object", str(err)):
-            raise CheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
-                " code). Use a checkpoint written by mnist_lit"
-            ) from None
-        raise CheckpointError(unreadable) from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except PermissionError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
-    except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
-        raise CheckpointError(unreadable) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
-    if "pytorch-lightning_version" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no pytorch-lightning_version)")
-    return checkpoint
 
 
 def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
@@ -103,156 +54,40 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
         raise CheckpointError(f"{path} holds no usable weights: {broken[0]} is not a tensor of finite numbers")
 
 
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The run's latest checkpoint: last.ckpt, or, if a kill came between the first periodic file and the first
-    last.ckpt, the newest periodic file (the same state)."""
-    last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
-    if last.is_file():
-        return last
-    periodic = [p for p in directory.glob(f"*{Checkpoint.FILE_EXTENSION}") if p.is_file()]
-    return max(periodic, key=lambda p: p.stat().st_mtime_ns, default=None)
+# --- Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
+#
+# One handler owns both signals for the whole process, from the moment the command line starts. While a fit's
+# training loop runs, a Checkpoint callback takes the first signal and stops at the next batch boundary with a
+# checkpoint (under DDP every process stops at the same batch); before and after that, or at a second signal, the
+# handler stops at once. Either way the command ends with one line and the shell's status for the signal.
+
+_catcher: Any = None  # the Checkpoint whose training loop takes the next signal, if any
 
 
-def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
-    """The file --ckpt_path names: 'last' is the run's latest checkpoint in directory, which must exist."""
-    if ckpt_path == "best":
-        raise CheckpointError(
-            "--ckpt_path best needs a checkpoint that tracks a metric; pass 'last' or a checkpoint file"
-        )
-    if ckpt_path != "last":
-        return ckpt_path
-    if (newest := newest_checkpoint(directory)) is None:
-        last = directory / f"{Checkpoint.CHECKPOINT_NAME_LAST}{Checkpoint.FILE_EXTENSION}"
-        verb, hint = ("resume", "drop --ckpt_path to start a new run") if fitting else ("load", "run `fit` first")
-        raise CheckpointError(
-            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check {root_option})"
-        )
-    return str(newest)
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename in this directory durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _catcher is not None and _catcher.catch(signum):
         return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: io.BytesIO) -> None:
-    """data to a temporary file beside path, fsynced, then renamed over path: a complete file or none."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.part"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(directory)
-
-
-def link_atomically(source: str, target: str) -> None:
-    """target becomes a second name of source's file (a copy where hard links are not supported)."""
-    if os.path.exists(target) and os.path.samefile(source, target):  # a rename onto itself would leave tmp
-        return
-    tmp = f"{target}.part"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-    fsync_dir(os.path.dirname(target) or ".")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written atomically, and off the training thread.
-
-    A checkpoint is serialised on the caller's thread, a snapshot while training goes on; one writer thread
-    then writes it with write_atomically. Removals and links wait in the same queue behind the writes before
-    them, so an older file is never removed before its successor is complete. A kill at any instant leaves
-    complete files only. At most one write is in flight (a slow disk slows training down rather than piling up
-    snapshots), and a failed write is raised at the next save or at teardown.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._writer: ThreadPoolExecutor | None = None
-        self._write: Future | None = None
-        self._error: BaseException | None = None
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
-        self._raise_error()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        future = self._writer.submit(fn, *args)
-        future.add_done_callback(self._record_error)
-        return future
-
-    def _record_error(self, future: Future) -> None:
-        if future.exception() is not None and self._error is None:
-            self._error = future.exception()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
-            self.flush()
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        if self._write is not None:
-            wait([self._write])
-        self._write = self._submit(write_atomically, os.fspath(path), buffer)
-
-    def remove_checkpoint(self, path: _PATH) -> None:
-        if not _is_local_file_protocol(path):
-            self.flush()
-            return super().remove_checkpoint(path)
-        self._submit(_remove, os.fspath(path))
-
-    def link(self, source: str, target: str) -> None:
-        self._submit(link_atomically, source, target)
-
-    def flush(self) -> None:
-        """Wait until every queued write, link and removal is on disk."""
-        if self._writer is not None:
-            self._writer.submit(lambda: None).result()
-        self._raise_error()
-
-    def teardown(self) -> None:
-        self.flush()
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+    newest = _catcher.newest_saved() if _catcher is not None else None
+    done = f"the newest checkpoint is {newest}" if newest else "nothing new was saved"
+    raise Interrupted(f"{signal.Signals(signum).name}: stopped at once; {done}", signum)
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files are never half-written and whose last.ckpt resumes a run exactly.
+    """ModelCheckpoint whose files are never half-written, never silently damaged, and resume a run exactly.
 
-    - Every file is written through AtomicCheckpointIO: a kill at any instant leaves the previous complete
-      file or the new one, never a torn one; a periodic file is complete before the older one is deleted.
+    - Every file is written through AtomicCheckpointIO (mnist_lit.storage): sealed with a digest, written to a
+      temporary name, fsynced and renamed; an older file is removed only after its successor is on disk.
+    - last.ckpt is a second copy of the newest periodic file (its own inode): one damaged file never takes the
+      run's only checkpoint with it.
     - The checkpoint carries the torch RNG state (dropout's randomness) and, through the train loader, the
       position in the epoch, so a resumed run continues bit for bit on the same hardware.
-    - Ctrl-C or SIGTERM during fit finishes the current batch, saves last.ckpt and stops.
+    - Whatever ends training early (Ctrl-C or SIGTERM, max_steps, max_time, early stopping) saves last.ckpt at
+      that batch, mid-epoch position included, so a resume goes on from exactly there.
     - last.ckpt is also written when training ends, so `test --ckpt_path last` sees the final weights.
     """
 
@@ -289,7 +124,6 @@ class Checkpoint(ModelCheckpoint):
         )
         self._rng_to_restore: dict[str, Any] | None = None
         self._stop_signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
         self._last_write: tuple[int, str] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -300,37 +134,56 @@ class Checkpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
 
-    # --- atomic writes -------------------------------------------------------------------------------------
+    # --- saving ----------------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save, not
         # per step: a few microseconds and one device sync every 10 steps.
         if not bool(torch.stack([p.isfinite().all() for p in trainer.lightning_module.parameters()]).all()):
             raise Diverged(
-                f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is --model.lr"
-                " too high?); stopped without saving them: checkpoints written before keep the last finite weights"
+                f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is the"
+                " learning rate too high?); stopped without saving them: checkpoints written before keep the last"
+                " finite weights"
             )
         previous = self._last_write
         self._last_write = (trainer.global_step, filepath)
         if previous is None or previous[0] != trainer.global_step:
             super()._save_checkpoint(trainer, filepath)  # through AtomicCheckpointIO
             return
-        # last.ckpt right after the periodic file of the same step holds the same bytes: link them rather than
-        # serialise and write them again.
+        # last.ckpt right after the periodic file of the same step holds the same bytes: write the serialised
+        # snapshot a second time rather than collect and serialise it again.
         if trainer.is_global_zero:
             checkpoint_io = trainer.strategy.checkpoint_io
             if isinstance(checkpoint_io, AtomicCheckpointIO):
-                checkpoint_io.link(previous[1], filepath)
+                checkpoint_io.copy(previous[1], filepath)
             else:
-                link_atomically(previous[1], filepath)
-        trainer.strategy.barrier("Checkpoint.link")
+                trainer.strategy.save_checkpoint(torch.load(previous[1], weights_only=True), filepath)
+        trainer.strategy.barrier("Checkpoint.copy")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
+    def _save_now(self, trainer: Trainer) -> None:
+        """A checkpoint of this very step, unless there is one: last.ckpt, else a periodic file."""
+        if self._last_global_step_saved == trainer.global_step:
+            return
+        if self.save_last:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        elif self.save_top_k != 0:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def newest_saved(self) -> str | None:
+        return self._last_checkpoint_saved or (self.save_last and self.last_model_path) or None
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._disarm()
         if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._restore_signal_handlers()
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is not None and remaining <= 0 and trainer.is_global_zero:
+            saved = self.newest_saved()
+            where = f"; saved {saved}: resume with `fit --ckpt_path last`" if saved else ""
+            print(f"stopped by --trainer.max_time at step {trainer.global_step}{where}", file=sys.stderr)
 
     # --- exact resume: the RNG state rides in the checkpoint ------------------------------------------------
 
@@ -372,31 +225,32 @@ class Checkpoint(ModelCheckpoint):
             if "cuda" in self._rng_to_restore and pl_module.device.type == "cuda":
                 torch.cuda.set_rng_state(self._rng_to_restore["cuda"], pl_module.device)
             self._rng_to_restore = None
-        self._install_signal_handlers()
+        self._arm()
 
-    # --- Ctrl-C and SIGTERM: stop at the next batch boundary with a checkpoint ----------------------------
+    # --- stopping early: a signal or a limit, with a checkpoint of the step reached ----------------------------
 
-    def _install_signal_handlers(self) -> None:
+    def _arm(self) -> None:
+        global _catcher
         self._stop_signal = None
+        _catcher = self
 
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if self._stop_signal is not None:  # a second Ctrl-C: the user really wants out now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
+    def _disarm(self) -> None:
+        global _catcher
+        if _catcher is self:
+            _catcher = None
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread: leave signals to whoever owns them
-                return
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, previous in self._previous_handlers.items():
-            signal.signal(sig, previous)
-        self._previous_handlers = {}
+    def catch(self, signum: int) -> bool:
+        """Take a signal during training: True for the first (stop at the next batch), False for a second."""
+        if self._stop_signal is not None:
+            return False
+        self._stop_signal = signum
+        return True
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore_signal_handlers()
+        self._disarm()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._disarm()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -405,15 +259,15 @@ class Checkpoint(ModelCheckpoint):
         stop = self._stop_signal is not None
         if trainer.world_size > 1:  # every process must stop at the same batch
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        # Callbacks that end training (max_time's Timer, EarlyStopping) run before this one (Lightning puts
+        # checkpoint callbacks last): a stop they asked for is already set.
+        limit = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if stop or limit:
+            self._save_now(trainer)  # now, while the loop's state still says where in the epoch it is
         if not stop:
             return
-        if self._last_global_step_saved != trainer.global_step:
-            if self.save_last:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            elif self.save_top_k != 0:  # no last.ckpt wanted: a periodic file of this step then
-                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         signum = self._stop_signal or signal.SIGTERM  # another process got the signal
-        step, saved = trainer.global_step, self._last_checkpoint_saved or (self.save_last and self.last_model_path)
+        step, saved = trainer.global_step, self.newest_saved()
         if not saved:
             done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"
         elif self._last_global_step_saved == step:

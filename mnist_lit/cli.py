@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import inspect
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -15,26 +17,24 @@ from typing import Any, NoReturn
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from mnist_lit import __main__
+from mnist_lit import USAGE
 from mnist_lit.checkpoint import (
     Checkpoint,
-    CheckpointError,
     Diverged,
     Interrupted,
     check_resumable,
     check_weights,
-    checkpoint_dir,
-    load_checkpoint,
-    newest_checkpoint,
-    resolve,
+    install_signal_handlers,
 )
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.model import LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
+from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_checkpoint, newest_checkpoint, resolve
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -58,12 +58,35 @@ def share_cores(processes: int, workers: int) -> None:
 
 
 class SaveConfig(SaveConfigCallback):
+    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
+
     """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
     itself, where a config.yaml may well be the user's own."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._start_step: int | None = None
         if trainer.logger is not None:
             super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A run that failed before it trained a step (any failed validate, test or predict) leaves nothing worth
+        # a version folder: its config.yaml would only describe a run that never was.
+        if self._start_step is None or trainer.global_step == self._start_step:
+            self.discard(trainer)
+
+    def discard(self, trainer: Trainer) -> None:
+        """Remove the version folder this run created (and lightning_logs/ if that leaves it empty)."""
+        if not self.own_folder or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        if trainer.is_global_zero:
+            folder = trainer.logger.log_dir
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder))
+        self.own_folder = False
 
 
 class ConfigError(ValueError):
@@ -71,6 +94,15 @@ class ConfigError(ValueError):
 
 
 class MNISTCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lock: RunLock | None = None  # held for the whole fit: one run per checkpoint folder
+        self.resumed_step: int | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
     def instantiate_classes(self) -> None:
         # What Lightning raises here comes from the options given (a strategy or an accelerator this machine
         # lacks, devices it does not have): a user's error, not a program's.
@@ -95,6 +127,24 @@ class MNISTCLI(LightningCLI):
         ):
             if (value := trainer.get(name)) is not None and value < low:
                 raise ConfigError(f"--trainer.{name}: {value} is out of range; it must be {rule}")
+        # ... and values that make fit train nothing, then end as if it had succeeded
+        if self.subcommand == "fit":
+            for name, rule in (("max_epochs", ">= 1, or -1 for no limit"), ("max_steps", ">= 1, or -1 for no limit"),
+                               ("limit_train_batches", "> 0")):  # fmt: skip
+                if (value := trainer.get(name)) is not None and value == 0:
+                    raise ConfigError(f"--trainer.{name}: {value} trains nothing; it must be {rule}")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if self.resumed_step is not None and trainer.global_step == self.resumed_step and trainer.is_global_zero:
+            for callback in trainer.callbacks:
+                if isinstance(callback, SaveConfig):
+                    callback.discard(trainer)
+            raise CheckpointError(
+                f"nothing to train: {self.config.fit.ckpt_path} is at step {trainer.global_step}, epoch"
+                f" {trainer.current_epoch}, already at the run's limits (--trainer.max_epochs {trainer.max_epochs},"
+                f" --trainer.max_steps {trainer.max_steps}): raise them to train further"
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
@@ -111,6 +161,17 @@ class MNISTCLI(LightningCLI):
             callbacks.append(ProgressBar())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         share_cores(trainer.num_devices, self.datamodule.num_workers)
+        # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
+        # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
+        # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead. tests/test_signals.py checks that
+        # the attribute is still there.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
+            # The logger fixes its version folder here; one that is already there holds an earlier run's files.
+            new = not os.path.exists(trainer.logger.log_dir)
+            for callback in trainer.callbacks:
+                if isinstance(callback, SaveConfig):
+                    callback.own_folder = new
         return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
@@ -125,6 +186,10 @@ class MNISTCLI(LightningCLI):
         fitting = self.config.subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+        if fitting and rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0":
+            # Before the look for an earlier run: two fits started together must not both find none.
+            self.lock = RunLock(directory)
+            self.lock.acquire()
         earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
         if config.ckpt_path is None:
             if earlier is not None:
@@ -142,6 +207,7 @@ class MNISTCLI(LightningCLI):
             check_weights(config.ckpt_path, checkpoint, LitMNIST())
             if fitting:
                 check_resumable(config.ckpt_path, checkpoint)
+                self.resumed_step = checkpoint.get("global_step")
                 if earlier is not None and Path(config.ckpt_path).resolve().parent != directory.resolve():
                     raise CheckpointError(
                         f"{earlier} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
@@ -182,20 +248,32 @@ def _option_names() -> list[str]:
     return [*names, "--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only"]
 
 
+class PeerLost(RuntimeError):
+    """Another process of a DDP run stopped, so this one cannot go on."""
+
+
 def run_lightning(args: list[str] | None) -> None:
+    distributed = torch.distributed.is_available
     try:
         _run_lightning(args)
+    except RuntimeError as err:
+        # A collective with a process that died or stopped fails here (gloo: "Connection closed by peer").
+        if not (distributed() and torch.distributed.is_initialized()) or isinstance(err, (Diverged, CheckpointError)):
+            raise
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(err)))[:200]
+        raise PeerLost(f"another process of this DDP run stopped, so this one stops too ({cause})") from None
     finally:
         # Lightning leaves the DDP process group up; torn down at interpreter exit instead, gloo's threads can
         # abort the process ("terminate called without an active exception") after a successful run.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if distributed() and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group()
 
 
 def _run_lightning(args: list[str] | None) -> None:
     # no abbreviations: --trainer.max_epoch must not silently mean --trainer.max_epochs
     sub_kwargs = {"exit_on_error": False, "allow_abbrev": False}
-    parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": __main__.USAGE.split("\n\n")[1]}
+    parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": USAGE.split("\n\n")[1]}
     MNISTCLI(
         LitMNIST,
         MNISTDataModule,
@@ -243,13 +321,14 @@ def main(args: list[str] | None = None) -> None:
     # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['TrainingCurves'\]\.$")
     argv = sys.argv[1:] if args is None else list(args)
+    install_signal_handlers()
     try:
         if argv[:1] == ["export"]:
             run_export(argv[1:])
         else:
             run_lightning(args)
     # OSError: the machine's, not the program's: a full disk, a folder without write access
-    except (DataError, CheckpointError, Diverged, MisconfigurationException, OSError) as err:
+    except (DataError, CheckpointError, Diverged, PeerLost, MisconfigurationException, OSError) as err:
         sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {_explain(str(err))} (see --help)")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
-from mnist_lit.checkpoint import check_weights, load_checkpoint, write_atomically
+from mnist_lit.checkpoint import check_weights
 from mnist_lit.model import LitMNIST, Net
+from mnist_lit.storage import load_checkpoint, write_atomically
 
 ONNX_TOLERANCE = 1e-4
 
@@ -36,6 +38,8 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
         raise ExportError(f"cannot export to {output}: the extension must be .pth (the guide's state_dict) or .onnx")
     if output.is_dir():
         raise ExportError(f"cannot export to {output}: it is a folder; name a file")
+    if output.exists() and not output.is_file():
+        raise ExportError(f"cannot export to {output}: it exists and is not a regular file; name a file")
     net = net_from_checkpoint(ckpt_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".pth", ".pt"):
@@ -43,13 +47,12 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
         torch.save(net.state_dict(), buffer)
         write_atomically(str(output), buffer)
         return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
-    tmp = output.with_name(f".{output.name}.part")  # renamed over output once complete: never a half-written file
-    try:
-        difference = _write_onnx(net, tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Exported and checked in a scratch folder, then written over output atomically: a failed or killed export
+    # leaves output as it was and nothing beside it.
+    with tempfile.TemporaryDirectory(prefix="mnist_lit-export-") as scratch:
+        onnx_file = Path(scratch) / "model.onnx"
+        difference = _write_onnx(net, onnx_file)
+        write_atomically(str(output), io.BytesIO(onnx_file.read_bytes()))
     return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
 
 

@@ -6,7 +6,12 @@ MOMENT is where the process kills itself, N counts from 1:
   step    inside the training step that makes global step N (after the forward pass, before the update)
   write   while the N-th checkpoint file of this process is being written: half its bytes are on disk
   rename  after the N-th checkpoint file is complete and fsynced, before it replaces the previous one
-  link    before the N-th hard-linked last.ckpt replaces the previous one
+  link    before the N-th complete copy of last.ckpt replaces the previous one
+Or, instead of a SIGKILL of itself:
+  slow          every training step takes N milliseconds longer (a slow model, for time limits)
+  sanity-term   the process of rank N sends itself SIGTERM in its first sanity-check step
+  rank1-kill    the process of rank 1 is SIGKILLed inside training step N
+  rank1-int     the process of rank 1 gets SIGINT (Ctrl-C) inside training step N
 Nothing here is imported by mnist_lit: the hooks wrap the real functions the package calls.
 """
 
@@ -15,8 +20,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
-from mnist_lit import checkpoint
+from mnist_lit import storage
 from mnist_lit.cli import main
 from mnist_lit.model import LitMNIST
 
@@ -52,17 +58,45 @@ def plant(moment: str, n: int) -> None:
                 die()
             fsync(fd)
 
-        checkpoint.os.fsync = torn_fsync
+        storage.os.fsync = torn_fsync
     elif moment in ("rename", "link"):
         replace = os.replace
 
         def replace_or_die(src, dst):
-            linked = os.stat(src).st_nlink > 1
-            if linked == (moment == "link") and nth():
+            copy = os.path.basename(dst) == "last.ckpt"
+            if copy == (moment == "link") and nth():
                 die()
             return replace(src, dst)
 
-        checkpoint.os.replace = replace_or_die
+        storage.os.replace = replace_or_die
+    elif moment == "slow":
+        training_step = LitMNIST.training_step
+
+        def slow_step(self, batch, batch_idx):
+            time.sleep(n / 1000)
+            return training_step(self, batch, batch_idx)
+
+        LitMNIST.training_step = slow_step
+    elif moment == "sanity-term":
+        validation_step = LitMNIST.validation_step
+
+        def signalled_step(self, batch, batch_idx):
+            if self.trainer.sanity_checking and batch_idx == 0 and self.global_rank == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs at once; this is never reached if it stops the process
+            return validation_step(self, batch, batch_idx)
+
+        LitMNIST.validation_step = signalled_step
+    elif moment in ("rank1-kill", "rank1-int"):
+        training_step = LitMNIST.training_step
+        sig = signal.SIGKILL if moment == "rank1-kill" else signal.SIGINT
+
+        def rank1_step(self, batch, batch_idx):
+            if self.global_rank == 1 and self.global_step + 1 == n:
+                os.kill(os.getpid(), sig)
+            return training_step(self, batch, batch_idx)
+
+        LitMNIST.training_step = rank1_step
     else:
         sys.exit(f"unknown moment {moment}")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
 
-from mnist_lit.checkpoint import CheckpointError, load_checkpoint
+from mnist_lit.storage import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, cli_env, run_cli
 
-from mnist_lit.checkpoint import newest_checkpoint
+from mnist_lit.storage import newest_checkpoint
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
@@ -60,7 +60,7 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
         ("step", 5),  # mid-epoch, mid-step: last.ckpt is from step 3
         ("write", 2),  # halfway through writing a checkpoint file: the torn file is a .part, last.ckpt intact
         ("rename", 3),  # a complete new file not yet renamed over the old one
-        ("link", 2),  # last.ckpt linked to the newest periodic file, not yet renamed
+        ("link", 2),  # the copy that becomes last.ckpt complete, not yet renamed
         ("step", 20),  # resumed at an epoch's last batch, killed in the next epoch
         ("step", 26),
     ]
@@ -143,13 +143,39 @@ def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path,
     assert f"stopped at step {step} and saved {saved}" in stderr
 
 
-def test_ctrl_c_before_training_starts_is_one_line_and_writes_nothing(tmp_path, mnist_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_training_starts_is_one_line_and_writes_nothing(tmp_path, mnist_dir, sig):
     process = start_fit(tmp_path, *args(mnist_dir))
     time.sleep(0.5)  # still importing torch and Lightning
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "interrupted" and list(tmp_path.iterdir()) == []
+    assert process.returncode == 128 + sig and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines() == [f"{sig.name}: stopped at once; nothing new was saved"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_the_sanity_check_is_a_failure_status_not_success(tmp_path, mnist_dir):
+    result = run_cli("sanity-term", "0", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "SIGTERM: stopped at once; nothing new was saved"
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("stop", [["--trainer.max_steps", "13"], ["--trainer.max_time", "00:00:00:02"]])
+def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, reference, stop):
+    """max_steps or max_time stop a run in the middle of an epoch (step 13 of 27 lies in epoch 1, batch 4 of 9):
+    the rest of that epoch is trained on resume, and the run ends where an uninterrupted one does."""
+    slow = ["slow", "150"] if "--trainer.max_time" in stop else ["slow", "0"]  # 27 steps: 4 s, past the limit
+    result = run_cli(*slow, *args(mnist_dir), *stop, cwd=tmp_path, script=KILLPOINTS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < 27
+    if "--trainer.max_time" in stop:
+        assert f"stopped by --trainer.max_time at step {step}" in result.stderr
+    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
 
 
 def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_dir, reference):

@@ -1,0 +1,359 @@
+"""Checkpoint files on disk: written atomically and off the training thread, sealed with a digest, loaded safely,
+and one fit at a time per folder."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+
+LAST, EXTENSION = "last", ".ckpt"
+# The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
+DIGEST_KEY = "mnist_lit_sha256"
+LOCK_NAME = ".lock"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used or written; the message says which and why."""
+
+
+def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> Path:
+    """Where a run's checkpoints go: --checkpoint.dirpath, else <default_root_dir>/checkpoints."""
+    if dirpath is not None:
+        return Path(dirpath).expanduser()
+    return Path(default_root_dir or os.getcwd()).expanduser() / "checkpoints"
+
+
+# --- the digest -------------------------------------------------------------------------------------------------
+
+
+def digest(checkpoint: dict[str, Any]) -> str:
+    """sha256 of everything a checkpoint holds (tensors by dtype, shape and bytes; keys, numbers and strings by
+    value), whatever the digest key already holds. The same for the dict saved and the dict loaded back."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1).cpu()  # one layout whatever the memory format (channels_last)
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(flat.contiguous().view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(b"D%d" % len(value))
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"L%d" % len(value))
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def _load(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
+    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
+        if re.search(r"GLOBAL|reduce for|new object", str(err)):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
+                " code). Use a checkpoint written by mnist_lit"
+            ) from None
+        raise CheckpointError(unreadable) from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
+    except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
+        raise CheckpointError(unreadable) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    if "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no pytorch-lightning_version)")
+    if DIGEST_KEY in checkpoint and digest(checkpoint) != checkpoint[DIGEST_KEY]:
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it")
+    return checkpoint  # without a digest: written before checkpoints carried one, loaded as it is
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's verified contents. A damaged one is refused, naming the newest intact one beside it."""
+    try:
+        return _load(path)
+    except CheckpointError as err:
+        if "is damaged" not in str(err) and "may be truncated" not in str(err):
+            raise
+        intact = newest_intact(Path(path).parent, besides=Path(path))
+        hint = f"; the newest intact checkpoint beside it is {intact}: pass --ckpt_path {intact}" if intact else ""
+        raise CheckpointError(f"{err}{hint}") from None
+
+
+def newest_intact(directory: Path, besides: Path) -> Path | None:
+    """The newest checkpoint in directory, other than besides, that loads and matches its digest."""
+    candidates = sorted(_checkpoints(directory), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for candidate in candidates:
+        if candidate.resolve() == besides.resolve():
+            continue
+        with contextlib.suppress(CheckpointError, OSError):
+            _load(candidate)
+            return candidate
+    return None
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [p for p in directory.glob(f"*{EXTENSION}") if p.is_file()]
+    return []
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The run's latest checkpoint: last.ckpt, unless a periodic file is newer (a kill between the two writes,
+    or a last.ckpt that could not be written)."""
+    last = directory / f"{LAST}{EXTENSION}"
+    files = _checkpoints(directory)
+    newest = max(files, key=lambda p: (p.stat().st_mtime_ns, p == last), default=None)
+    if last.is_file() and newest is not None and newest.stat().st_mtime_ns <= last.stat().st_mtime_ns:
+        return last
+    return newest
+
+
+def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
+    """The file --ckpt_path names: 'last' is the run's latest checkpoint in directory, which must exist."""
+    if ckpt_path == "best":
+        raise CheckpointError(
+            "--ckpt_path best needs a checkpoint that tracks a metric; pass 'last' or a checkpoint file"
+        )
+    if ckpt_path != LAST:
+        return ckpt_path
+    if (newest := newest_checkpoint(directory)) is None:
+        last = directory / f"{LAST}{EXTENSION}"
+        if fitting:
+            hint = "drop --ckpt_path to start a new run"
+        else:
+            hint = "no fit saved a checkpoint in this root: run `fit` (with checkpointing on)"
+        verb = "resume" if fitting else "load"
+        raise CheckpointError(
+            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check {root_option})"
+        )
+    return str(newest)
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in this directory durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, data: io.BytesIO, tmp: str | None = None) -> None:
+    """data to a temporary file beside path, fsynced, then renamed over path: a complete file or none.
+
+    Only a regular file (or nothing) is replaced: a device or a folder there is refused; through a symbolic link
+    the file it points to is replaced.
+    """
+    path = os.path.realpath(path) if os.path.islink(path) else path
+    directory = os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"refusing to write {path}: it exists and is not a regular file")
+    os.makedirs(directory, exist_ok=True)
+    tmp = tmp or f"{path}.part"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def _copy_file(target: str, source: str) -> None:
+    write_atomically(target, io.BytesIO(Path(source).read_bytes()))
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written atomically, sealed with a digest, and off the training thread.
+
+    A checkpoint is sealed and serialised on the caller's thread (a snapshot while training goes on); one writer
+    thread then writes it with write_atomically. Removals wait in the same queue behind the writes before them,
+    and once a write fails nothing queued after it runs: an older file is never removed unless its successor is
+    complete on disk. A kill at any instant leaves complete files only. At most one write is in flight (a slow
+    disk slows training down rather than piling up snapshots), and a failed write is raised at the next save or
+    at teardown, naming the file and the cause.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writer: ThreadPoolExecutor | None = None
+        self._write: Future | None = None
+        self._error: BaseException | None = None
+        self._latest: tuple[str, io.BytesIO] | None = None
+        self._failed: Path | None = None
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
+        self._raise_error()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        return self._writer.submit(self._run, fn, *args)
+
+    def _run(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._error is not None:  # a write before this failed: keep every older file as it is
+            return
+        try:
+            fn(*args)
+        except OSError as err:
+            self._error = CheckpointError(f"could not write checkpoint {args[0]}: {err.strerror or err}")
+            self._failed = Path(args[0])
+        except BaseException as err:
+            self._error = err
+
+    def _raise_error(self) -> None:
+        if self._error is None:
+            return
+        error, self._error = self._error, None
+        if isinstance(error, CheckpointError) and self._failed is not None:
+            if kept := newest_intact(self._failed.parent, besides=self._failed):
+                error = CheckpointError(f"{error}; the checkpoints written before it are intact (newest: {kept})")
+            else:
+                error = CheckpointError(f"{error}; no checkpoint of this run reached the disk")
+        raise error
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        checkpoint[DIGEST_KEY] = digest(checkpoint)
+        if storage_options is not None or not _is_local_file_protocol(path):
+            self.flush()
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        if self._write is not None:
+            wait([self._write])
+        self._latest = (os.fspath(path), buffer)
+        self._write = self._submit(write_atomically, os.fspath(path), buffer)
+
+    def copy(self, source: str, target: str) -> None:
+        """target becomes a second, independent copy of the checkpoint just saved as source: its own inode, so
+        damage to one file (a truncation, bit rot) leaves the other intact."""
+        if self._latest is not None and self._latest[0] == source:
+            self._write = self._submit(write_atomically, target, self._latest[1])
+        else:
+            self._write = self._submit(_copy_file, target, source)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        if not _is_local_file_protocol(path):
+            self.flush()
+            return super().remove_checkpoint(path)
+        self._submit(_remove, os.fspath(path))
+
+    def flush(self) -> None:
+        """Wait until every queued write and removal is on disk (or has failed)."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()
+        self._raise_error()
+
+    def teardown(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
+
+
+# --- one fit per folder -----------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive lock on a checkpoint folder, held while a fit writes there.
+
+    flock on <folder>/.lock: the OS releases it when the process ends, however it ends, so a killed run never
+    leaves a stale lock behind. The file holds the holder's PID, for the refusal message only.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / LOCK_NAME
+        self._created = not directory.exists()
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                self._clean_up()
+                who = f"PID {holder}" if holder.isdigit() else "another process"
+                raise CheckpointError(
+                    f"{self.directory} is in use by another fit ({who}): wait for it to end, or give this run its own"
+                    " --trainer.default_root_dir"
+                ) from None
+            # The holder before us may have removed the file between our open and our lock: lock the file that is
+            # there now, not an orphan.
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still holding the lock: see acquire
+        os.close(self._fd)
+        self._fd = None
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        """A folder this run created and left empty goes again: a refused or failed run leaves nothing."""
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
