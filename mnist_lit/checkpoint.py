@@ -256,9 +256,10 @@ class Checkpoint(ModelCheckpoint):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        stop = self._stop_signal is not None
-        if trainer.world_size > 1:  # every process must stop at the same batch
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        signum = self._stop_signal or 0
+        if trainer.world_size > 1:  # every process stops at the same batch, each naming the signal one of them got
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        stop = signum != 0
         # Callbacks that end training (max_time's Timer, EarlyStopping) run before this one (Lightning puts
         # checkpoint callbacks last): a stop they asked for is already set.
         limit = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
@@ -266,7 +267,6 @@ class Checkpoint(ModelCheckpoint):
             self._save_now(trainer)  # now, while the loop's state still says where in the epoch it is
         if not stop:
             return
-        signum = self._stop_signal or signal.SIGTERM  # another process got the signal
         step, saved = trainer.global_step, self.newest_saved()
         if not saved:
             done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"

@@ -59,12 +59,12 @@ def share_cores(processes: int, workers: int) -> None:
 
 class SaveConfig(SaveConfigCallback):
     own_folder = False  # whether this run's version folder is new (set when the trainer is built)
+    _start_step: int | None = None  # the step training started from, once it has
 
     """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
     itself, where a config.yaml may well be the user's own."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._start_step: int | None = None
         if trainer.logger is not None:
             super().setup(trainer, pl_module, stage)
 
@@ -117,9 +117,9 @@ class MNISTCLI(LightningCLI):
             raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
         super()._set_seed()
 
-    def before_instantiate_classes(self) -> None:
+    def check_trainer_options(self) -> None:
         # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError
-        trainer = self._get(self.config, "trainer")
+        trainer = self.config[self.config.subcommand].trainer
         for name, low, rule in (
             ("accumulate_grad_batches", 1, ">= 1"),
             ("check_val_every_n_epoch", 1, ">= 1"),
@@ -128,7 +128,7 @@ class MNISTCLI(LightningCLI):
             if (value := trainer.get(name)) is not None and value < low:
                 raise ConfigError(f"--trainer.{name}: {value} is out of range; it must be {rule}")
         # ... and values that make fit train nothing, then end as if it had succeeded
-        if self.subcommand == "fit":
+        if self.config.subcommand == "fit":
             for name, rule in (("max_epochs", ">= 1, or -1 for no limit"), ("max_steps", ">= 1, or -1 for no limit"),
                                ("limit_train_batches", "> 0")):  # fmt: skip
                 if (value := trainer.get(name)) is not None and value == 0:
@@ -180,7 +180,8 @@ class MNISTCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve --ckpt_path (and check the file) before anything is built or written."""
+        """Check the options, resolve --ckpt_path (and check the file) before anything is built or written."""
+        self.check_trainer_options()
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = self.config.subcommand == "fit"

@@ -19,6 +19,9 @@ from mnist_lit.data import MEAN, STD, DataError
 BOX, FIELD = 20, 28
 # Ink is what stands out from the paper by more than this fraction of the darkest stroke.
 INK = 0.3
+# A pixel budget per image, checked before decoding: preparing an image costs about 20 bytes a pixel, so a tiny
+# file that declares 13000x13000 pixels would take 3 GB. 50 megapixels covers the photos of today's phones.
+MAX_PIXELS = 50_000_000
 
 
 def expand(path: str) -> list[Path]:
@@ -38,6 +41,9 @@ def expand(path: str) -> list[Path]:
 
 def prepare(image: Image.Image) -> Tensor:
     """Any photo or scan of one digit -> a normalised (1, 28, 28) tensor like MNIST's."""
+    if image.width * image.height > MAX_PIXELS:
+        megapixels = MAX_PIXELS // 1_000_000
+        raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {megapixels} megapixels")
     if image.mode in ("RGBA", "LA", "P"):
         # transparent background: paint it white, as paper
         rgba = image.convert("RGBA")

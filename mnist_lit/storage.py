@@ -116,14 +116,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def newest_intact(directory: Path, besides: Path) -> Path | None:
-    """The newest checkpoint in directory, other than besides, that loads and matches its digest."""
+    """The newest checkpoint in directory, other than besides, that loads and matches the digest it carries."""
     candidates = sorted(_checkpoints(directory), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for candidate in candidates:
         if candidate.resolve() == besides.resolve():
             continue
         with contextlib.suppress(CheckpointError, OSError):
-            _load(candidate)
-            return candidate
+            if DIGEST_KEY in _load(candidate):  # verified, not merely readable
+                return candidate
     return None
 
 

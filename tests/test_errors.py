@@ -7,14 +7,17 @@ import gzip
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
+from PIL import Image
 
-from mnist_lit.storage import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint
 
 
 class EvilShell:
@@ -64,6 +67,7 @@ def run_root(tmp_path_factory, mnist_dir):
     (bad / "other-run" / "checkpoints").mkdir(parents=True)
     (bad / "other-run" / "checkpoints" / "last.ckpt").write_bytes(good)
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint[DIGEST_KEY]  # the files made from it below are hand-made, as a user's own tools would make them
     torch.save({"state_dict": checkpoint["state_dict"]}, bad / "state-dict-only.ckpt")
     weights_only = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}
     torch.save(weights_only, bad / "weights-only.ckpt")
@@ -85,6 +89,16 @@ def run_root(tmp_path_factory, mnist_dir):
         }[how]
         path.write_bytes(damaged)
     (bad / "not-a-dir").write_text("x")
+    os.mkfifo(bad / "pipe.pth")  # a special file export must not replace
+    (bad / "no-ckpt-run").mkdir()  # a root whose fit ran with checkpointing off
+    result = run_cli(
+        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_steps", "2",
+        "--trainer.enable_checkpointing", "false", cwd=bad / "no-ckpt-run",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    huge = bad / "huge"
+    huge.mkdir()
+    Image.new("L", (13000, 13000), 255).save(huge / "blank-13000.png")  # ~200 KB on disk, 169 megapixels
     return root
 
 
@@ -157,6 +171,29 @@ CASES = {
     "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
     "export to a folder": (["export", "--ckpt_path", "last", "--output", "bad/folder.pth"], ["is a folder"]),
     "export without output": (["export", "--ckpt_path", "last"], ["--output"]),
+    "train for 0 epochs": (["fit", "--trainer.max_epochs", "0"], ["--trainer.max_epochs", "trains nothing"]),
+    "train for 0 steps": (["fit", "--trainer.max_steps", "0"], ["--trainer.max_steps", "trains nothing"]),
+    "train on 0 batches": (
+        ["fit", "--trainer.limit_train_batches", "0"],
+        ["--trainer.limit_train_batches", "trains nothing"],
+    ),
+    "resume a finished run with the same limits": (
+        ["fit", "--ckpt_path", "last", "--trainer.max_epochs", "1"],
+        ["nothing to train", "--trainer.max_epochs 1"],
+    ),
+    "test after a fit without checkpoints": (
+        ["test", "--ckpt_path", "last", "--trainer.default_root_dir", "bad/no-ckpt-run"],
+        ["no checkpoint to load", "checkpointing on"],
+    ),
+    "a second fit into a folder in use": (["fit", "--ckpt_path", "last"], ["is in use by another fit (PID 99999)"]),
+    "an image over the pixel budget": (
+        ["predict", "--ckpt_path", "last", "--data.predict_path", "bad/huge"],
+        ["no readable images"],
+    ),
+    "export over a special file": (
+        ["export", "--ckpt_path", "last", "--output", "bad/pipe.pth"],
+        ["not a regular file"],
+    ),
     "export without checkpoint": (
         ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
         ["no checkpoint", "--default_root_dir"],
@@ -164,13 +201,29 @@ CASES = {
 }
 
 
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"99999")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir, monkeypatch):
+def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir, monkeypatch, request):
     args, needles = CASES[case]
     if args[0] in ("fit", "validate", "test", "predict"):
         args = [args[0], *data(mnist_dir), *args[1:]]  # the case's own options come last and win
     monkeypatch.chdir(run_root)
     monkeypatch.setattr("sys.argv", ["mnist_lit"])
+    if case == "a second fit into a folder in use":  # another process holds the lock, as a running fit does
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(run_root / "checkpoints" / ".lock")], stdout=subprocess.PIPE
+        )
+        holder.stdout.readline()
+        request.addfinalizer(holder.kill)
     before = fingerprint(run_root)
     if torch.cuda.is_available() and case == "no GPU here":
         pytest.skip("this machine has a GPU")
@@ -184,6 +237,8 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
     assert {k: after[k] for k in before} == before  # nothing that was there changed or went
     assert not (run_root / "PWNED").exists()
     assert not list(run_root.rglob("*.part"))  # no half-written file left behind
+    assert sorted(p.name for p in (run_root / "lightning_logs").iterdir()) == ["version_0"]  # no empty log folders
+    assert (run_root / "bad" / "pipe.pth").is_fifo()
 
 
 def test_errors_reach_the_shell_as_one_line_and_a_failure_status(run_root, mnist_dir):
@@ -236,7 +291,7 @@ def test_empty_data_dir_without_network_fails_fast_and_clean(tmp_path):
 
 def test_a_diverged_run_stops_before_saving_non_finite_weights(tmp_path, mnist_dir, run_main):
     status, _, err = run_main("fit", *data(mnist_dir), "--model.lr", "1e6", "--trainer.max_epochs", "1", cwd=tmp_path)
-    assert status != 0 and "error: training diverged" in err and "--model.lr" in err, err[-2000:]
+    assert status != 0 and "error: training diverged" in err and "learning rate" in err, err[-2000:]
     for path in tmp_path.rglob("*.ckpt"):  # whatever was saved holds finite numbers
         weights = torch.load(path, weights_only=True)["state_dict"].values()
         assert all(bool(w.isfinite().all()) for w in weights), path
