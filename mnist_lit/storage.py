@@ -51,9 +51,10 @@ def digest(checkpoint: dict[str, Any]) -> str:
 
 def _feed(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        flat = value.detach().reshape(-1).cpu()  # one layout whatever the memory format (channels_last)
         h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        h.update(flat.contiguous().view(torch.uint8).numpy())
+        # contiguous: one layout whatever the memory format (channels_last); bytes as they are, whatever the dtype
+        tensor = value.detach().cpu().contiguous()
+        h.update(tensor.view(torch.uint8).numpy() if tensor.dim() else tensor.reshape(1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         h.update(b"D%d" % len(value))
         for key, item in value.items():
