@@ -221,3 +221,18 @@ def test_signal_handling_still_replaces_lightnings_own(tmp_path):
 
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
     assert callable(trainer._signal_connector.register_signal_handlers)
+
+
+@pytest.mark.slow
+def test_ddp_a_full_disk_ends_every_process_in_one_line_each(tmp_path, mnist_dir, trained):
+    size = (trained / "checkpoints" / "last.ckpt").stat().st_size
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        fill(disk, int(size * 2.5))
+        start = time.monotonic()
+        result = run_cli(*fit_args(mnist_dir, *DDP, "--trainer.max_epochs", "3", "--checkpoint.dirpath",
+                                   str(disk / "ckpts")), cwd=tmp_path, timeout=180)  # fmt: skip
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert time.monotonic() - start < 120
+        lines = error_lines(result.stderr)
+        assert any("No space left on device" in line for line in lines) and len(lines) <= 2, result.stderr[-3000:]
+        assert load_checkpoint(disk / "ckpts" / "last.ckpt")["global_step"] == 3

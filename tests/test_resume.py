@@ -188,3 +188,20 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_a_run_with_early_stopping_killed_and_resumed_stops_where_an_uninterrupted_one_does(tmp_path, mnist_dir):
+    # patience 1 and an improvement no epoch reaches: validation at the end of epoch 1 stops the run at step 18
+    early = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/loss",
+             "--trainer.callbacks.min_delta", "10", "--trainer.callbacks.patience", "1"]  # fmt: skip
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    result = run_cli(*args(mnist_dir, epochs=6), *early, cwd=whole)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
+    killed = run_cli("step", "14", *args(mnist_dir, epochs=6), *early, cwd=stopped, script=KILLPOINTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    result = run_cli(*args(mnist_dir, epochs=6), *early, "--ckpt_path", "last", cwd=stopped)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(stopped, whole)
