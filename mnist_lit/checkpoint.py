@@ -64,9 +64,9 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
 _catcher: Any = None  # the Checkpoint whose training loop takes the next signal, if any
 
 
-def install_signal_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+def install_signal_handlers() -> dict[int, Any]:
+    """Take over SIGINT and SIGTERM; return the handlers they had."""
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

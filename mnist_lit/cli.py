@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -58,11 +59,11 @@ def share_cores(processes: int, workers: int) -> None:
 
 
 class SaveConfig(SaveConfigCallback):
-    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
-    _start_step: int | None = None  # the step training started from, once it has
-
     """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
     itself, where a config.yaml may well be the user's own."""
+
+    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
+    _start_step: int | None = None  # the step training started from, once it has
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.logger is not None:
@@ -163,7 +164,7 @@ class MNISTCLI(LightningCLI):
         share_cores(trainer.num_devices, self.datamodule.num_workers)
         # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
         # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
-        # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead. tests/test_signals.py checks that
+        # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead; tests/test_faults.py checks that
         # the attribute is still there.
         trainer._signal_connector.register_signal_handlers = lambda: None
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
@@ -253,13 +254,17 @@ class PeerLost(RuntimeError):
     """Another process of a DDP run stopped, so this one cannot go on."""
 
 
+PEER_FAILURES = r"Connection closed by peer|Connection reset by peer|Broken pipe|gloo|NCCL|timed out"
+
+
 def run_lightning(args: list[str] | None) -> None:
     distributed = torch.distributed.is_available
     try:
         _run_lightning(args)
     except RuntimeError as err:
         # A collective with a process that died or stopped fails here (gloo: "Connection closed by peer").
-        if not (distributed() and torch.distributed.is_initialized()) or isinstance(err, (Diverged, CheckpointError)):
+        lost = isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, str(err))
+        if not (distributed() and torch.distributed.is_initialized() and lost):
             raise
         cause = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(err)))[:200]
         raise PeerLost(f"another process of this DDP run stopped, so this one stops too ({cause})") from None
@@ -322,7 +327,7 @@ def main(args: list[str] | None = None) -> None:
     # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['TrainingCurves'\]\.$")
     argv = sys.argv[1:] if args is None else list(args)
-    install_signal_handlers()
+    previous = install_signal_handlers()
     try:
         if argv[:1] == ["export"]:
             run_export(argv[1:])
@@ -343,3 +348,6 @@ def main(args: list[str] | None = None) -> None:
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
