@@ -266,7 +266,7 @@ def run_lightning(args: list[str] | None) -> None:
         lost = isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, str(err))
         if not (distributed() and torch.distributed.is_initialized() and lost):
             raise
-        cause = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(err)))[:200]
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(err))).split(". ")[0][:200]  # gloo's first sentence
         raise PeerLost(f"another process of this DDP run stopped, so this one stops too ({cause})") from None
     finally:
         # Lightning leaves the DDP process group up; torn down at interpreter exit instead, gloo's threads can
