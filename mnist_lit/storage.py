@@ -181,7 +181,7 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str, data: io.BytesIO, tmp: str | None = None) -> None:
+def write_atomically(path: str, data: io.BytesIO) -> None:
     """data to a temporary file beside path, fsynced, then renamed over path: a complete file or none.
 
     Only a regular file (or nothing) is replaced: a device or a folder there is refused; through a symbolic link
@@ -192,7 +192,7 @@ def write_atomically(path: str, data: io.BytesIO, tmp: str | None = None) -> Non
     if os.path.exists(path) and not os.path.isfile(path):
         raise CheckpointError(f"refusing to write {path}: it exists and is not a regular file")
     os.makedirs(directory, exist_ok=True)
-    tmp = tmp or f"{path}.part"
+    tmp = f"{path}.part"
     try:
         with open(tmp, "wb") as f:
             f.write(data.getbuffer())
