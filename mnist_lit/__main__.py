@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 USAGE = """\
-usage: python -m mnist_lit {fit,validate,test,predict,export} [options]
+usage: python -m mnist_lit {fit,validate,test,predict,export,serve} [options]
 
 Train and use the guide's MNIST model (Grokking PyTorch) with PyTorch Lightning.
 
@@ -15,6 +15,7 @@ subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
   test       Evaluate on the 10k test set; --ckpt_path last tests the last fit's weights.
   predict    Classify your own digit images: --ckpt_path last --data.predict_path PATH.
   export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
+  serve      Serve it over HTTP: a page to draw digits on, POST /predict (--ckpt_path last).
 
 Options come from config files and flags: --config configs/smoke.yaml --model.lr 0.05 --print_config."""
 
