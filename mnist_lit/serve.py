@@ -8,6 +8,7 @@ import binascii
 import io
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -49,11 +50,18 @@ def load_net(ckpt_path: str) -> Net:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_path} does not exist") from None
-    except Exception as err:  # weights_only's refusal of pickled code, a truncated file, a folder, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{ckpt_path} is not a state_dict that `export` wrote ({first})") from None
-    if not isinstance(state, dict) or "state_dict" in state:
-        raise CheckpointError(f"{ckpt_path} is not a state_dict that `export` wrote; pass a .ckpt as a .ckpt")
+    except IsADirectoryError:
+        raise CheckpointError(f"{ckpt_path} is a folder, not a .pth file") from None
+    except pickle.UnpicklingError:  # pickled code or objects, or bytes that are no pickle at all
+        raise CheckpointError(
+            f"{ckpt_path} is not a state_dict of tensors (torch's weights_only loader refused it)"
+        ) from None
+    except Exception as err:  # a truncated file, another format: torch raises many kinds
+        raise CheckpointError(f"{ckpt_path} is not a readable .pth file ({type(err).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        raise CheckpointError(f"{ckpt_path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_path} is not a state_dict (it holds a {type(state).__name__})")
     net = Net()
     check_weights(ckpt_path, {"state_dict": state}, net)
     net.load_state_dict(state, strict=True)

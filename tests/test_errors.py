@@ -73,6 +73,7 @@ def run_root(tmp_path_factory, mnist_dir):
     }
     torch.save(nan, bad / "nan.ckpt")
     (bad / "folder.pth").mkdir()
+    torch.save({"conv1.weight": torch.zeros(10, 1, 5, 5), "payload": Evil(root / "PWNED")}, bad / "evil.pth")
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     for how in ("truncated-gz", "short", "magic"):
         folder = write_mnist(bad / f"data-{how}", train=200, test=50)
@@ -157,6 +158,19 @@ CASES = {
     "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
     "export to a folder": (["export", "--ckpt_path", "last", "--output", "bad/folder.pth"], ["is a folder"]),
     "export without output": (["export", "--ckpt_path", "last"], ["--output"]),
+    "serve without a checkpoint": (["serve"], ["serve needs trained weights", "--ckpt_path"]),
+    "serve from an empty root": (
+        ["serve", "--ckpt_path", "last", "--trainer.default_root_dir", "bad"],
+        ["no checkpoint", "--trainer.default_root_dir"],
+    ),
+    "serve a pickled payload": (["serve", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load"]),
+    "serve a pickled .pth": (["serve", "--ckpt_path", "bad/evil.pth"], ["evil.pth", "weights_only loader refused"]),
+    "serve a .pth of another model": (["serve", "--ckpt_path", "bad/model.pth"], ["another model"]),
+    "serve a folder": (["serve", "--ckpt_path", "bad/folder.pth"], ["is a folder"]),
+    "serve weights of nan": (["serve", "--ckpt_path", "bad/nan.ckpt"], ["finite numbers"]),
+    "serve on a privileged port": (["serve", "--ckpt_path", "last", "--port", "80"], ["--port", "80", ">= 1024"]),
+    "serve on another address": (["serve", "--ckpt_path", "last", "--host", "10.1.2.3"], ["--host", "10.1.2.3"]),
+    "serve batches of 0": (["serve", "--ckpt_path", "last", "--max_batch_size", "0"], ["--max_batch_size", ">= 1"]),
     "export without checkpoint": (
         ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
         ["no checkpoint", "--default_root_dir"],
