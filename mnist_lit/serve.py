@@ -107,7 +107,8 @@ class DigitAPI(ls.LitAPI):
         self.net = net
 
     def setup(self, device: str) -> None:
-        torch.set_num_threads(1)  # one image at a time costs less than a thread hand-off; the HTTP side needs a core
+        # Measured on the 2-core machine, busy: a forward pass took 0.25 ms on one thread, 13 ms on two.
+        torch.set_num_threads(1)
         Image.MAX_IMAGE_PIXELS = None  # read_image checks the size itself, before decoding, against a lower limit
         # The main process stops this one (SIGTERM) on Ctrl-C; Ctrl-C itself, sent to the whole process group,
         # would interrupt it inside LitServe's queue read and print a traceback.
@@ -115,8 +116,9 @@ class DigitAPI(ls.LitAPI):
         self.net.to(device)
 
     def decode_request(self, request: Request) -> Tensor | Refused:
+        # Annotated Request, LitServe parses the body as JSON and hands over that dict
         try:
-            return read_image(request)  # LitServe hands over the parsed JSON body, not the Request
+            return read_image(request)
         except Refused as refused:
             return refused
 

@@ -1,11 +1,13 @@
 """Load on `python -m mnist_lit serve`: concurrent clients on loopback posting real MNIST test digits as PNGs.
 
-Starts the server once with batching off (--max_batch_size 1) and once with the defaults (batching on), runs
+Starts the server with batching off (the default) and on (--max_batch_size 16), in turn, ROUNDS times; runs
 CLIENTS connections that each post one image at a time, back to back, for SECONDS seconds or REQUESTS requests in
 all (whichever comes first), and prints requests/s, p50 and p99 latency and the errors. Then times `predict` on
-the same images written as files. A benchmark, not a test: the machine is shared, so its figures vary.
+the same images written as files (the whole command, start-up included). A benchmark, not a test: the machine
+is shared, so its figures vary.
 
     python tests/load_serve.py [--ckpt_path PATH] [--data_dir ../shared/mnist] [--clients 16] [--seconds 10]
+                               [--rounds 3]
 
 Without --ckpt_path it trains a checkpoint for 50 steps first (the speed of serving does not depend on how
 well the weights read digits). The clients are asyncio streams speaking HTTP/1.1 keep-alive, so that the
@@ -109,6 +111,7 @@ def report(name: str, results: list, wall: float) -> None:
 
 
 def measure(name: str, ckpt_path: str, options: list[str], bodies: list[bytes], args: argparse.Namespace) -> None:
+    """One run: a fresh server, a second of warm-up, then the measured load."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = start(ckpt_path, port, options, Path(tmp) / "server.log")
@@ -123,11 +126,11 @@ def measure(name: str, ckpt_path: str, options: list[str], bodies: list[bytes], 
 
 
 def predict_rate(ckpt_path: str, pngs: list[bytes]) -> None:
-    """`predict` on the same images as files: (time for all - time for a tenth) / the images in between, so the
-    start-up (imports, the checkpoint) cancels out."""
+    """`predict` on the same images as files, and on a tenth of them: the whole command's time, start-up included
+    (the tenth shows how much of it start-up is)."""
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for count in (len(pngs) // 10, len(pngs)):
+        for count in (len(pngs), len(pngs) // 10):
             folder = Path(tmp) / f"digits{count}"
             folder.mkdir()
             for i, png in enumerate(pngs[:count]):
@@ -137,9 +140,11 @@ def predict_rate(ckpt_path: str, pngs: list[bytes]) -> None:
             began = time.perf_counter()
             subprocess.run([*command, *options], cwd=tmp, env=env(), check=True, capture_output=True)
             times[count] = time.perf_counter() - began
-    small, big = sorted(times)
-    rate = (big - small) / (times[big] - times[small])
-    print(f"{'predict (same images as files)':<34} {rate:7.0f} images/s (whole command: {big} in {times[big]:.1f} s)")
+    big, small = times
+    print(
+        f"{'predict, the same images as files':<34} {big / times[big]:7.0f} images/s   ({big} files in"
+        f" {times[big]:.1f} s, start-up included; {small} files take {times[small]:.1f} s)"
+    )
 
 
 def main() -> None:
@@ -150,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--requests", type=int, default=20000, help="at most this many per run")
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="serve options to measure instead, e.g. --only '--workers 2'")
     args = parser.parse_args()
     pngs = digits(args.data_dir, args.images)
@@ -167,8 +173,9 @@ def main() -> None:
             "serve, batching off (default)": [],
             "serve, batching on (16, 5 ms)": ["--max_batch_size", "16"],
         }  # fmt: skip
-        for name, options in runs.items():
-            measure(name, ckpt_path, options, bodies, args)
+        for _ in range(args.rounds):  # alternating, so that a busy spell on a shared machine hits every side
+            for name, options in runs.items():
+                measure(name, ckpt_path, options, bodies, args)
         if not args.only:
             predict_rate(ckpt_path, pngs)
 

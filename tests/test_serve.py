@@ -216,7 +216,10 @@ def test_one_log_line_per_request(server, mnist_dir):
     before = server.log.read_text().splitlines()
     server.predict(png(mnist_digits(mnist_dir, 1)[0]))
     server.post(b"", "application/json")
-    time.sleep(0.5)  # the log is written by another process
+    deadline = time.monotonic() + 10  # each line is written just after its response goes out
+    while len(new := server.log.read_text().splitlines()[len(before) :]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
     new = server.log.read_text().splitlines()[len(before) :]
     assert len(new) == 2 and new[0].startswith("127.0.0.1 POST /predict 200") and " 400 " in new[1], new
 
