@@ -346,3 +346,8 @@ def test_the_page_reads_digits_drawn_with_the_mouse_and_uploaded(reader, browser
     browser.find_element(By.ID, "file").send_keys(str(photo))
     WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "digit").text != "?")
     assert shown() == "7"
+    # A file that is not an image: the page shows the server's refusal, and no digit
+    (tmp_path / "notes.txt").write_text("not a digit")
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+    WebDriverWait(browser, 20).until(lambda b: "not an image" in b.find_element(By.ID, "status").text)
+    assert shown() == "?"
