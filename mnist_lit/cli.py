@@ -251,8 +251,8 @@ def run_serve(args: list[str]) -> None:
     parser.add_argument("--port", type=int, default=8000, help="1024 to 65535 (default: 8000).")
     parser.add_argument(
         "--max_batch_size", type=int, default=1,
-        help="Run up to this many waiting requests as one batch (default: 1, no batching: it won nothing on a"
-        " 2-core CPU, and a batching worker polls its queue even when idle).",
+        help="Run up to this many waiting requests as one batch (default: 1, no batching: it was not consistently"
+        " faster on a 2-core CPU, and a batching worker polls its queue even when idle).",
     )  # fmt: skip
     parser.add_argument(
         "--batch_timeout", type=float, default=0.005, help="Seconds a batch waits to fill (default: 0.005)."

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import pickle
 import signal
@@ -154,15 +155,16 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 0
+        start = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        client = (scope.get("client") or ("-",))[0]
 
         async def logged(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            if message["type"] == "http.response.start":  # logged before the answer leaves: in order with it
+                milliseconds = (time.perf_counter() - start) * 1e3
+                print(f"{client} {method} {path} {message['status']} {milliseconds:.1f} ms", file=sys.stderr)
             await send(message)
 
-        method, path = scope["method"], scope["path"]
         if method in ("GET", "HEAD") and path == "/":
             await Response(self.page, media_type="text/html; charset=utf-8")(scope, receive, logged)
         elif method == "POST" and path == "/predict":
@@ -173,8 +175,6 @@ class Gate:
                 await self.app(scope, replay(body_or_refusal, receive), logged)
         else:
             await self.app(scope, receive, logged)
-        client = (scope.get("client") or ("-",))[0]
-        print(f"{client} {method} {path} {status} {(time.perf_counter() - start) * 1e3:.1f} ms", file=sys.stderr)
 
     @staticmethod
     async def read(scope: Scope, receive: Receive) -> bytes | JSONResponse:
@@ -225,13 +225,19 @@ def serve(
     server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers, middlewares=[Gate])
     # LitServer stops its processes cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill) gets the same, here
     # only: the processes LitServer forks inherit the handler and must keep SIGTERM's default.
-    main = os.getpid()
+    main, stopping = os.getpid(), False
 
     def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
         if os.getpid() == main:
+            stopping = True
             raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
+    # LitServe's worker monitor, a thread here, polls the queue manager that stopping shuts down; when the two meet,
+    # it logs "Monitoring worker crashed" and a traceback, of a stop that went well.
+    logging.getLogger("litserve.server").addFilter(lambda r: not (stopping and r.getMessage().startswith("Monitoring")))
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     server.run(host=host, port=port, log_level="warning", generate_client_file=False)
