@@ -272,6 +272,9 @@ def run_serve(args: list[str]) -> None:
             raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
     if not 0 <= options.batch_timeout < 1:
         raise ConfigError(f"--batch_timeout: {options.batch_timeout} is out of range; it must be >= 0 and < 1")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(options.accelerator, True):  # LitServe would fail later, with a traceback
+        raise ConfigError(f"--accelerator {options.accelerator}: this machine has no such device")
     ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.root, None), fitting=False)
     try:
         from mnist_lit.serve import load_net, serve

@@ -170,6 +170,7 @@ CASES = {
     "serve weights of nan": (["serve", "--ckpt_path", "bad/nan.ckpt"], ["finite numbers"]),
     "serve on a privileged port": (["serve", "--ckpt_path", "last", "--port", "80"], ["--port", "80", ">= 1024"]),
     "serve on another address": (["serve", "--ckpt_path", "last", "--host", "10.1.2.3"], ["--host", "10.1.2.3"]),
+    "serve on a GPU": (["serve", "--ckpt_path", "last", "--accelerator", "cuda"], ["--accelerator cuda", "no such"]),
     "serve batches of 0": (["serve", "--ckpt_path", "last", "--max_batch_size", "0"], ["--max_batch_size", ">= 1"]),
     "export without checkpoint": (
         ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
@@ -186,7 +187,7 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
     monkeypatch.chdir(run_root)
     monkeypatch.setattr("sys.argv", ["mnist_lit"])
     before = fingerprint(run_root)
-    if torch.cuda.is_available() and case == "no GPU here":
+    if torch.cuda.is_available() and case in ("no GPU here", "serve on a GPU"):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exited:
         main(args)
