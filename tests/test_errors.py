@@ -77,6 +77,7 @@ def run_root(tmp_path_factory, mnist_dir):
     }
     torch.save(nan, bad / "nan.ckpt")
     (bad / "folder.pth").mkdir()
+    torch.save({"conv1.weight": torch.zeros(10, 1, 5, 5), "payload": Evil(root / "PWNED")}, bad / "evil.pth")
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     for how in ("truncated-gz", "short", "magic"):
         folder = write_mnist(bad / f"data-{how}", train=200, test=50)
@@ -194,6 +195,20 @@ CASES = {
         ["export", "--ckpt_path", "last", "--output", "bad/pipe.pth"],
         ["not a regular file"],
     ),
+    "serve without a checkpoint": (["serve"], ["serve needs trained weights", "--ckpt_path"]),
+    "serve from an empty root": (
+        ["serve", "--ckpt_path", "last", "--trainer.default_root_dir", "bad"],
+        ["no checkpoint", "--trainer.default_root_dir"],
+    ),
+    "serve a pickled payload": (["serve", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load"]),
+    "serve a pickled .pth": (["serve", "--ckpt_path", "bad/evil.pth"], ["evil.pth", "weights_only loader refused"]),
+    "serve a .pth of another model": (["serve", "--ckpt_path", "bad/model.pth"], ["another model"]),
+    "serve a folder": (["serve", "--ckpt_path", "bad/folder.pth"], ["is a folder"]),
+    "serve weights of nan": (["serve", "--ckpt_path", "bad/nan.ckpt"], ["finite numbers"]),
+    "serve on a privileged port": (["serve", "--ckpt_path", "last", "--port", "80"], ["--port", "80", ">= 1024"]),
+    "serve on another address": (["serve", "--ckpt_path", "last", "--host", "10.1.2.3"], ["--host", "10.1.2.3"]),
+    "serve on a GPU": (["serve", "--ckpt_path", "last", "--accelerator", "cuda"], ["--accelerator cuda", "no such"]),
+    "serve batches of 0": (["serve", "--ckpt_path", "last", "--max_batch_size", "0"], ["--max_batch_size", ">= 1"]),
     "export without checkpoint": (
         ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
         ["no checkpoint", "--default_root_dir"],
@@ -225,7 +240,7 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
         holder.stdout.readline()
         request.addfinalizer(holder.kill)
     before = fingerprint(run_root)
-    if torch.cuda.is_available() and case == "no GPU here":
+    if torch.cuda.is_available() and case in ("no GPU here", "serve on a GPU"):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exited:
         main(args)

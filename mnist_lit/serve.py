@@ -1,0 +1,244 @@
+"""Serve a trained Net with LitServe: POST /predict, GET /health, and a page at / to draw digits on."""
+
+# No `from __future__ import annotations`: LitServe reads decode_request's and encode_response's annotations
+# as objects to build its route, and a string there would break it.
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import Tensor
+
+from mnist_lit.checkpoint import check_weights
+from mnist_lit.export import net_from_checkpoint
+from mnist_lit.images import prepare
+from mnist_lit.model import Net
+from mnist_lit.storage import CheckpointError
+
+PAGE = Path(__file__).with_name("page.html")
+MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
+MAX_PIXELS = 4096 * 4096  # read from the image's header, before anything is decoded
+USAGE = 'send {"image": "<base64 of a PNG, JPEG or BMP>"} as application/json'
+
+
+class Refused(ValueError):
+    """A request answered with a 4xx status and {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def load_net(ckpt_path: str) -> Net:
+    """The Net in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict)."""
+    if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
+        return net_from_checkpoint(ckpt_path)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{ckpt_path} is a folder, not a .pth file") from None
+    except pickle.UnpicklingError:  # pickled code or objects, or bytes that are no pickle at all
+        raise CheckpointError(
+            f"{ckpt_path} is not a state_dict of tensors (torch's weights_only loader refused it)"
+        ) from None
+    except Exception as err:  # a truncated file, another format: torch raises many kinds
+        raise CheckpointError(f"{ckpt_path} is not a readable .pth file ({type(err).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        raise CheckpointError(f"{ckpt_path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_path} is not a state_dict (it holds a {type(state).__name__})")
+    net = Net()
+    check_weights(ckpt_path, {"state_dict": state}, net)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def read_image(request: dict[str, Any]) -> Tensor:
+    """The request's image, prepared exactly as `predict` prepares a file."""
+    data: str = request["image"]  # the Gate lets only {"image": str} through
+    if data.startswith("data:"):  # a data URL, as a browser's canvas.toDataURL() gives it
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused(400, f'"image" is not base64: {USAGE}') from None
+    if not raw:
+        raise Refused(400, f'"image" is empty: {USAGE}')
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+    except UnidentifiedImageError:
+        raise Refused(422, "not an image: send a PNG, JPEG or BMP") from None
+    if image.width * image.height > MAX_PIXELS:
+        size = f"{image.width}x{image.height}"
+        raise Refused(413, f"the image is {size} pixels; this server decodes at most {MAX_PIXELS} (4096x4096)")
+    try:
+        return prepare(ImageOps.exif_transpose(image))
+    except ValueError as err:  # prepare's "no digit found (the image is blank)"
+        raise Refused(422, str(err)) from None
+    except Exception as err:  # a header that opens over data that does not decode: Pillow raises many kinds
+        raise Refused(422, f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def refusal(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class DigitAPI(ls.LitAPI):
+    """The Net behind POST /predict. A refused image travels through batch and predict as its Refused, so that
+    one bad request in a batch fails only itself (LitServe fails a whole batch on an exception)."""
+
+    def __init__(self, net: Net, max_batch_size: int, batch_timeout: float) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+        self.net = net
+
+    def setup(self, device: str) -> None:
+        # Measured on the 2-core machine, busy: a forward pass took 0.25 ms on one thread, 13 ms on two.
+        torch.set_num_threads(1)
+        Image.MAX_IMAGE_PIXELS = None  # read_image checks the size itself, before decoding, against a lower limit
+        # The main process stops this one (SIGTERM) on Ctrl-C; Ctrl-C itself, sent to the whole process group,
+        # would interrupt it inside LitServe's queue read and print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.net.to(device)
+
+    def decode_request(self, request: Request) -> Tensor | Refused:
+        # Annotated Request, LitServe parses the body as JSON and hands over that dict
+        try:
+            return read_image(request)
+        except Refused as refused:
+            return refused
+
+    def batch(self, inputs: list[Tensor | Refused]) -> list[Tensor | Refused]:
+        return inputs
+
+    @torch.inference_mode()
+    def predict(self, x: Any) -> Any:
+        inputs = x if self.max_batch_size > 1 else [x]
+        images = [i for i in inputs if isinstance(i, Tensor)]
+        if images:
+            probabilities = iter(self.net(torch.stack(images).to(self.device)).exp().cpu())
+        outputs = [next(probabilities) if isinstance(i, Tensor) else i for i in inputs]
+        return outputs if self.max_batch_size > 1 else outputs[0]
+
+    def encode_response(self, output: Tensor | Refused) -> Response:
+        if isinstance(output, Refused):
+            return refusal(output.status, str(output))
+        probabilities = output.tolist()
+        digit = max(range(10), key=probabilities.__getitem__)
+        return JSONResponse({"digit": digit, "probability": probabilities[digit], "probabilities": probabilities})
+
+
+class Gate:
+    """ASGI middleware in front of LitServe's routes: the page at GET /, early refusal of a POST /predict whose
+    body cannot be a request (LitServe would answer a body that is not JSON with a 500), one log line a request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.page = PAGE.read_bytes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        client = (scope.get("client") or ("-",))[0]
+
+        async def logged(message: Message) -> None:
+            if message["type"] == "http.response.start":  # logged before the answer leaves: in order with it
+                milliseconds = (time.perf_counter() - start) * 1e3
+                print(f"{client} {method} {path} {message['status']} {milliseconds:.1f} ms", file=sys.stderr)
+            await send(message)
+
+        if method in ("GET", "HEAD") and path == "/":
+            await Response(self.page, media_type="text/html; charset=utf-8")(scope, receive, logged)
+        elif method == "POST" and path == "/predict":
+            body_or_refusal = await self.read(scope, receive)
+            if isinstance(body_or_refusal, Response):
+                await body_or_refusal(scope, receive, logged)
+            else:
+                await self.app(scope, replay(body_or_refusal, receive), logged)
+        else:
+            await self.app(scope, receive, logged)
+
+    @staticmethod
+    async def read(scope: Scope, receive: Receive) -> bytes | JSONResponse:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            return refusal(415, f"content type {headers.get('content-type', '(none)')!r}: {USAGE}")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:  # refused before a byte of it is read
+            return refusal(413, f"the body is {int(length)} bytes; this server takes at most {MAX_BODY}")
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY:
+                return refusal(413, f"the body is over {MAX_BODY} bytes, the most this server takes")
+            if not message.get("more_body"):
+                break
+        if not body:
+            return refusal(400, f"the body is empty: {USAGE}")
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return refusal(400, f"the body is not JSON: {USAGE}")
+        if not isinstance(request, dict) or not isinstance(request.get("image"), str):
+            return refusal(400, f'the JSON has no "image" string: {USAGE}')
+        return bytes(body)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """The body the Gate read, for the app behind it; then the client's own messages (a disconnect)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return again
+
+
+def serve(
+    net: Net, host: str, port: int, max_batch_size: int, batch_timeout: float, workers: int, accelerator: str
+) -> None:
+    """Run the server until Ctrl-C or SIGTERM."""
+    api = DigitAPI(net, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers, middlewares=[Gate])
+    # LitServer stops its processes cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill) gets the same, here
+    # only: the processes LitServer forks inherit the handler and must keep SIGTERM's default.
+    main, stopping = os.getpid(), False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if os.getpid() == main:
+            stopping = True
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    # LitServe's worker monitor, a thread here, polls the queue manager that stopping shuts down; when the two meet,
+    # it logs "Monitoring worker crashed" and a traceback, of a stop that went well.
+    logging.getLogger("litserve.server").addFilter(lambda r: not (stopping and r.getMessage().startswith("Monitoring")))
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run(host=host, port=port, log_level="warning", generate_client_file=False)

@@ -1,0 +1,361 @@
+"""serve: a real server on a free loopback port answers as `predict` does, refuses bad requests and keeps
+serving, stops cleanly; and its page, driven in headless Chromium, reads digits drawn with the mouse."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import http.client
+import io
+import itertools
+import json
+import math
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, SYNTHETIC, cli_env, run_cli
+from PIL import Image
+
+pytest.importorskip("litserve")
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python -m mnist_lit serve ARGS` as a user starts it, on a free loopback port; its log in a file."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = root / f"serve-{self.port}.log"
+        command = [sys.executable, "-m", "mnist_lit", "serve", *args, "--port", str(self.port)]
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, cwd=root, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while self.get("/health")[0] != 200:
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except ConnectionError:
+            return None, b""
+        finally:
+            connection.close()
+
+    def get(self, path: str) -> tuple[int | None, bytes]:
+        return self.request("GET", path)
+
+    def predict(self, image: bytes | str) -> tuple[int | None, dict]:
+        data = image if isinstance(image, str) else base64.b64encode(image).decode()
+        status, body = self.post(json.dumps({"image": data}).encode())
+        return status, json.loads(body)
+
+    def post(self, body: bytes, content_type: str = "application/json") -> tuple[int | None, bytes]:
+        return self.request("POST", "/predict", body, {"Content-Type": content_type})
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+def png(image: Image.Image, kind: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return buffer.getvalue()
+
+
+def mnist_digits(folder: Path, count: int) -> list[Image.Image]:
+    """The first `count` test digits of the (real or synthetic) MNIST files in folder."""
+    raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())[16:]
+    return [Image.frombytes("L", (28, 28), raw[i * 784 : (i + 1) * 784]) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir) -> Path:
+    root = tmp_path_factory.mktemp("served")
+    result = run_cli(
+        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    server = Server(trained, "--ckpt_path", "last")
+    yield server
+    server.stop()
+
+
+def same_as_predict(server: Server, images: dict[str, bytes], folder: Path, run_main) -> None:
+    """Each image posted to /predict gets the digit and the ten probabilities `predict` writes for its file."""
+    folder.mkdir()
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET,
+                                cwd=server.log.parent)  # fmt: skip
+    assert status == 0, err[-2000:]
+    csv_path = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Predictions: "))
+    expected = {Path(row["path"]).name: row for row in csv.DictReader(open(csv_path))}
+    assert expected.keys() == images.keys()
+    for name, data in images.items():
+        status, answer = server.predict(data)
+        assert status == 200, answer
+        row = expected[name]
+        assert answer["digit"] == int(row["digit"]), name
+        assert answer["probability"] == pytest.approx(float(row["probability"]), abs=1e-4)  # the CSV's 4 places
+        assert answer["probabilities"] == pytest.approx([float(row[f"p{d}"]) for d in range(10)], abs=1e-5), name
+
+
+def test_predict_answers_as_the_predict_command(server, mnist_dir, tmp_path, run_main):
+    digits = mnist_digits(mnist_dir, 6)
+    images = {f"{i}.png": png(image) for i, image in enumerate(digits)}
+    images["ink-on-paper.jpg"] = png(Image.eval(digits[0].resize((90, 90)), lambda v: 255 - v).convert("RGB"), "JPEG")
+    images["scan.bmp"] = png(digits[1].resize((56, 56)), "BMP")
+    same_as_predict(server, images, tmp_path / "digits", run_main)
+
+
+def test_real_mnist_digits_answer_as_the_predict_command(server, real_mnist, tmp_path, run_main):
+    images = {f"{i}.png": png(image) for i, image in enumerate(mnist_digits(real_mnist, 10))}
+    same_as_predict(server, images, tmp_path / "digits", run_main)
+
+
+def test_a_data_url_is_read_as_its_image(server, mnist_dir):
+    image = png(mnist_digits(mnist_dir, 1)[0])
+    plain, from_url = server.predict(image), server.predict("data:image/png;base64," + base64.b64encode(image).decode())
+    assert plain[0] == from_url[0] == 200 and plain[1] == from_url[1]
+
+
+def test_health_and_a_self_contained_page(server):
+    assert server.get("/health") == (200, b"ok")
+    status, page = server.get("/")
+    assert status == 200 and b"<canvas" in page and b'type="file"' in page
+    assert b"http://" not in page and b"https://" not in page and b"//cdn" not in page  # works offline
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds a few bytes of data: decoding it would fail, not finish."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\x00" * 64)
+    data = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    return b"\x89PNG\r\n\x1a\n" + chunk + data
+
+
+def as_json(data: bytes) -> bytes:
+    return json.dumps({"image": base64.b64encode(data).decode()}).encode()
+
+
+BAD_REQUESTS = {
+    # name: (body, content type, status, words the error must contain)
+    "empty body": (b"", "application/json", 400, "empty"),
+    "not JSON": (b"hello", "application/json", 400, "not JSON"),
+    "JSON without an image": (b'{"picture": "x"}', "application/json", 400, '"image"'),
+    "not base64": (b'{"image": "%%%"}', "application/json", 400, "base64"),
+    "not an image": (as_json(b"hello, I am text"), "application/json", 422, "not an image"),
+    "a PNG cut short": (as_json(png(Image.new("L", (64, 64), 90))[:60]), "application/json", 422, "not a readable"),
+    "blank drawing": (as_json(png(Image.new("RGB", (280, 280), "white"))), "application/json", 422, "blank"),
+    "20000x20000 PNG": (as_json(png_header(20000, 20000)), "application/json", 413, "20000x20000"),
+    "50 MB body": (b'{"image": "' + b"A" * (50 * 2**20) + b'"}', "application/json", 413, "bytes"),
+    "wrong content type": (b"x" * 100, "text/plain", 415, "content type"),
+    "raw PNG bytes": (png(Image.new("L", (28, 28))), "image/png", 415, "application/json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_gets_a_4xx_and_one_line_and_the_next_one_is_served(server, mnist_dir, case):
+    body, content_type, expected, needle = BAD_REQUESTS[case]
+    status, answer = server.post(body, content_type)
+    assert status == expected, answer
+    assert b"\n" not in answer.strip() and needle in json.loads(answer)["error"], answer
+    status, good = server.predict(png(mnist_digits(mnist_dir, 1)[0]))
+    assert status == 200 and 0 <= good["digit"] <= 9
+
+
+def test_a_body_without_a_length_is_cut_off_at_the_limit(server):
+    def chunks():
+        yield b'{"image": "'
+        for _ in range(50):
+            yield b"A" * 2**20
+        yield b'"}'
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/predict", chunks(), {"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "over" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_one_log_line_per_request(server, mnist_dir):
+    before = server.log.read_text().splitlines()
+    server.predict(png(mnist_digits(mnist_dir, 1)[0]))
+    server.post(b"", "application/json")
+    new = server.log.read_text().splitlines()[len(before) :]  # a request's line is written before its answer
+    assert len(new) == 2 and new[0].startswith("127.0.0.1 POST /predict 200") and " 400 " in new[1], new
+
+
+def test_a_pth_export_serves_the_same_net(trained, tmp_path):
+    from mnist_lit.export import export, net_from_checkpoint
+    from mnist_lit.serve import load_net
+
+    export(trained / "checkpoints" / "last.ckpt", tmp_path / "model.pth")
+    checkpoint, pth = net_from_checkpoint(trained / "checkpoints" / "last.ckpt"), load_net(str(tmp_path / "model.pth"))
+    assert all(
+        torch.equal(a, b) for a, b in zip(checkpoint.state_dict().values(), pth.state_dict().values(), strict=True)
+    )
+
+
+def test_a_port_in_use_is_a_one_line_error(trained, run_main):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        status, _, err = run_main("serve", "--ckpt_path", "last", "--port", port, cwd=trained)
+    assert status != 0 and err.strip().splitlines()[-1].startswith(
+        f"error: --port: cannot listen on 127.0.0.1 port {port}"
+    )
+
+
+def test_help_names_the_options(tmp_path, run_main):
+    status, out, _ = run_main("serve", "--help", cwd=tmp_path)
+    assert status == 0
+    for option in ("--ckpt_path", "--trainer.default_root_dir", "--host", "--port", "--max_batch_size", "--workers"):
+        assert option in out
+
+
+def running(pids: list[int]) -> list[int]:
+    """Those of pids that still run (zombies, finished but not yet reaped, do not count)."""
+    alive = []
+    for pid in pids:
+        try:
+            if "\tZ" not in Path(f"/proc/{pid}/status").read_text():
+                alive.append(pid)
+        except OSError:  # gone
+            pass
+    return alive
+
+
+def test_sigterm_stops_the_server_and_all_its_processes(server):
+    """Last in this file: it stops the module's server."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{server.process.pid}\n" in status.read_text():
+                children.append(int(status.parent.name))
+        except OSError:
+            pass
+    assert len(running(children)) >= 3, children  # LitServe's queue manager, inference worker and HTTP process
+    exit_status = server.stop(signal.SIGTERM)
+    log = server.log.read_text()
+    assert exit_status == 0 and "Traceback" not in log and log.rstrip().endswith("stopped"), (exit_status, log)
+    deadline = time.monotonic() + 10
+    while running(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(children), [Path(f"/proc/{pid}/cmdline").read_text() for pid in running(children)]
+    assert server.get("/health")[0] is None  # nothing listens on the port any more
+
+
+# The page, in a real browser. The model must really read digits: trained on the real MNIST for one epoch.
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None or not CHROMEDRIVER.exists():
+        pytest.skip("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,640"):
+        options.add_argument(argument)
+    from selenium.webdriver.chrome.service import Service
+
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory, real_mnist):
+    root = tmp_path_factory.mktemp("reader")
+    result = run_cli("fit", "--data.data_dir", str(real_mnist), *QUIET, "--trainer.max_epochs", "1", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    server = Server(root, "--ckpt_path", "last")
+    yield server
+    assert server.stop() == 0
+
+
+# Strokes in the 280x280 pad's pixels: a vertical stroke, a closed loop, a bar and a slanted stem.
+DRAWINGS = {
+    "1": [[(140, 50 + 9 * i) for i in range(21)]],
+    "0": [[(140 + 60 * math.sin(math.pi * i / 18), 140 - 90 * math.cos(math.pi * i / 18)) for i in range(38)]],
+    "7": [[(80 + 12 * i, 60) for i in range(11)] + [(200 - 6 * i, 60 + 16 * i) for i in range(1, 13)]],
+}
+
+
+@pytest.mark.slow
+def test_the_page_reads_digits_drawn_with_the_mouse_and_uploaded(reader, browser, tmp_path, real_mnist):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown() -> str:
+        WebDriverWait(browser, 20).until(
+            lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "no"
+        )
+        return browser.find_element(By.ID, "digit").text
+
+    browser.get(f"http://127.0.0.1:{reader.port}/")
+    pad = browser.find_element(By.ID, "pad")
+    for expected, strokes in DRAWINGS.items():
+        browser.find_element(By.ID, "clear").click()
+        assert shown() == "?"
+        for stroke in strokes:
+            points = [(round(x), round(y)) for x, y in stroke]
+            actions = ActionChains(browser, duration=10)  # real mouse events: down, moves, up
+            actions.move_to_element_with_offset(pad, points[0][0] - 140, points[0][1] - 140).click_and_hold()
+            for (x0, y0), (x1, y1) in itertools.pairwise(points):
+                actions.move_by_offset(x1 - x0, y1 - y0)
+            actions.release().perform()
+        assert shown() == expected
+        bars = [browser.find_element(By.ID, f"bar-{d}") for d in range(10)]
+        assert "top" in bars[int(expected)].get_attribute("class")
+        browser.save_screenshot(str(tmp_path / f"drawn-{expected}.png"))
+    shutil.copy(tmp_path / "drawn-7.png", "/tmp/serve-page.png")  # for a person to look at
+    # A photo of a digit through the file picker: the real test digit 7, as dark ink on light paper.
+    photo = tmp_path / "photo.jpg"
+    Image.eval(mnist_digits(real_mnist, 1)[0].resize((200, 200)), lambda v: 255 - v).save(photo)
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "digit").text != "?")
+    assert shown() == "7"
+    # A file that is not an image: the page shows the server's refusal, and no digit
+    (tmp_path / "notes.txt").write_text("not a digit")
+    browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+    WebDriverWait(browser, 20).until(lambda b: "not an image" in b.find_element(By.ID, "status").text)
+    assert shown() == "?"
