@@ -32,7 +32,7 @@ from mnist_lit.checkpoint import (
     newest_checkpoint,
     resolve,
 )
-from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
 from mnist_lit.model import LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 
@@ -119,12 +119,15 @@ class MNISTCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve --ckpt_path (and check the file) before anything is built or written."""
+        """Resolve --ckpt_path and --model.init_from (and check the files) before anything is built or written;
+        the data's dataset is the checkpoint's."""
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = self.config.subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+        if config.model.init_from is not None:
+            self._parse_init_from(config, directory)
         earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
         if config.ckpt_path is None:
             if earlier is not None:
@@ -147,7 +150,36 @@ class MNISTCLI(LightningCLI):
                         f"{earlier} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
                         " it in its own --trainer.default_root_dir, or here in an empty one"
                     )
+            recorded = recorded_dataset(checkpoint)
+            if config.data.dataset not in (None, recorded):
+                raise DataError(
+                    f"{config.ckpt_path} was trained on {DATASETS[recorded].title} ({recorded}), not on"
+                    f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
+                    " (the checkpoint's dataset is used)"
+                )
+            config.data.dataset = recorded
         super()._parse_ckpt_path()
+
+    def _parse_init_from(self, config: Any, directory: Path) -> None:
+        """--model.init_from as a checked file; the new run's dataset is that checkpoint's unless given."""
+        if config.ckpt_path is not None:
+            raise ConfigError(
+                "--model.init_from starts a new run from a checkpoint's weights and --ckpt_path continues one: pass"
+                " one of them"
+            )
+        source = checkpoint_dir(config.trainer.default_root_dir, None)
+        path = resolve(config.model.init_from, source, fitting=False)
+        if config.model.init_from == "last" and source.resolve() == directory.resolve():
+            raise CheckpointError(
+                f"--model.init_from last is {path}, in the folder this run's checkpoints would overwrite: give the"
+                " new run its own --checkpoint.dirpath, or pass init_from the file and use another"
+                " --trainer.default_root_dir"
+            )
+        checkpoint = load_checkpoint(path)
+        check_weights(path, checkpoint, LitMNIST())
+        config.model.init_from = path
+        if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
+            config.data.dataset = recorded_dataset(checkpoint)
 
 
 def _one_line(message: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mnist_lit.checkpoint import check_weights, load_checkpoint, write_atomically
+from mnist_lit.data import DATASETS, recorded_dataset
 from mnist_lit.model import LitMNIST, Net
 
 ONNX_TOLERANCE = 1e-4
@@ -37,12 +38,15 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
     if output.is_dir():
         raise ExportError(f"cannot export to {output}: it is a folder; name a file")
     net = net_from_checkpoint(ckpt_path)
+    known = DATASETS[recorded_dataset(load_checkpoint(ckpt_path))]
+    # The file holds weights only: a deployment must normalise its inputs as the training data was.
+    inputs = f"; inputs as {known.title}'s: 28x28, (pixel / 255 - {known.mean}) / {known.std}"
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".pth", ".pt"):
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
         write_atomically(str(output), buffer)
-        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
+        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})){inputs})"
     tmp = output.with_name(f".{output.name}.part")  # renamed over output once complete: never a half-written file
     try:
         difference = _write_onnx(net, tmp)
@@ -50,7 +54,7 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
+    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e}{inputs})"
 
 
 def _write_onnx(net: Net, path: Path) -> float:
