@@ -40,6 +40,16 @@ def image_folder(root: Path, per_class: int = 10, names: list[str] | None = None
     return root
 
 
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, mnist_dir):
+    """A short run on synthetic files that call themselves Fashion-MNIST (checksums off): its last.ckpt."""
+    root = tmp_path_factory.mktemp("fashion")
+    args = ["fit", "--data.dataset", "fashion_mnist", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+    result = run_cli(*args, "--trainer.max_epochs", "1", "--model.lr", "0.1", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "checkpoints" / "last.ckpt"
+
+
 # --- datasets by name -----------------------------------------------------------------------------------------
 
 
@@ -68,17 +78,8 @@ def test_mnist_files_given_as_fashion_mnist_are_named_as_mnist(real_mnist):
         dm.setup("test")
 
 
-@pytest.fixture(scope="module")
-def fashion_run(tmp_path_factory, mnist_dir):
-    """A short run on synthetic files that call themselves Fashion-MNIST (checksums off)."""
-    root = tmp_path_factory.mktemp("fashion")
-    args = ["fit", "--data.dataset", "fashion_mnist", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
-    result = run_cli(*args, "--trainer.max_epochs", "2", "--model.lr", "0.1", cwd=root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root
-
-
-def test_the_checkpoint_carries_the_dataset_to_test_and_predict(fashion_run, mnist_dir, tmp_path, run_main):
+def test_the_checkpoint_carries_the_dataset_to_test_and_predict(base_run, mnist_dir, tmp_path, run_main):
+    fashion_run = base_run.parent.parent
     data = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
     status, out, err = run_main("test", "--ckpt_path", "last", *data, cwd=fashion_run)  # no --data.dataset
     assert status == 0, err[-2000:]
@@ -219,68 +220,63 @@ def test_freeze_takes_the_nets_layers_out_of_the_optimizer():
 def finetune_args(image_dir: Path, init_from: str, *extra: str) -> list[str]:
     return [
         "fit", "--data.image_dir", str(image_dir), *QUIET, "--model.init_from", init_from,
-        "--model.freeze", "[conv1, conv2]", "--data.batch_size", "16", "--trainer.max_epochs", "3",
-        "--checkpoint.every_n_train_steps", "3", "--data.image_val_fraction", "0.1", "--data.image_test_fraction",
-        "0.3", *extra,
+        "--model.freeze", "[conv1, conv2]", "--model.lr", "0.05", "--data.batch_size", "16",
+        "--trainer.max_epochs", "10", "--checkpoint.every_n_train_steps", "10",
+        "--data.image_val_fraction", "0.1", "--data.image_test_fraction", "0.3", *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, mnist_dir):
-    root = tmp_path_factory.mktemp("base")
-    args = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1"]
-    result = run_cli(*args, "--model.lr", "0.1", cwd=root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
 def shifted(tmp_path_factory):
     """The synthetic digits in another style."""
-    return image_folder(tmp_path_factory.mktemp("framed"), per_class=10)
+    return image_folder(tmp_path_factory.mktemp("framed"), per_class=20)
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_finetuning_keeps_frozen_layers_bit_for_bit_and_starts_new_counters(base_run, shifted, tmp_path, run_main):
-    status, _, err = run_main(*finetune_args(shifted, str(base_run)), cwd=tmp_path)
-    assert status == 0, err[-2000:]
-    tuned = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, base_run, shifted):
+    """The base model fine-tuned on the framed style with conv1 and conv2 frozen."""
+    root = tmp_path_factory.mktemp("tuned")
+    result = run_cli(*finetune_args(shifted, str(base_run)), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_finetuning_keeps_frozen_layers_bit_for_bit_and_learns_the_new_style(tuned, base_run, shifted, run_main):
+    checkpoint = torch.load(tuned / "checkpoints" / "last.ckpt", weights_only=True)
     base = state(base_run)
     for name in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
-        a, b = tuned["state_dict"][f"net.{name}"], base[f"net.{name}"]
+        a, b = checkpoint["state_dict"][f"net.{name}"], base[f"net.{name}"]
         assert a.contiguous().numpy().tobytes() == b.contiguous().numpy().tobytes(), name
-    assert not torch.equal(tuned["state_dict"]["net.fc1.weight"], base["net.fc1.weight"])
-    assert tuned["global_step"] == 3 * 4  # 42 training images in batches of 16, 3 epochs: counted from 0
-    assert len(tuned["optimizer_states"][0]["state"]) == 4  # momentum for fc1 and fc2 only
-    assert "init_from" not in tuned["hyper_parameters"] and list(tuned["hyper_parameters"]["freeze"]) == [
-        "conv1",
-        "conv2",
-    ]
-    # the test split of the folder, with the checkpoint's dataset and frozen layers
-    split = ["--data.image_val_fraction", "0.1", "--data.image_test_fraction", "0.3"]
-    status, out, err = run_main(
-        "test", "--ckpt_path", "last", "--data.image_dir", str(shifted), *QUIET, *split, cwd=tmp_path
-    )
-    assert status == 0, err[-2000:]
-    assert "test/acc" in printed_metrics(out)
+    assert not torch.equal(checkpoint["state_dict"]["net.fc1.weight"], base["net.fc1.weight"])
+    assert checkpoint["global_step"] == 10 * 8  # 120 training images in batches of 16, 10 epochs: counted from 0
+    assert len(checkpoint["optimizer_states"][0]["state"]) == 4  # momentum for fc1 and fc2 only
+    assert "init_from" not in checkpoint["hyper_parameters"]
+    assert checkpoint["datamodule_hyper_parameters"]["dataset"] == "fashion_mnist"  # the base model's
+    assert list(checkpoint["hyper_parameters"]["freeze"]) == ["conv1", "conv2"]
+    # the folder's held-out test split, before and after (the dataset and frozen layers come with the checkpoint)
+    split = ["--data.image_val_fraction", "0.1", "--data.image_test_fraction", "0.3", *QUIET]
+    accuracy = {}
+    for name, ckpt in (("before", base_run), ("after", tuned / "checkpoints" / "last.ckpt")):
+        status, out, err = run_main(
+            "test", "--ckpt_path", str(ckpt), "--data.image_dir", str(shifted), *split, cwd=tuned
+        )
+        assert status == 0, err[-2000:]
+        accuracy[name] = printed_metrics(out)["test/acc"]
+    assert accuracy["after"] >= accuracy["before"] + 0.3, accuracy
 
 
-def test_a_killed_finetuning_run_resumes_exactly(base_run, shifted, tmp_path):
-    uninterrupted, killed = tmp_path / "a", tmp_path / "b"
-    for folder in (uninterrupted, killed):
-        folder.mkdir()
-    result = run_cli(*finetune_args(shifted, str(base_run)), cwd=uninterrupted)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("step", "7", *finetune_args(shifted, str(base_run)), cwd=killed, script=KILLPOINTS)
-    assert result.returncode != 0 and 0 < load_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] < 7
+def test_a_killed_finetuning_run_resumes_exactly(tuned, base_run, shifted, tmp_path, run_main):
+    result = run_cli("step", "25", *finetune_args(shifted, str(base_run)), cwd=tmp_path, script=KILLPOINTS)
+    assert result.returncode != 0 and 0 < load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] < 25
     resume = [a for a in finetune_args(shifted, str(base_run)) if a not in ("--model.init_from", str(base_run))]
-    result = run_cli(*resume, "--ckpt_path", "last", cwd=killed)
-    assert result.returncode == 0, result.stderr[-2000:]
-    x, y = (torch.load(f / "checkpoints" / "last.ckpt", weights_only=True) for f in (uninterrupted, killed))
-    assert x["global_step"] == y["global_step"] == 12
+    status, _, err = run_main(*resume, "--ckpt_path", "last", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    x, y = (torch.load(f / "checkpoints" / "last.ckpt", weights_only=True) for f in (tuned, tmp_path))
+    assert x["global_step"] == y["global_step"] == 80
     for key in x["state_dict"]:
         assert torch.equal(x["state_dict"][key], y["state_dict"][key]), key
     for s, t in zip(
