@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, printed_metrics, run_cli
+from conftest import QUIET, REAL_MNIST, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
 from PIL import Image
 
 from mnist_lit.checkpoint import load_checkpoint
-from mnist_lit.data import DATASETS, DataError, MNISTDataModule
+from mnist_lit.data import DATASETS, DataError, MNISTDataModule, parse_idx, read_idx
 from mnist_lit.images import read
 from mnist_lit.model import LitMNIST
 
@@ -293,3 +293,63 @@ def test_init_from_last_means_the_roots_newest_checkpoint(base_run, shifted, tmp
     tuned = state(tmp_path / "tuned" / "last.ckpt")
     assert torch.equal(tuned["net.conv2.weight"], state(base_run)["net.conv2.weight"])
     assert re.search(r"lightning_logs/version_\d+", str(list(root.glob("lightning_logs/*"))))
+
+
+# --- end to end on real files (slow) -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fashion_mnist_for_two_epochs_then_test_names_its_classes(tmp_path):
+    if not all((Path(FASHION.system_dirs[0]) / f"{name}.gz").is_file() for name in FASHION.files):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    recipe = ["--model.lr", "0.02", "--model.momentum", "0.9", "--data.val_size", "0"]
+    fit = run_cli("fit", "--data.dataset", "fashion_mnist", "--trainer.max_epochs", "2", *recipe, *QUIET, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *QUIET, cwd=tmp_path)  # the dataset comes with the checkpoint
+    assert test.returncode == 0, test.stderr[-2000:]
+    metrics = printed_metrics(test.stdout)
+    assert metrics["test/acc"] >= 0.85, test.stdout[-3000:]
+    assert {"test/acc_Trouser", "test/acc_Sneaker", "test/acc_Ankle_boot", "test/acc_T_shirt_top"} <= metrics.keys()
+    version = max(tmp_path.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert (version / "confusion.png").is_file() and (version / "mistakes.png").is_file()
+    print(f"Fashion-MNIST, 2 epochs: test/acc {metrics['test/acc']:.4f}")
+    refused = run_cli("test", "--ckpt_path", "last", "--data.dataset", "mnist", *QUIET, cwd=tmp_path)
+    assert_clean_error(refused, "was trained on Fashion-MNIST (fashion_mnist), not on MNIST")
+    if REAL_MNIST.is_dir():  # MNIST's own files, given as the data of a Fashion-MNIST model
+        refused = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(REAL_MNIST), *QUIET, cwd=tmp_path)
+        assert_clean_error(refused, "is MNIST's t10k-images-idx3-ubyte, but this run's dataset is Fashion-MNIST")
+
+
+@pytest.mark.slow
+def test_finetuning_an_mnist_model_on_sideways_scans_of_digits(tmp_path, real_mnist):
+    """A 1-epoch MNIST model reads digits scanned sideways (rotated 90 degrees) badly; fine-tuned on a few hundred
+    of them with conv1 and conv2 frozen, it reads held-out ones far better, its frozen layers unchanged."""
+    base = tmp_path / "base"
+    base.mkdir()
+    args = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", *args, "--trainer.max_epochs", "1", "--data.val_size", "0", cwd=base)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    images = parse_idx(read_idx(real_mnist / "t10k-images-idx3-ubyte.gz", True), Path("t10k"), 2051)
+    labels = parse_idx(read_idx(real_mnist / "t10k-labels-idx1-ubyte.gz", True), Path("t10k"), 2049)
+    for digit in range(10):
+        (tmp_path / "sideways" / str(digit)).mkdir(parents=True)
+        for i in (labels == digit).nonzero().flatten()[:60].tolist():  # 600 digits, 60 of each
+            image = Image.frombytes("L", (28, 28), images[i].numpy().tobytes()).rotate(90, expand=True)
+            image.save(tmp_path / "sideways" / str(digit) / f"{i:05d}.png")
+    folder = ["--data.image_dir", str(tmp_path / "sideways"), "--data.image_val_fraction", "0.1"]
+    folder += ["--data.image_test_fraction", "0.3", *QUIET]
+    tune = ["--model.init_from", str(base / "checkpoints" / "last.ckpt"), "--model.freeze", "[conv1, conv2]"]
+    fit = run_cli("fit", *folder, *tune, "--data.batch_size", "16", "--trainer.max_epochs", "10", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    accuracy = {}
+    for name, root in (("before", base), ("after", tmp_path)):
+        test = run_cli("test", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), *folder, cwd=tmp_path)
+        assert test.returncode == 0, test.stderr[-2000:]
+        accuracy[name] = printed_metrics(test.stdout)["test/acc"]
+    print(f"sideways digits, held-out 180: before {accuracy['before']:.4f}, after {accuracy['after']:.4f}")
+    assert accuracy["after"] >= accuracy["before"] + 0.3, accuracy
+    before, after = state(base / "checkpoints" / "last.ckpt"), state(tmp_path / "checkpoints" / "last.ckpt")
+    for name in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"):
+        assert (
+            before[f"net.{name}"].contiguous().numpy().tobytes() == after[f"net.{name}"].contiguous().numpy().tobytes()
+        )
