@@ -100,7 +100,10 @@ DOWNLOAD_TIMEOUT_S = 15
 
 def recorded_dataset(checkpoint: dict[str, Any]) -> str:
     """The dataset a checkpoint's run trained on (checkpoints from before datasets had names: MNIST)."""
-    return (checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("dataset") or DEFAULT
+    name = (checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("dataset") or DEFAULT
+    if name not in DATASETS:
+        raise DataError(f"the checkpoint was trained on a dataset named {name!r}, which this version does not know")
+    return name
 
 
 def find_files(data_dir: Path, dataset: str = DEFAULT) -> dict[str, Path]:
