@@ -359,8 +359,11 @@ class BatchLoader:
 
 
 class MNISTDataModule(LightningDataModule):
-    """An MNIST-format dataset from four IDX files (55k training, 5k validation held out of the 60k, the official
-    10k test), or a folder of your own labelled images split into training, validation and test."""
+    """An MNIST-format dataset, or a folder of your own labelled images, served from memory.
+
+    The dataset's four IDX files give 55k training images, 5k validation images held out of the 60k, and the
+    official 10k test set; a folder of images is split per class into training, validation and test.
+    """
 
     def __init__(
         self,
