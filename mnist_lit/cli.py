@@ -33,7 +33,7 @@ from mnist_lit.checkpoint import (
     check_weights,
     install_signal_handlers,
 )
-from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
 from mnist_lit.model import LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_checkpoint, newest_checkpoint, resolve
@@ -182,13 +182,16 @@ class MNISTCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
-        """Check the options, resolve --ckpt_path (and check the file) before anything is built or written."""
+        """Resolve --ckpt_path and --model.init_from (and check the files) before anything is built or written;
+        the data's dataset is the checkpoint's."""
         self.check_trainer_options()
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = self.config.subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+        if config.model.init_from is not None:
+            self._parse_init_from(config, directory)
         if fitting and rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0":
             # Before the look for an earlier run: two fits started together must not both find none.
             self.lock = RunLock(directory)
@@ -216,7 +219,36 @@ class MNISTCLI(LightningCLI):
                         f"{earlier} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
                         " it in its own --trainer.default_root_dir, or here in an empty one"
                     )
+            recorded = recorded_dataset(checkpoint)
+            if config.data.dataset not in (None, recorded):
+                raise DataError(
+                    f"{config.ckpt_path} was trained on {DATASETS[recorded].title} ({recorded}), not on"
+                    f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
+                    " (the checkpoint's dataset is used)"
+                )
+            config.data.dataset = recorded
         super()._parse_ckpt_path()
+
+    def _parse_init_from(self, config: Any, directory: Path) -> None:
+        """--model.init_from as a checked file; the new run's dataset is that checkpoint's unless given."""
+        if config.ckpt_path is not None:
+            raise ConfigError(
+                "--model.init_from starts a new run from a checkpoint's weights and --ckpt_path continues one: pass"
+                " one of them"
+            )
+        source = checkpoint_dir(config.trainer.default_root_dir, None)
+        path = resolve(config.model.init_from, source, fitting=False)
+        if config.model.init_from == "last" and source.resolve() == directory.resolve():
+            raise CheckpointError(
+                f"--model.init_from last is {path}, in the folder this run's checkpoints would overwrite: give the"
+                " new run its own --checkpoint.dirpath, or pass init_from the file and use another"
+                " --trainer.default_root_dir"
+            )
+        checkpoint = load_checkpoint(path)
+        check_weights(path, checkpoint, LitMNIST())
+        config.model.init_from = path
+        if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
+            config.data.dataset = recorded_dataset(checkpoint)
 
 
 def _one_line(message: str) -> str:
@@ -364,7 +396,7 @@ def run_serve(args: list[str]) -> None:
         from mnist_lit.serve import load_net, serve
     except ImportError as err:  # litserve is an optional extra
         raise ConfigError(f"serve needs {err.name}: pip install 'mnist-lit[serve]'") from None
-    net = load_net(ckpt_path)
+    net, dataset = load_net(ckpt_path)
     # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
     with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -374,7 +406,7 @@ def run_serve(args: list[str]) -> None:
             raise ConfigError(f"--port: cannot listen on {options.host} port {options.port}: {err.strerror}") from None
     url = f"http://{f'[{options.host}]' if ':' in options.host else options.host}:{options.port}/"
     print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
-    serve(net, options.host, options.port, options.max_batch_size, options.batch_timeout, options.workers,
+    serve(net, dataset, options.host, options.port, options.max_batch_size, options.batch_timeout, options.workers,
           options.accelerator)  # fmt: skip
     print("stopped", file=sys.stderr)
 

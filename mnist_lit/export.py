@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mnist_lit.checkpoint import check_weights
+from mnist_lit.data import DATASETS, recorded_dataset
 from mnist_lit.model import LitMNIST, Net
 from mnist_lit.storage import load_checkpoint, write_atomically
 
@@ -41,19 +42,22 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
     if output.exists() and not output.is_file():
         raise ExportError(f"cannot export to {output}: it exists and is not a regular file; name a file")
     net = net_from_checkpoint(ckpt_path)
+    known = DATASETS[recorded_dataset(load_checkpoint(ckpt_path))]
+    # The file holds weights only: a deployment must normalise its inputs as the training data was.
+    inputs = f"; inputs as {known.title}'s: 28x28, (pixel / 255 - {known.mean}) / {known.std}"
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".pth", ".pt"):
         buffer = io.BytesIO()
         torch.save(net.state_dict(), buffer)
         write_atomically(str(output), buffer)
-        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})))"
+        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})){inputs})"
     # Exported and checked in a scratch folder, then written over output atomically: a failed or killed export
     # leaves output as it was and nothing beside it.
     with tempfile.TemporaryDirectory(prefix="mnist_lit-export-") as scratch:
         onnx_file = Path(scratch) / "model.onnx"
         difference = _write_onnx(net, onnx_file)
         write_atomically(str(output), io.BytesIO(onnx_file.read_bytes()))
-    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e})"
+    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e}{inputs})"
 
 
 def _write_onnx(net: Net, path: Path) -> float:

@@ -1,9 +1,14 @@
-"""A person's own digit images, prepared the way MNIST's digits were, for predict."""
+"""A person's own images (files for predict, class folders for training), prepared the way MNIST's were.
+
+Nothing here knows a dataset: the normalisation and the item's size come from the caller (data.py's table).
+"""
 
 from __future__ import annotations
 
 import glob
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +18,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from mnist_lit.data import MEAN, STD, DataError
-
 # MNIST's recipe: the digit scaled into a 20x20 box, centred by its centre of mass in a 28x28 field.
 BOX, FIELD = 20, 28
 # Ink is what stands out from the paper by more than this fraction of the darkest stroke.
@@ -22,6 +25,11 @@ INK = 0.3
 # A pixel budget per image, checked before decoding: preparing an image costs about 20 bytes a pixel, so a tiny
 # file that declares 13000x13000 pixels would take 3 GB. 50 megapixels covers the photos of today's phones.
 MAX_PIXELS = 50_000_000
+UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError)
+
+
+class DataError(RuntimeError):
+    """A problem with the data that the user can fix; its message says how."""
 
 
 def expand(path: str) -> list[Path]:
@@ -39,8 +47,9 @@ def expand(path: str) -> list[Path]:
     return files
 
 
-def prepare(image: Image.Image) -> Tensor:
-    """Any photo or scan of one digit -> a normalised (1, 28, 28) tensor like MNIST's."""
+def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tensor:
+    """Any photo or scan of one digit (or item) -> a (1, 28, 28) tensor like the dataset's, normalised with the
+    dataset's mean and std; the item's longer side is scaled to box pixels (MNIST's digits: 20)."""
     if image.width * image.height > MAX_PIXELS:
         megapixels = MAX_PIXELS // 1_000_000
         raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {megapixels} megapixels")
@@ -66,7 +75,7 @@ def prepare(image: Image.Image) -> Tensor:
     rows, cols = (ink >= INK).any(1).nonzero(), (ink >= INK).any(0).nonzero()
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     height, width = ink.shape
-    scale = BOX / max(height, width)
+    scale = box / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     digit = to_pil_image(ink.unsqueeze(0)).resize(size, Image.Resampling.LANCZOS)
     digit = pil_to_tensor(digit)[0] / 255
@@ -77,14 +86,25 @@ def prepare(image: Image.Image) -> Tensor:
     left = min(max(round(FIELD / 2 - float(cx)), 0), FIELD - size[0])
     field = torch.zeros(FIELD, FIELD)
     field[top : top + size[1], left : left + size[0]] = digit
-    return ((field - MEAN) / STD).unsqueeze(0)
+    return ((field - mean) / std).unsqueeze(0)
+
+
+def read(path: Path, mean: float, std: float, box: int = BOX) -> Tensor:
+    """One image file, prepared; raises one of UNREADABLE (a ValueError for a blank image)."""
+    with Image.open(path) as image:
+        return prepare(ImageOps.exif_transpose(image), mean, std, box)
+
+
+def reason(err: Exception) -> str:
+    return "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
 
 
 class ImageFiles(Dataset):
     """The images a predict_path names. A file that is not a readable image is reported and skipped."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mean: float, std: float, box: int = BOX) -> None:
         self.paths = expand(path)
+        self.mean, self.std, self.box = mean, std, box
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,11 +112,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | None, str]:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
-                return prepare(ImageOps.exif_transpose(image)), str(path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-            reason = "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
-            print(f"skipped {path}: {reason}", file=sys.stderr)
+            return read(path, self.mean, self.std, self.box), str(path)
+        except UNREADABLE as err:
+            print(f"skipped {path}: {reason(err)}", file=sys.stderr)
             return None, str(path)
 
     @staticmethod
@@ -106,3 +124,56 @@ class ImageFiles(Dataset):
             return torch.empty(0, 1, FIELD, FIELD), []
         images, paths = zip(*readable, strict=True)
         return torch.stack(images), list(paths)
+
+
+def _key(name: str) -> str:
+    """A class name as a folder may spell it: "T-shirt/top", "t-shirt_top" and "Tshirt Top" are the same."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def class_folders(directory: Path, classes: Sequence[str]) -> dict[Path, int]:
+    """The class folders of an ImageFolder layout, each with the index of the class it names: a class name
+    (in any case, punctuation and spaces ignored) or the class's index (0 to 9)."""
+    option = f"--data.image_dir {directory}"
+    if not directory.is_dir():
+        raise DataError(f"{option}: no such folder")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{option}: no class folders in it (it needs one folder per class, e.g. {directory}/3/)")
+    index = {_key(name): i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    if unknown := [p.name for p in folders if _key(p.name) not in index]:
+        raise DataError(
+            f"{option}: class folder {', '.join(unknown)} matches none of the model's classes: {', '.join(classes)}"
+            f" (or their numbers 0 to {len(classes) - 1})"
+        )
+    found = {p: index[_key(p.name)] for p in folders}
+    seen: dict[int, Path] = {}
+    for folder, label in found.items():
+        if label in seen:
+            raise DataError(f"{option}: {seen[label].name} and {folder.name} are both class {classes[label]!r}")
+        seen[label] = folder
+    return found
+
+
+def read_class_folders(
+    directory: Path, classes: Sequence[str], mean: float, std: float, box: int = BOX
+) -> tuple[Tensor, Tensor, list[tuple[Path, str]]]:
+    """Every image under directory's class folders, prepared as predict prepares one: (images (N, 1, 28, 28),
+    labels (N,), the files skipped as unreadable with the reason). A class folder with no readable image is
+    an error."""
+    images, labels, skipped = [], [], []
+    for folder, label in class_folders(directory, classes).items():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"--data.image_dir {directory}: the class folder {folder.name} holds no files")
+        before = len(images)
+        for path in files:
+            try:
+                images.append(read(path, mean, std, box))
+            except UNREADABLE as err:
+                skipped.append((path, reason(err)))
+                continue
+            labels.append(label)
+        if len(images) == before:
+            raise DataError(f"--data.image_dir {directory}: the class folder {folder.name} holds no readable image")
+    return torch.stack(images), torch.tensor(labels), skipped

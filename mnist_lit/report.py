@@ -12,9 +12,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor
 
-from mnist_lit.data import MEAN, STD, DataError
+from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
 
 MAX_MISTAKES_SHOWN = 100
+
+
+def _dataset(trainer: Trainer) -> Known:
+    """The dataset whose classes and normalisation the run's data has."""
+    return DATASETS[getattr(trainer.datamodule, "dataset", DEFAULT)]
 
 
 class ProgressBar(TQDMProgressBar):
@@ -171,16 +176,17 @@ class TestReport(Callback):
         log_dir = trainer.log_dir  # on every process: under DDP it is a collective call
         if not trainer.is_global_zero or log_dir is None:
             return
-        confusion = pl_module.confusion
+        confusion, known = pl_module.confusion, _dataset(trainer)
         plt = _pyplot()
         paths = [_output_path(trainer, log_dir, name) for name in ("confusion.png", "mistakes.png")]
-        _save(_confusion_figure(plt, confusion), paths[0])
-        _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace())), paths[1])
-        print(f"Confusion matrix: {paths[0]}\nMisclassified digits: {paths[1]}")
+        _save(_confusion_figure(plt, confusion, known.classes), paths[0])
+        _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
+        print(f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}")
 
 
-def _confusion_figure(plt: Any, confusion: Tensor) -> Any:
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+def _confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> Any:
+    named = any(not name.isdigit() for name in classes)
+    fig, ax = plt.subplots(figsize=(8, 7) if named else (6.5, 5.5))
     shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
     ax.imshow(shown.sqrt().numpy(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
     for true in range(10):
@@ -191,21 +197,24 @@ def _confusion_figure(plt: Any, confusion: Tensor) -> Any:
                 ax.text(pred, true, str(count), ha="center", va="center", fontsize=8, color=color)
     accuracy = confusion.trace() / confusion.sum().clamp(min=1)
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(classes, rotation=45 if named else 0, ha="right" if named else "center")
+    ax.set_yticklabels(classes)
     ax.set_title(f"Test confusion matrix (accuracy {100 * accuracy:.2f}%)")
     return fig
 
 
-def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int) -> Any:
+def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int, known: Known) -> Any:
     columns = 10
     rows = max(1, -(-len(mistakes) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
-        ax.imshow((image * STD + MEAN).numpy(), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(f"{true} → {pred}", fontsize=9, color="C3")
+        ax.imshow((image * known.std + known.mean).numpy(), cmap="gray_r", vmin=0, vmax=1)
+        title = f"{known.classes[true]} → {known.classes[pred]}"
+        ax.set_title(title.replace(" → ", " →\n") if len(title) > 10 else title, fontsize=8, color="C3")
     shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
-    fig.suptitle(f"Misclassified test digits, true → predicted ({shown})")
+    fig.suptitle(f"Misclassified test images, true → predicted ({shown})")
     return fig
 
 
@@ -258,11 +267,15 @@ class PredictionWriter(Callback):
             return
         os.makedirs(log_dir, exist_ok=True)
         path = _output_path(trainer, log_dir, "predictions.csv")
+        classes = _dataset(trainer).classes
+        # MNIST's columns stay path, digit, probability, p0..p9; other datasets name the class, and p<i> is the
+        # probability of the i-th class
+        column = "digit" if all(name.isdigit() for name in classes) else "class"
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "digit", "probability", *(f"p{d}" for d in range(10))])
+            writer.writerow(["path", column, "probability", *(f"p{i}" for i in range(len(classes)))])
             for image_path, probs in rows:
-                digit = max(range(10), key=probs.__getitem__)
-                writer.writerow([image_path, digit, f"{probs[digit]:.4f}", *(f"{p:.6f}" for p in probs)])
-                print(f"{image_path}\t{digit}\t{probs[digit]:.4f}")
+                best = max(range(len(probs)), key=probs.__getitem__)
+                writer.writerow([image_path, classes[best], f"{probs[best]:.4f}", *(f"{p:.6f}" for p in probs)])
+                print(f"{image_path}\t{classes[best]}\t{probs[best]:.4f}")
         print(f"Predictions: {path}")

@@ -25,10 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
 from mnist_lit.checkpoint import check_weights
+from mnist_lit.data import DATASETS, DEFAULT, recorded_dataset
 from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
 from mnist_lit.model import Net
-from mnist_lit.storage import CheckpointError
+from mnist_lit.storage import CheckpointError, load_checkpoint
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
@@ -44,10 +45,11 @@ class Refused(ValueError):
         self.status = status
 
 
-def load_net(ckpt_path: str) -> Net:
-    """The Net in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict)."""
+def load_net(ckpt_path: str) -> tuple[Net, str]:
+    """The Net in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict), and the
+    dataset it was trained on: the checkpoint's; a .pth records none, and is taken for MNIST."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        return net_from_checkpoint(ckpt_path)
+        return net_from_checkpoint(ckpt_path), recorded_dataset(load_checkpoint(ckpt_path))
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -67,10 +69,10 @@ def load_net(ckpt_path: str) -> Net:
     net = Net()
     check_weights(ckpt_path, {"state_dict": state}, net)
     net.load_state_dict(state, strict=True)
-    return net.eval()
+    return net.eval(), DEFAULT
 
 
-def read_image(request: dict[str, Any]) -> Tensor:
+def read_image(request: dict[str, Any], dataset: str) -> Tensor:
     """The request's image, prepared exactly as `predict` prepares a file."""
     data: str = request["image"]  # the Gate lets only {"image": str} through
     if data.startswith("data:"):  # a data URL, as a browser's canvas.toDataURL() gives it
@@ -89,7 +91,8 @@ def read_image(request: dict[str, Any]) -> Tensor:
         size = f"{image.width}x{image.height}"
         raise Refused(413, f"the image is {size} pixels; this server decodes at most {MAX_PIXELS} (4096x4096)")
     try:
-        return prepare(ImageOps.exif_transpose(image))
+        known = DATASETS[dataset]
+        return prepare(ImageOps.exif_transpose(image), known.mean, known.std, known.box)
     except ValueError as err:  # prepare's "no digit found (the image is blank)"
         raise Refused(422, str(err)) from None
     except Exception as err:  # a header that opens over data that does not decode: Pillow raises many kinds
@@ -104,9 +107,9 @@ class DigitAPI(ls.LitAPI):
     """The Net behind POST /predict. A refused image travels through batch and predict as its Refused, so that
     one bad request in a batch fails only itself (LitServe fails a whole batch on an exception)."""
 
-    def __init__(self, net: Net, max_batch_size: int, batch_timeout: float) -> None:
+    def __init__(self, net: Net, dataset: str, max_batch_size: int, batch_timeout: float) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.net = net
+        self.net, self.dataset = net, dataset
 
     def setup(self, device: str) -> None:
         # Measured on the 2-core machine, busy: a forward pass took 0.25 ms on one thread, 13 ms on two.
@@ -120,7 +123,7 @@ class DigitAPI(ls.LitAPI):
     def decode_request(self, request: Request) -> Tensor | Refused:
         # Annotated Request, LitServe parses the body as JSON and hands over that dict
         try:
-            return read_image(request)
+            return read_image(request, self.dataset)
         except Refused as refused:
             return refused
 
@@ -141,7 +144,10 @@ class DigitAPI(ls.LitAPI):
             return refusal(output.status, str(output))
         probabilities = output.tolist()
         digit = max(range(10), key=probabilities.__getitem__)
-        return JSONResponse({"digit": digit, "probability": probabilities[digit], "probabilities": probabilities})
+        name = DATASETS[self.dataset].classes[digit]
+        return JSONResponse(
+            {"digit": digit, "class": name, "probability": probabilities[digit], "probabilities": probabilities}
+        )
 
 
 class Gate:
@@ -219,10 +225,17 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def serve(
-    net: Net, host: str, port: int, max_batch_size: int, batch_timeout: float, workers: int, accelerator: str
+    net: Net,
+    dataset: str,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    batch_timeout: float,
+    workers: int,
+    accelerator: str,
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM."""
-    api = DigitAPI(net, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    api = DigitAPI(net, dataset, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers, middlewares=[Gate])
     # LitServer stops its processes cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill) gets the same, here
     # only: the processes LitServer forks inherit the handler and must keep SIGTERM's default.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import idx_bytes, write_mnist
 
-from mnist_lit.data import FILES, BatchLoader, DataError, EpochBatches, MNISTDataModule, normalize
+from mnist_lit.data import FILE_NAMES, BatchLoader, DataError, EpochBatches, MNISTDataModule, normalize
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -135,7 +135,7 @@ def test_partial_set_reports_only_the_missing(tmp_path):
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match=r"not found in .*: t10k-labels-idx1-ubyte \("):
         datamodule(folder).prepare_data()
-    assert set(FILES) - {"t10k-labels-idx1-ubyte"} <= {p.name.removesuffix(".gz") for p in folder.iterdir()}
+    assert set(FILE_NAMES) - {"t10k-labels-idx1-ubyte"} <= {p.name.removesuffix(".gz") for p in folder.iterdir()}
 
 
 # --- batches ----------------------------------------------------------------------------------------------

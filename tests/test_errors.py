@@ -100,6 +100,11 @@ def run_root(tmp_path_factory, mnist_dir):
     huge = bad / "huge"
     huge.mkdir()
     Image.new("L", (13000, 13000), 255).save(huge / "blank-13000.png")  # ~200 KB on disk, 169 megapixels
+    (bad / "images-empty" / "3").mkdir(parents=True)
+    (bad / "images-unknown" / "cat").mkdir(parents=True)
+    (bad / "images-unknown" / "cat" / "tabby.txt").write_text("a cat")
+    (bad / "images-unreadable" / "3").mkdir(parents=True)
+    (bad / "images-unreadable" / "3" / "notes.txt").write_text("not an image")
     return root
 
 
@@ -169,6 +174,60 @@ CASES = {
     "validate without a validation set": (["validate", "--ckpt_path", "last", "--data.val_size", "0"], ["val_size"]),
     "best without a monitored metric": (["test", "--ckpt_path", "best"], ["best"]),
     "no GPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "gpu"], ["gpu"]),
+    "unknown dataset": (["fit", "--data.dataset", "kmnist"], ["--data.dataset", "'kmnist'", "fashion_mnist"]),
+    "test on another dataset": (
+        ["test", "--ckpt_path", "last", "--data.dataset", "fashion_mnist"],
+        ["trained on MNIST (mnist), not on Fashion-MNIST", "drop --data.dataset"],
+    ),
+    "freeze an unknown layer": (
+        ["fit", "--trainer.default_root_dir", "bad/fresh", "--model.freeze", "[conv3]"],
+        ["--model.freeze", "conv3", "conv1, conv2, fc1, fc2"],
+    ),
+    "freeze every layer": (
+        ["fit", "--trainer.default_root_dir", "bad/fresh", "--model.freeze", "[conv1, conv2, fc1, fc2]"],
+        ["nothing to train"],
+    ),
+    "fine-tune and resume at once": (
+        ["fit", "--ckpt_path", "last", "--model.init_from", "last"],
+        ["--model.init_from", "--ckpt_path", "one of them"],
+    ),
+    "fine-tune from a missing file": (["fit", "--model.init_from", "nope.ckpt"], ["nope.ckpt", "does not exist"]),
+    "fine-tune over the run it starts from": (
+        ["fit", "--model.init_from", "last"],
+        ["--model.init_from last", "--checkpoint.dirpath"],
+    ),
+    "fine-tune from a pickled payload": (
+        ["fit", "--trainer.default_root_dir", "bad/fresh", "--model.init_from", "bad/evil.ckpt"],
+        ["refusing to load"],
+    ),
+    "fine-tune from another model": (
+        ["fit", "--trainer.default_root_dir", "bad/fresh", "--model.init_from", "bad/other-model.ckpt"],
+        ["another model"],
+    ),
+    "image folder missing": (
+        ["test", "--ckpt_path", "last", "--data.image_dir", "nope"],
+        ["--data.image_dir", "no such"],
+    ),
+    "image folder with an empty class folder": (
+        ["test", "--ckpt_path", "last", "--data.image_dir", "bad/images-empty"],
+        ["class folder 3 holds no files"],
+    ),
+    "image folder with an unknown class": (
+        ["test", "--ckpt_path", "last", "--data.image_dir", "bad/images-unknown"],
+        ["cat", "matches none of the model's classes"],
+    ),
+    "image folder without a readable image": (
+        ["test", "--ckpt_path", "last", "--data.image_dir", "bad/images-unreadable"],
+        ["class folder 3 holds no readable image"],
+    ),
+    "image folder without a test split": (
+        ["test", "--ckpt_path", "last", "--data.image_dir", "bad/images-empty", "--data.image_test_fraction", "0"],
+        ["--data.image_test_fraction is 0"],
+    ),
+    "image folder fraction above 1": (
+        ["fit", "--data.image_val_fraction", "1.5"],
+        ["--data.image_val_fraction", "1.5"],
+    ),
     "export format": (["export", "--ckpt_path", "last", "--output", "model.txt"], [".txt"]),
     "export to a folder": (["export", "--ckpt_path", "last", "--output", "bad/folder.pth"], ["is a folder"]),
     "export without output": (["export", "--ckpt_path", "last"], ["--output"]),

@@ -14,8 +14,11 @@ from conftest import QUIET, SYNTHETIC, run_cli
 from guide import Net as GuideNet
 from PIL import Image
 
-from mnist_lit.data import MEAN, STD, DataError
-from mnist_lit.images import expand, prepare
+from mnist_lit.data import DATASETS, DataError
+from mnist_lit.images import expand
+from mnist_lit.images import prepare as prepare_as
+
+MNIST = DATASETS["mnist"]
 
 
 def digit(size: int = 28) -> Image.Image:
@@ -33,7 +36,11 @@ def digit(size: int = 28) -> Image.Image:
 
 
 def unnormalised(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor[0] * STD + MEAN
+    return tensor[0] * MNIST.std + MNIST.mean
+
+
+def prepare(image: Image.Image) -> torch.Tensor:
+    return prepare_as(image, MNIST.mean, MNIST.std, MNIST.box)
 
 
 def test_prepare_gives_mnist_like_tensors():

@@ -225,7 +225,11 @@ def test_a_pth_export_serves_the_same_net(trained, tmp_path):
     from mnist_lit.serve import load_net
 
     export(trained / "checkpoints" / "last.ckpt", tmp_path / "model.pth")
-    checkpoint, pth = net_from_checkpoint(trained / "checkpoints" / "last.ckpt"), load_net(str(tmp_path / "model.pth"))
+    checkpoint, (pth, dataset) = (
+        net_from_checkpoint(trained / "checkpoints" / "last.ckpt"),
+        load_net(str(tmp_path / "model.pth")),
+    )
+    assert dataset == "mnist"
     assert all(
         torch.equal(a, b) for a, b in zip(checkpoint.state_dict().values(), pth.state_dict().values(), strict=True)
     )
