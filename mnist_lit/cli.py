@@ -419,6 +419,9 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
     warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \['TrainingCurves'\]\.$")
+    # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
+    # "exists and is not empty" would only ever be seen about the run lock's own file.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     argv = sys.argv[1:] if args is None else list(args)
     previous = install_signal_handlers()
     try:
