@@ -158,8 +158,8 @@ CASES = {
     "export to a folder": (["export", "--ckpt_path", "last", "--output", "bad/folder.pth"], ["is a folder"]),
     "export without output": (["export", "--ckpt_path", "last"], ["--output"]),
     "export without checkpoint": (
-        ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
-        ["no checkpoint", "--default_root_dir"],
+        ["export", "--ckpt_path", "last", "--output", "m.pth", "--trainer.default_root_dir", "bad"],
+        ["no checkpoint", "--trainer.default_root_dir"],
     ),
 }
 
