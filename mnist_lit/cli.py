@@ -174,8 +174,10 @@ class MNISTCLI(LightningCLI):
                     " it in its own --trainer.default_root_dir, or here in an empty one"
                 )
         trained = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.config)
-        # The command line once more, over the checkpoint's hyperparameters: what it gives wins.
-        final = self.parser.parse_args(self.args, namespace=trained.clone(), defaults=False)
+        # The command line once more, over the defaults and the checkpoint's hyperparameters: what it gives wins.
+        # (Over the defaults, not over the config parsed already, where `--trainer.callbacks+=X` would add X twice.)
+        base = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.parser.get_defaults())
+        final = self.parser.parse_args(self.args, namespace=base, defaults=False)
         if fitting:
             check_resume_changes(ckpt_path, trained[subcommand].model.as_dict(), final[subcommand].model.as_dict())
         final[subcommand].ckpt_path = ckpt_path

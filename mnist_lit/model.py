@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
@@ -132,10 +133,14 @@ class LitMNIST(LightningModule):
         optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
         if self.make_scheduler is None:
             return optimizer
-        # OneCycleLR's length: the run's, unless given (total_steps, or epochs and steps_per_epoch)
+        # OneCycleLR's length: the run's, unless given (total_steps, or epochs and steps_per_epoch). On a resume
+        # the scheduler's state, its length included, comes from the checkpoint; asking the trainer for the run's
+        # length here would set up the train loader before the checkpoint's place in the epoch is restored, and
+        # Lightning would then never restore it. A stand-in length there, replaced by the checkpoint's.
         given = _spec_args(self.hparams.lr_scheduler)
         if given.get("total_steps", 0) is None and given.get("epochs") is None:
-            scheduler = self.make_scheduler(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+            total = 1 if self.trainer.ckpt_path else int(self.trainer.estimated_stepping_batches)
+            scheduler = self.make_scheduler(optimizer, total_steps=total)
         else:
             scheduler = self.make_scheduler(optimizer)
         # A schedule whose length is counted in steps (OneCycleLR) steps every batch; the others, whose sizes
@@ -150,6 +155,13 @@ class LitMNIST(LightningModule):
         """A resumed run's optimizer options given anew (e.g. --model.optimizer.lr) replace the restored ones."""
         if self.trainer.ckpt_path is None:
             return
+        for config in self.trainer.lr_scheduler_configs:
+            length = getattr(config.scheduler, "total_steps", None)
+            if isinstance(length, int) and length < self.trainer.estimated_stepping_batches:
+                raise MisconfigurationException(
+                    f"the {type(config.scheduler).__name__} schedule of this run ends at step {length}: a resumed run"
+                    " cannot train beyond it (--trainer.max_epochs or max_steps); start a new run for a longer one"
+                )
         # with a schedule, the learning rate (and a cycled momentum) is the scheduler's, restored with it
         scheduled = ("lr", "momentum", "betas") if self.trainer.lr_scheduler_configs else ()
         changes = []

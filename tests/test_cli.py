@@ -115,7 +115,9 @@ def test_print_config_shows_the_guides_defaults(tmp_path):
 
 
 def test_overrides_and_config_files_stack(tmp_path):
-    (tmp_path / "a.yaml").write_text("model:\n  optimizer:\n    init_args:\n      momentum: 0.8\ndata:\n  batch_size: 32\n")
+    (tmp_path / "a.yaml").write_text(
+        "model:\n  optimizer:\n    init_args:\n      momentum: 0.8\ndata:\n  batch_size: 32\n"
+    )
     result = run_cli("fit", "--config", "a.yaml", "--model.optimizer.lr", "0.05", "--print_config", cwd=tmp_path)
     assert "lr: 0.05" in result.stdout and "momentum: 0.8" in result.stdout and "batch_size: 32" in result.stdout
     # --model.lr and --model.momentum, the options before the optimizer was one, still mean SGD's
