@@ -17,7 +17,7 @@ subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
   predict    Classify your own digit images: --ckpt_path last --data.predict_path PATH.
   export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
 
-Options come from config files and flags: --config configs/smoke.yaml --model.lr 0.05 --print_config."""
+Options come from config files and flags: --config configs/smoke.yaml --model.optimizer.lr 0.05 --print_config."""
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from mnist_lit.checkpoint import (
     resolve,
 )
 from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.model import GUIDE_SGD, LitMNIST
+from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -149,6 +149,10 @@ class MNISTCLI(LightningCLI):
         puts the checkpoint's over them, silently)."""
         subcommand = self.config.subcommand
         config = self.config[subcommand]
+        try:  # a bad optimizer option first, whatever else may be wrong
+            check_optimizer(config.model.optimizer.as_dict())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         fitting = subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
@@ -245,7 +249,9 @@ def _explain(message: str, classes: bool = True) -> str:
     if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
         bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
         return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
-    if union := re.search(r"(--\S+): Does not validate against any of .*Given value: (.*)$", message):
+    if union := re.search(
+        r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
+    ):
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"

@@ -75,7 +75,7 @@ class LitMNIST(LightningModule):
         self.net = Net()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
-        _check_optimizer(self.make_optimizer, self.net)
+        check_optimizer(self.make_optimizer)
         # Loss metrics average per-image losses in float64: summed NLL / N, exactly the guide's test loss.
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
@@ -204,10 +204,10 @@ def _show(value: Any) -> str:
     return f"({', '.join(map(str, value))})" if isinstance(value, (list, tuple)) else str(value)
 
 
-def _check_optimizer(optimizer: OptimizerCallable, net: nn.Module) -> None:
+def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:
     """Refuse bad optimizer options now, not after data loading: torch's own checks, and ranges it leaves out."""
     try:
-        group = optimizer(list(net.parameters())).param_groups[0]
+        group = _from_spec(optimizer)(list(Net().parameters())).param_groups[0]
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"--model.optimizer: {err}") from None
     lr = group.get("lr")
