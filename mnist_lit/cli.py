@@ -120,6 +120,9 @@ class MNISTCLI(LightningCLI):
         with a traceback at the first validation, after checkpoints a corrected command would refuse to overwrite."""
         validating = self.datamodule.val_size > 0 and trainer.limit_val_batches != 0
         logged = [*LitMNIST.TRAIN_METRICS, *(LitMNIST.VAL_METRICS if validating else ())]
+        scheduler = self._get(self.config, "model").lr_scheduler
+        if not validating and str(getattr(scheduler, "class_path", "")).endswith(".ReduceLROnPlateau"):
+            raise ConfigError("--model.lr_scheduler ReduceLROnPlateau watches val/loss, and this run has no validation")
         for callback in trainer.callbacks:
             monitor = getattr(callback, "monitor", None)
             if isinstance(monitor, str) and monitor not in logged:
@@ -273,6 +276,8 @@ def _explain_class_option(message: str) -> str | None:
     key = re.search(r'Parser key "([^"]+)"', message)
     option = f"--{key[1]}" if key else _option_of_type(message)
     end = r"(?=\n\s*- |\n\s*Given value|\. Got value: |\Z)"
+    if ambiguous := re.search(r"(Multiple subclasses with name [^\n]*)", message):
+        return f"{option}: {ambiguous[1].rstrip('.')}"
     if problem := re.search(rf"Problem with given class_path '([^']+)':\s*(.*?){end}", message, re.S):
         cls, cause = problem[1].rpartition(".")[2], _one_line(problem[2])
     elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):

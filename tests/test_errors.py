@@ -130,6 +130,14 @@ CASES = {
         ],
         ["ModelCheckpoint: monitor 'val_acc' is not a metric this run logs; it logs train/loss, train/lr, val/loss"],
     ),
+    "ReduceLROnPlateau without validation": (
+        ["fit", "--data.val_size", "0", "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"],
+        ["ReduceLROnPlateau watches val/loss, and this run has no validation"],
+    ),
+    "a class name two modules have": (
+        ["fit", "--model.lr_scheduler", "ReduceLROnPlateau"],
+        ["--model.lr_scheduler: Multiple subclasses with name ReduceLROnPlateau", "torch.optim.lr_scheduler"],
+    ),
     "another optimizer on a resume": (
         ["fit", "--ckpt_path", "last", "--model.optimizer", "Adam"],
         ["--model.optimizer cannot change when resuming", "torch.optim.SGD"],

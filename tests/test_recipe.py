@@ -178,3 +178,17 @@ def test_help_into_a_pipe_closed_early_ends_quietly(tmp_path):
         process.stdout.close()  # what `| head -3` does once it has its lines
         _, err = process.communicate(timeout=120)
         assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_checkpoint_from_before_the_optimizer_option_still_tests_and_resumes(tmp_path, mnist_dir, run_main):
+    fit = ["fit", *data(mnist_dir), "--trainer.max_epochs", "1"]
+    assert run_main(*fit, cwd=tmp_path)[0] == 0
+    checkpoint = last(tmp_path)
+    checkpoint["hyper_parameters"] = {"lr": 0.05, "momentum": 0.9, "channels_last": True}  # as written then
+    torch.save(checkpoint, tmp_path / "checkpoints" / "last.ckpt")
+    status, out, err = run_main("test", "--ckpt_path", "last", *data(mnist_dir), cwd=tmp_path)
+    assert status == 0 and "test/acc" in out, err[-2000:]
+    status, _, err = run_main(*fit, "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    init_args = last(tmp_path)["hyper_parameters"]["optimizer"]["init_args"]
+    assert (init_args["lr"], init_args["momentum"]) == (0.05, 0.9)
