@@ -131,7 +131,15 @@ CASES = {
         ["ModelCheckpoint: monitor 'val_acc' is not a metric this run logs; it logs train/loss, train/lr, val/loss"],
     ),
     "ReduceLROnPlateau without validation": (
-        ["fit", "--data.val_size", "0", "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"],
+        [
+            "fit",
+            "--trainer.default_root_dir",
+            "new",
+            "--data.val_size",
+            "0",
+            "--model.lr_scheduler",
+            "torch.optim.lr_scheduler.ReduceLROnPlateau",
+        ],
         ["ReduceLROnPlateau watches val/loss, and this run has no validation"],
     ),
     "a class name two modules have": (
