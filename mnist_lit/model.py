@@ -206,8 +206,9 @@ def _show(value: Any) -> str:
 
 def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:
     """Refuse bad optimizer options now, not after data loading: torch's own checks, and ranges it leaves out."""
+    probe = nn.Parameter(torch.zeros(1))  # not a Net: its random initial weights would shift the seeded stream
     try:
-        group = _from_spec(optimizer)(list(Net().parameters())).param_groups[0]
+        group = _from_spec(optimizer)([probe]).param_groups[0]
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"--model.optimizer: {err}") from None
     lr = group.get("lr")
