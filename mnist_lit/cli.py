@@ -33,7 +33,7 @@ from mnist_lit.checkpoint import (
     resolve,
 )
 from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer
+from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -224,7 +224,7 @@ def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[st
             before, after = old_args.get(arg), new_args.get(arg)
             if before == after:
                 continue
-            if not (_number(before) and _number(after)):
+            if not (tunable(before) and tunable(after)):
                 raise ConfigError(
                     f"--model.optimizer.{arg} cannot change when {where} (it was {before!r}); start a new run for that"
                 )
@@ -232,12 +232,6 @@ def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[st
                 raise ConfigError(
                     f"--model.optimizer.{arg} cannot change when {where}: its --model.lr_scheduler sets it"
                 )
-
-
-def _number(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(_number(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _one_line(message: str) -> str:

@@ -170,7 +170,7 @@ class LitMNIST(LightningModule):
                 continue
             for optimizer in self.trainer.optimizers:
                 for group in optimizer.param_groups:
-                    if name in group and _tunable(value) and _tunable(group[name]) and group[name] != _plain(value):
+                    if name in group and tunable(value) and tunable(group[name]) and group[name] != _plain(value):
                         changes.append(f"{name} {_show(group[name])} -> {_show(value)}")
                         group[name] = _plain(value)
         if changes:
@@ -189,10 +189,10 @@ def _spec_args(spec: Any) -> dict[str, Any]:
     return dict(spec.get("init_args", {})) if isinstance(spec, dict) else {}
 
 
-def _tunable(value: Any) -> bool:
+def tunable(value: Any) -> bool:
     """A number, or numbers (Adam's betas): the options a resumed optimizer can take anew."""
     if isinstance(value, (list, tuple)):
-        return bool(value) and all(_tunable(v) for v in value)
+        return bool(value) and all(tunable(v) for v in value)
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
