@@ -16,4 +16,4 @@ subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
   export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
   serve      Serve it over HTTP: a page to draw digits on, POST /predict (--ckpt_path last).
 
-Options come from config files and flags: --config configs/smoke.yaml --model.lr 0.05 --print_config."""
+Options come from config files and flags: --config configs/smoke.yaml --model.optimizer.lr 0.05 --print_config."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -13,6 +14,15 @@ def _stop_at_once(signum: int, frame: object) -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly, not at interpreter exit
+    except BrokenPipeError:  # `mnist-lit --help | head -3`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a command a closed pipe ended
+
+
+def _main() -> None:
     args = sys.argv[1:]
     # Listing the subcommands needs neither torch nor Lightning: answer at once instead of in seconds.
     if args in (["-h"], ["--help"]):

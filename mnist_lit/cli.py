@@ -34,7 +34,7 @@ from mnist_lit.checkpoint import (
     install_signal_handlers,
 )
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
-from mnist_lit.model import LitMNIST
+from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_checkpoint, newest_checkpoint, resolve
 
@@ -111,7 +111,7 @@ class MNISTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
-            raise ConfigError(_one_line(str(err))) from None
+            raise ConfigError(_explain_class_option(str(err)) or _one_line(str(err))) from None
 
     def _set_seed(self) -> None:
         seed = self._get(self.config, "seed_everything")
@@ -162,6 +162,8 @@ class MNISTCLI(LightningCLI):
         ):
             callbacks.append(ProgressBar())
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        if self.subcommand == "fit":
+            self._check_monitors(trainer)
         share_cores(trainer.num_devices, self.datamodule.num_workers)
         # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
         # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
@@ -176,18 +178,50 @@ class MNISTCLI(LightningCLI):
                     callback.own_folder = new
         return trainer
 
+    def _check_monitors(self, trainer: Trainer) -> None:
+        """A callback watching a metric the run never logs (EarlyStopping, ModelCheckpoint): refused now, not
+        with a traceback at the first validation, after checkpoints a corrected command would refuse to overwrite."""
+        validating = self.datamodule.val_size > 0 and trainer.limit_val_batches != 0
+        logged = [*LitMNIST.TRAIN_METRICS, *(LitMNIST.VAL_METRICS if validating else ())]
+        scheduler = self._get(self.config, "model").lr_scheduler
+        if not validating and str(getattr(scheduler, "class_path", "")).endswith(".ReduceLROnPlateau"):
+            raise ConfigError("--model.lr_scheduler ReduceLROnPlateau watches val/loss, and this run has no validation")
+        for callback in trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(monitor, str) and monitor not in logged:
+                why = "" if validating or monitor not in LitMNIST.VAL_METRICS else " (this run has no validation)"
+                raise ConfigError(
+                    f"--trainer.callbacks {type(callback).__name__}: monitor {monitor!r} is not a metric this run"
+                    f" logs{why}; it logs {', '.join(logged)}"
+                )
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         if config.get("enable_checkpointing") is False:  # the --checkpoint group is always built: drop it
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # --model.lr and --model.momentum, the options before the optimizer became injectable, still mean the
+        # guide's SGD's own (on the command line; in YAML it is model.optimizer.init_args.lr).
+        args = list(sys.argv[1:] if args is None else args)
+        for old, new in (("--model.lr", "--model.optimizer.lr"), ("--model.momentum", "--model.optimizer.momentum")):
+            args = [new + a[len(old) :] if a == old or a.startswith(f"{old}=") else a for a in args]
+        self.args = args  # parsed again over a checkpoint's hyperparameters (_parse_ckpt_path)
+        self.config = parser.parse_args(args)
+
     def _parse_ckpt_path(self) -> None:
-        """Resolve --ckpt_path and --model.init_from (and check the files) before anything is built or written;
-        the data's dataset is the checkpoint's."""
+        """Check the options, resolve --ckpt_path and --model.init_from (and check the files) before anything is
+        built or written, and take the model's hyperparameters and the data's dataset from the checkpoint, except
+        those given on this command line (Lightning's own overlay puts the checkpoint's over them, silently)."""
+        subcommand = self.config.subcommand
+        config = self.config[subcommand]
+        try:  # a bad optimizer option first, whatever else may be wrong
+            check_optimizer(config.model.optimizer.as_dict())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.check_trainer_options()
-        config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
-        fitting = self.config.subcommand == "fit"
+        fitting = subcommand == "fit"
         if fitting and directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
         if config.model.init_from is not None:
@@ -204,30 +238,36 @@ class MNISTCLI(LightningCLI):
                     " last, or start the new run in another --trainer.default_root_dir"
                 )
             if not fitting:  # the model's random initial weights would be evaluated as if trained
+                raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
+            return
+        ckpt_path = resolve(config.ckpt_path, directory, fitting)
+        checkpoint = load_checkpoint(ckpt_path)
+        check_weights(ckpt_path, checkpoint, LitMNIST())
+        if fitting:
+            check_resumable(ckpt_path, checkpoint)
+            self.resumed_step = checkpoint.get("global_step")
+            if earlier is not None and Path(ckpt_path).resolve().parent != directory.resolve():
                 raise CheckpointError(
-                    f"{self.config.subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file"
+                    f"{earlier} holds another run, which resuming {ckpt_path} here would overwrite: resume"
+                    " it in its own --trainer.default_root_dir, or here in an empty one"
                 )
-        else:
-            config.ckpt_path = resolve(config.ckpt_path, directory, fitting)
-            checkpoint = load_checkpoint(config.ckpt_path)
-            check_weights(config.ckpt_path, checkpoint, LitMNIST())
-            if fitting:
-                check_resumable(config.ckpt_path, checkpoint)
-                self.resumed_step = checkpoint.get("global_step")
-                if earlier is not None and Path(config.ckpt_path).resolve().parent != directory.resolve():
-                    raise CheckpointError(
-                        f"{earlier} holds another run, which resuming {config.ckpt_path} here would overwrite: resume"
-                        " it in its own --trainer.default_root_dir, or here in an empty one"
-                    )
-            recorded = recorded_dataset(checkpoint)
-            if config.data.dataset not in (None, recorded):
-                raise DataError(
-                    f"{config.ckpt_path} was trained on {DATASETS[recorded].title} ({recorded}), not on"
-                    f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
-                    " (the checkpoint's dataset is used)"
-                )
-            config.data.dataset = recorded
-        super()._parse_ckpt_path()
+        recorded = recorded_dataset(checkpoint)
+        if config.data.dataset not in (None, recorded):
+            raise DataError(
+                f"{ckpt_path} was trained on {DATASETS[recorded].title} ({recorded}), not on"
+                f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
+                " (the checkpoint's dataset is used)"
+            )
+        trained = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.config)
+        # The command line once more, over the defaults and the checkpoint's hyperparameters: what it gives wins.
+        # (Over the defaults, not over the config parsed already, where `--trainer.callbacks+=X` would add X twice.)
+        base = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.parser.get_defaults())
+        final = self.parser.parse_args(self.args, namespace=base, defaults=False)
+        if fitting:
+            check_resume_changes(ckpt_path, trained[subcommand].model.as_dict(), final[subcommand].model.as_dict())
+        final[subcommand].ckpt_path = ckpt_path
+        final[subcommand].data.dataset = recorded
+        self.config = final
 
     def _parse_init_from(self, config: Any, directory: Path) -> None:
         """--model.init_from as a checked file; the new run's dataset is that checkpoint's unless given."""
@@ -251,17 +291,64 @@ class MNISTCLI(LightningCLI):
             config.data.dataset = recorded_dataset(checkpoint)
 
 
+def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The LitMNIST arguments a checkpoint was trained with, as --model options."""
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
+        init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
+        hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}
+    return hparams
+
+
+def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse, naming the option, a --model option given anew on a resume that the run cannot take from here on.
+
+    A new number for the optimizer (lr, momentum, weight_decay, Adam's betas ...) is applied to the restored
+    optimizer (LitMNIST.on_train_start); its class, its switches, the schedule and the model's layout are not:
+    the restored optimizer and scheduler state belong to them.
+    """
+    where = f"resuming {ckpt_path}"
+    for name in given.keys() | trained.keys():
+        old, new = trained.get(name), given.get(name)
+        if old == new:
+            continue
+        if name != "optimizer":
+            raise ConfigError(f"--model.{name} cannot change when {where} (it was {old!r}); start a new run for that")
+        if old["class_path"] != new["class_path"]:
+            raise ConfigError(
+                f"--model.optimizer cannot change when {where} (it was {old['class_path']}, whose state the"
+                " checkpoint holds); start a new run for another optimizer"
+            )
+        old_args, new_args = old.get("init_args", {}), new.get("init_args", {})
+        for arg in sorted(old_args.keys() | new_args.keys()):
+            before, after = old_args.get(arg), new_args.get(arg)
+            if before == after:
+                continue
+            if not (tunable(before) and tunable(after)):
+                raise ConfigError(
+                    f"--model.optimizer.{arg} cannot change when {where} (it was {before!r}); start a new run for that"
+                )
+            if trained.get("lr_scheduler") and arg in ("lr", "momentum", "betas"):
+                raise ConfigError(
+                    f"--model.optimizer.{arg} cannot change when {where}: its --model.lr_scheduler sets it"
+                )
+
+
 def _one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
-def _explain(message: str) -> str:
+def _explain(message: str, classes: bool = True) -> str:
     """jsonargparse's parse error as one line naming the option, the value given and what would fit."""
+    if classes and (classy := _explain_class_option(message)) is not None:
+        return classy
     message = _one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
     if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
         bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
         return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
-    if union := re.search(r"(--\S+): Does not validate against any of .*Given value: (.*)$", message):
+    if union := re.search(
+        r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
+    ):
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
@@ -274,6 +361,53 @@ def _explain(message: str) -> str:
         if close := difflib.get_close_matches(unknown[1], _option_names(), n=1, cutoff=0.75):
             return f"{message}; did you mean {close[0]}?"
     return message
+
+
+def _explain_class_option(message: str) -> str | None:
+    """The real cause of a bad class-typed option (a logger, a callback, the optimizer, the scheduler), which
+    jsonargparse buries under the other types the option would also take: a missing argument of the class, its
+    missing package, a class it cannot find, a bad value of one of its arguments."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    option = f"--{key[1]}" if key else _option_of_type(message)
+    end = r"(?=\n\s*- |\n\s*Given value|\. Got value: |\Z)"
+    if ambiguous := re.search(r"(Multiple subclasses with name [^\n]*)", message):
+        return f"{option}: {ambiguous[1].rstrip('.')}"
+    if problem := re.search(rf"Problem with given class_path '([^']+)':\s*(.*?){end}", message, re.S):
+        cls, cause = problem[1].rpartition(".")[2], _one_line(problem[2])
+    elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):
+        cause = callable_[1].strip()
+        if inner := re.search(r'callable class: Parser key "([^"]+)":\s*(.*?)(?:\. Got value: .*)?\Z', message, re.S):
+            # one of the class's own arguments
+            return _explain(f'Parser key "{option[2:]}.{inner[1]}":\n{inner[2]}', classes=False)
+        if re.search(r"has no attribute|No module named", cause):
+            given = re.search(r"Got value: (\S+)\Z", message)
+            return f"{option}: no class named {given[1] if given else '?'!r} ({_one_line(cause)})"
+        given = re.search(r"class_path='([^']+)'", message)
+        cls, cause = given[1].rpartition(".")[2] if given else "", _one_line(cause)
+    elif unknown := re.search(r"Expected a dot import path string: (\S+)", message):
+        return f"{option}: no class named {unknown[1]!r} (give the name of a class it takes, or its import path)"
+    else:
+        return None
+    if required := re.match(r"the following arguments are required: (.*)", cause):
+        names = [name.strip() for name in required[1].split(",")]
+        needed = " ".join(f"{option}.{name} VALUE" for name in names)
+        return f"{option} {cls} needs {', '.join(names)}: add {needed}"
+    if unaccepted := re.match(r"Option '(\w+)' is not accepted", cause):
+        return f"{option}.{unaccepted[1]}: {cls} has no option {unaccepted[1]!r}"
+    return f"{option} {cls}: {cause}"
+
+
+def _option_of_type(message: str) -> str:
+    """The option a type error without a parser key is about, from the types it names."""
+    for pattern, option in (
+        (r"callbacks\.callback\.Callback", "--trainer.callbacks"),
+        (r"loggers\.logger\.Logger", "--trainer.logger"),
+        (r"lr_scheduler", "--model.lr_scheduler"),
+        (r"optim\.optimizer\.Optimizer", "--model.optimizer"),
+    ):
+        if re.search(pattern, message):
+            return option
+    return "an option"
 
 
 def _option_names() -> list[str]:
@@ -340,11 +474,14 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="A checkpoint file, or 'last'.")
     parser.add_argument("--output", required=True, help="File to write; its extension picks the format.")
     parser.add_argument(
-        "--default_root_dir", default=".", help="Where 'last' is looked for: <this>/checkpoints/last.ckpt."
+        "--trainer.default_root_dir",
+        dest="default_root_dir",
+        default=".",
+        help="The run's folder, as in fit: 'last' is <this>/checkpoints/last.ckpt.",
     )
     options = parser.parse_args(args)
     directory = checkpoint_dir(options.default_root_dir, None)
-    ckpt_path = resolve(options.ckpt_path, directory, fitting=False, root_option="--default_root_dir")
+    ckpt_path = resolve(options.ckpt_path, directory, fitting=False)
     try:
         print(export(ckpt_path, Path(options.output)))
     except ExportError as err:

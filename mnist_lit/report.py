@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import sys
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 
 from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
@@ -39,6 +42,24 @@ class ProgressBar(TQDMProgressBar):
         self._live: dict[str, str] = {}
         self._start, self._images = time.monotonic(), 0
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """The batches this epoch will run: max_steps can end it early (Lightning counts it only without
+        max_epochs), and with gradient accumulation a step takes several batches."""
+        total = self.trainer.num_training_batches
+        if self.trainer.max_steps > 0 and math.isfinite(total):
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # before a mid-epoch resume
+            left = (self.trainer.max_steps - self.trainer.global_step) * self.trainer.accumulate_grad_batches
+            total = min(total, done + left)
+        return total
+
+    def init_predict_tqdm(self) -> Tqdm:
+        # predict's results are lines on stdout, to be piped or redirected: its bar goes to stderr
+        return Tqdm(
+            desc=self.predict_description, position=2 * self.process_position, disable=self.is_disabled,
+            leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT,
+        )  # fmt: skip
+
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         return {**super().get_metrics(trainer, pl_module), **self._live}
 
@@ -60,10 +81,16 @@ class ProgressBar(TQDMProgressBar):
         self._drawn = now
         bar.n = batch_idx + 1
         if isinstance(outputs, dict) and "loss" in outputs:
-            self._live["loss"] = f"{outputs['loss'].item():.3f}"
+            self._live["loss"] = f"{step_loss(trainer, outputs).item():.3f}"
         self._live["img/s"] = f"{self._images / max(now - self._start, 1e-9):.0f}"
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()
+
+
+def step_loss(trainer: Trainer, outputs: dict[str, Any]) -> Tensor:
+    """The batch's loss as training_step returned it: under gradient accumulation Lightning hands callbacks the
+    loss divided by accumulate_grad_batches (what it backpropagates)."""
+    return outputs["loss"].detach() * trainer.accumulate_grad_batches
 
 
 def _gather(trainer: Trainer, items: list) -> list:
@@ -94,19 +121,31 @@ class TrainingCurves(Callback):
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float, float]] = []
         self._loss_sum: torch.Tensor | float = 0.0
-        self._steps = 0
+        self._batches = 0
+        self._step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not isinstance(outputs, dict):
             return
-        self._loss_sum = self._loss_sum + outputs["loss"].detach()  # no .item(): that would wait for a GPU
-        self._steps += 1
+        self._loss_sum = self._loss_sum + step_loss(trainer, outputs)  # no .item(): that would wait for a GPU
+        self._batches += 1
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step  # not mid-accumulation
         every = trainer.log_every_n_steps or 50
-        if trainer.global_step % every == 0 or batch_idx + 1 == trainer.num_training_batches:
-            self.train.append((trainer.global_step, float(self._loss_sum) / self._steps))
-            self._loss_sum, self._steps = 0.0, 0
+        if (stepped and trainer.global_step % every == 0) or batch_idx + 1 == trainer.num_training_batches:
+            self._add_point(trainer)
+
+    def _add_point(self, trainer: Trainer) -> None:
+        self.train.append((trainer.global_step, float(self._loss_sum) / self._batches))
+        self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._batches:  # a run that ended between two points (max_steps shorter than the logging interval)
+            self._add_point(trainer)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics

@@ -5,6 +5,7 @@ epoch, with start-up, data loading and the final test cancelled out. Sides alter
 slow spell on this shared machine hits all of them alike. Prints per-epoch seconds and the ratios.
 
     python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3]
+    python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
 
 Sides:
   fit      python -m mnist_lit fit, defaults (55k train + 5k val each epoch, progress bar, TensorBoard,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -135,12 +137,51 @@ def torchvision_layout(data_dir: str, into: str) -> str:
     return into
 
 
+def recipe_benchmark(data_dir: str, seeds: list[int], env: dict[str, str]) -> None:
+    """configs/fast.yaml against the default recipe: `fit` then `test`, whole processes, alternated per seed."""
+    fit_times: dict[str, list[float]] = {"default": [], "fast": []}
+    accuracies: dict[str, list[float]] = {"default": [], "fast": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, seed in enumerate(seeds):
+            for side in ("default", "fast") if i % 2 == 0 else ("fast", "default"):
+                root = tempfile.mkdtemp(dir=scratch)
+                common = ["--data.data_dir", data_dir, "--trainer.default_root_dir", root]
+                fit = [sys.executable, "-m", "mnist_lit", "fit", *(["--config", str(ROOT / "configs" / "fast.yaml")]
+                       if side == "fast" else []), *common, "--seed_everything", str(seed)]  # fmt: skip
+                start = time.perf_counter()
+                done = subprocess.run(fit, env=env, cwd=root, capture_output=True, text=True)
+                elapsed = time.perf_counter() - start
+                if done.returncode:
+                    sys.exit(f"{side} fit failed:\n{done.stderr[-3000:]}")
+                test = [sys.executable, "-m", "mnist_lit", "test", *common, "--ckpt_path", "last"]
+                tested = subprocess.run(test, env=env, cwd=root, capture_output=True, text=True)
+                found = re.search(r"test/acc\s+([\d.]+)", tested.stdout)
+                if tested.returncode or not found:
+                    sys.exit(f"{side} test failed:\n{tested.stderr[-3000:]}")
+                fit_times[side].append(elapsed)
+                accuracies[side].append(float(found[1]))
+                print(
+                    f"seed {seed} {side:8s} fit {elapsed:6.1f} s   test accuracy {100 * float(found[1]):.2f}%",
+                    flush=True,
+                )
+                shutil.rmtree(root)
+    print("\nmean over seeds " + ",".join(map(str, seeds)))
+    for side in ("default", "fast"):
+        print(f"  {side:8s} test accuracy {100 * statistics.mean(accuracies[side]):.2f}%   fit "
+              f"{statistics.mean(fit_times[side]):6.1f} s")  # fmt: skip
+    ratios = [f / d for f, d in zip(fit_times["fast"], fit_times["default"], strict=True)]
+    ratio = statistics.mean(fit_times["fast"]) / statistics.mean(fit_times["default"])
+    print(f"  fast / default fit wall time: {ratio:.2f}x   (per seed: {' '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def main() -> None:
     default_data = ROOT.parent / "shared" / "mnist"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(default_data if default_data.is_dir() else "~/.torch/datasets/mnist"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", default="fit,fit60k,plain,plain_ckpt,guide")
+    parser.add_argument("--recipe", action="store_true", help="configs/fast.yaml against the default: fit + test")
+    parser.add_argument("--seeds", default="1,2,3", help="with --recipe: the seeds, each run by both sides")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -152,6 +193,9 @@ def main() -> None:
     data_dir = str(Path(args.data_dir).expanduser())
     sides = args.sides.split(",")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if args.recipe:
+        recipe_benchmark(data_dir, [int(s) for s in args.seeds.split(",")], env)
+        return
     times: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         tv_dir = torchvision_layout(data_dir, os.path.join(scratch, "tv")) if "guide" in sides else ""

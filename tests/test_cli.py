@@ -100,8 +100,11 @@ def test_print_config_shows_the_guides_defaults(tmp_path):
     for line in (
         "seed_everything: 1",
         "max_epochs: 10",
+        "class_path: torch.optim.SGD",  # the guide's optimizer, fused (same numbers, faster)
         "lr: 0.01",
         "momentum: 0.5",
+        "fused: true",
+        "lr_scheduler: null",
         "batch_size: 64",
         "test_batch_size: 1000",
         "val_size: 5000",
@@ -112,15 +115,20 @@ def test_print_config_shows_the_guides_defaults(tmp_path):
 
 
 def test_overrides_and_config_files_stack(tmp_path):
-    (tmp_path / "a.yaml").write_text("model:\n  lr: 0.02\ndata:\n  batch_size: 32\n")
-    result = run_cli("fit", "--config", "a.yaml", "--model.lr", "0.05", "--print_config", cwd=tmp_path)
-    assert "lr: 0.05" in result.stdout and "batch_size: 32" in result.stdout
+    (tmp_path / "a.yaml").write_text(
+        "model:\n  optimizer:\n    init_args:\n      momentum: 0.8\ndata:\n  batch_size: 32\n"
+    )
+    result = run_cli("fit", "--config", "a.yaml", "--model.optimizer.lr", "0.05", "--print_config", cwd=tmp_path)
+    assert "lr: 0.05" in result.stdout and "momentum: 0.8" in result.stdout and "batch_size: 32" in result.stdout
+    # --model.lr and --model.momentum, the options before the optimizer was one, still mean SGD's
+    result = run_cli("fit", "--model.lr", "0.03", "--model.momentum=0.7", "--print_config", cwd=tmp_path)
+    assert "lr: 0.03" in result.stdout and "momentum: 0.7" in result.stdout, result.stderr
 
 
 def test_help_lists_the_options_with_their_docs(tmp_path):
     result = run_cli("fit", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    assert "--model.lr" in result.stdout and "SGD learning rate" in result.stdout
+    assert "--model.optimizer" in result.stdout and "the guide's SGD, lr 0.01, momentum 0.5" in result.stdout
     assert "--checkpoint.every_n_train_steps" in result.stdout
     top = run_cli("--help", cwd=tmp_path)
     assert "export" in top.stdout

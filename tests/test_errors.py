@@ -114,10 +114,74 @@ def data(mnist_dir: Path) -> list[str]:
 
 CASES = {
     # name: (arguments after the subcommand, words the one-line error must contain)
-    "negative lr": (["fit", "--model.lr", "-1"], ["--model.lr", "-1", "must be > 0"]),
-    "infinite lr": (["fit", "--model.lr", "inf"], ["--model.lr", "inf"]),
-    "zero lr": (["fit", "--model.lr", "0"], ["--model.lr"]),
-    "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.momentum"]),
+    "negative lr": (["fit", "--model.lr", "-1"], ["--model.optimizer", "Invalid learning rate: -1"]),
+    "infinite lr": (["fit", "--model.optimizer.lr", "inf"], ["--model.optimizer.lr", "'inf' is not valid"]),
+    "zero lr": (["fit", "--model.lr", "0"], ["--model.optimizer.lr: 0.0 is out of range; it must be > 0"]),
+    "lr not a number": (["fit", "--model.optimizer.lr", "abc"], ["--model.optimizer.lr: 'abc' is not valid"]),
+    "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.optimizer.momentum: 1.5 is out of range"]),
+    "unknown optimizer": (["fit", "--model.optimizer", "Adamm"], ["--model.optimizer", "no class named 'Adamm'"]),
+    "an option the optimizer lacks": (
+        ["fit", "--model.optimizer.betas", "[0.9,0.99]"],
+        ["--model.optimizer.betas: SGD has no option 'betas'"],
+    ),
+    "OneCycleLR without max_lr": (
+        ["fit", "--model.lr_scheduler", "OneCycleLR"],
+        ["--model.lr_scheduler OneCycleLR needs max_lr: add --model.lr_scheduler.max_lr VALUE"],
+    ),
+    "CSVLogger without save_dir": (
+        ["fit", "--trainer.logger", "CSVLogger"],
+        ["--trainer.logger CSVLogger needs save_dir: add --trainer.logger.save_dir VALUE"],
+    ),
+    "unknown logger": (["fit", "--trainer.logger", "Foo"], ["--trainer.logger: no class named 'Foo'"]),
+    "EarlyStopping without monitor": (
+        ["fit", "--trainer.callbacks+=EarlyStopping"],
+        ["--trainer.callbacks EarlyStopping needs monitor: add --trainer.callbacks.monitor VALUE"],
+    ),
+    "monitor of a metric never logged": (
+        [
+            "fit",
+            "--ckpt_path",
+            "last",
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.monitor",
+            "val_acc",
+        ],
+        ["ModelCheckpoint: monitor 'val_acc' is not a metric this run logs; it logs train/loss, train/lr, val/loss"],
+    ),
+    "ReduceLROnPlateau without validation": (
+        [
+            "fit",
+            "--trainer.default_root_dir",
+            "new",
+            "--data.val_size",
+            "0",
+            "--model.lr_scheduler",
+            "torch.optim.lr_scheduler.ReduceLROnPlateau",
+        ],
+        ["ReduceLROnPlateau watches val/loss, and this run has no validation"],
+    ),
+    "a class name two modules have": (
+        ["fit", "--model.lr_scheduler", "ReduceLROnPlateau"],
+        ["--model.lr_scheduler: Multiple subclasses with name ReduceLROnPlateau", "torch.optim.lr_scheduler"],
+    ),
+    "another optimizer on a resume": (
+        ["fit", "--ckpt_path", "last", "--model.optimizer", "Adam"],
+        ["--model.optimizer cannot change when resuming", "torch.optim.SGD"],
+    ),
+    "a schedule on a resume": (
+        ["fit", "--ckpt_path", "last", "--model.lr_scheduler", "StepLR", "--model.lr_scheduler.step_size", "1"],
+        ["--model.lr_scheduler cannot change when resuming"],
+    ),
+    "an optimizer switch on a resume": (
+        ["fit", "--ckpt_path", "last", "--model.optimizer.nesterov", "true"],
+        ["--model.optimizer.nesterov cannot change when resuming"],
+    ),
+    "channels_last on a resume": (
+        ["fit", "--ckpt_path", "last", "--model.channels_last", "false"],
+        ["--model.channels_last cannot change when resuming"],
+    ),
     "negative seed": (["test", "--ckpt_path", "last", "--seed_everything", "-5"], ["--seed_everything", "-5"]),
     "no batches to accumulate": (
         ["fit", "--ckpt_path", "last", "--trainer.accumulate_grad_batches", "0"],
@@ -133,7 +197,7 @@ CASES = {
     ),
     "batch size 0": (["fit", "--data.batch_size", "0"], ["--data.batch_size"]),
     "text for a number": (["fit", "--trainer.max_epochs", "ten"], ["--trainer.max_epochs", "'ten'", "int"]),
-    "unknown option": (["fit", "--model.lx", "3"], ["--model.lx", "did you mean --model.lr?"]),
+    "unknown option": (["fit", "--model.optimzer", "Adam"], ["--model.optimzer", "did you mean --model.optimizer?"]),
     "unknown strategy": (["test", "--ckpt_path", "last", "--trainer.strategy", "foo"], ["strategy"]),
     "no TPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "tpu"], ["torch_xla"]),
     "missing config file": (["fit", "--config", "nope.yaml"], ["nope.yaml"]),
@@ -269,8 +333,8 @@ CASES = {
     "serve on a GPU": (["serve", "--ckpt_path", "last", "--accelerator", "cuda"], ["--accelerator cuda", "no such"]),
     "serve batches of 0": (["serve", "--ckpt_path", "last", "--max_batch_size", "0"], ["--max_batch_size", ">= 1"]),
     "export without checkpoint": (
-        ["export", "--ckpt_path", "last", "--output", "m.pth", "--default_root_dir", "bad"],
-        ["no checkpoint", "--default_root_dir"],
+        ["export", "--ckpt_path", "last", "--output", "m.pth", "--trainer.default_root_dir", "bad"],
+        ["no checkpoint", "--trainer.default_root_dir"],
     ),
 }
 
@@ -316,7 +380,7 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
 
 
 def test_errors_reach_the_shell_as_one_line_and_a_failure_status(run_root, mnist_dir):
-    assert_clean_error(run_cli("fit", "--model.lr", "-1", cwd=run_root), "--model.lr")
+    assert_clean_error(run_cli("fit", "--model.lr", "-1", cwd=run_root), "--model.optimizer")
     assert_clean_error(run_cli("test", "--ckpt_path", "bad/evil.ckpt", *data(mnist_dir), cwd=run_root), "refusing")
     assert not (run_root / "PWNED").exists()
 

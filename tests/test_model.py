@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 from guide import Net as GuideNet
 
@@ -46,9 +49,29 @@ def test_channels_last_changes_layout_not_results():
     assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_optimizer_is_the_guides_sgd():
-    optimizer = LitMNIST(lr=0.05, momentum=0.9).configure_optimizers()
-    assert isinstance(optimizer, torch.optim.SGD)
-    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
-    defaults = LitMNIST().configure_optimizers().defaults
-    assert (defaults["lr"], defaults["momentum"]) == (0.01, 0.5)
+def test_optimizer_is_the_guides_fused_sgd_unless_another_is_given():
+    optimizer = LitMNIST().configure_optimizers()
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["fused"]) == (0.01, 0.5, False, True)
+    adam = LitMNIST(optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": 0.003}}).configure_optimizers()
+    assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 0.003
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer():
+    model = LitMNIST()
+    model.net.conv1.requires_grad_(False)
+    optimized = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    assert id(model.net.conv1.weight) not in optimized and id(model.net.conv1.bias) not in optimized
+    assert id(model.net.fc1.weight) in optimized and len(optimized) == 6
+
+
+def test_bad_optimizer_options_are_refused_when_the_model_is_built():
+    for init_args, words in (
+        ({"lr": -1.0}, "Invalid learning rate"),
+        ({"lr": 0.0}, "--model.optimizer.lr: 0.0 is out of range"),
+        ({"lr": float("inf")}, "--model.optimizer.lr: inf"),
+        ({"lr": 0.1, "momentum": 1.5}, "--model.optimizer.momentum: 1.5 is out of range"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            LitMNIST(optimizer={"class_path": "torch.optim.SGD", "init_args": init_args})
