@@ -111,6 +111,17 @@ def start_fit(cwd: Path, *options: str) -> subprocess.Popen:
     )
 
 
+def wait_for_handler(pid: int, sig: signal.Signals) -> None:
+    """Until the process catches sig (Linux's /proc/PID/status lists the signals a process has handlers for)."""
+    start = time.monotonic()
+    while time.monotonic() - start < 60:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (sig - 1)):
+            return
+        time.sleep(0.01)
+
+
 def wait_for(pattern: str, folder: Path) -> None:
     start = time.monotonic()
     while not list(folder.glob(pattern)) and time.monotonic() - start < 120:
@@ -146,7 +157,7 @@ def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path,
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_before_training_starts_is_one_line_and_writes_nothing(tmp_path, mnist_dir, sig):
     process = start_fit(tmp_path, *args(mnist_dir))
-    time.sleep(0.5)  # still importing torch and Lightning
+    wait_for_handler(process.pid, signal.SIGTERM)  # installed first thing; torch and Lightning still importing
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + sig and "Traceback" not in stderr, stderr[-2000:]
