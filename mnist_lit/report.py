@@ -136,7 +136,9 @@ class TrainingCurves(Callback):
         self._batches += 1
         stepped, self._step = trainer.global_step != self._step, trainer.global_step  # not mid-accumulation
         every = trainer.log_every_n_steps or 50
-        if (stepped and trainer.global_step % every == 0) or batch_idx + 1 == trainer.num_training_batches:
+        # ... and at the batch a limit or a stop ends the run on: the checkpoint saved there carries the point too
+        stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if (stepped and trainer.global_step % every == 0) or batch_idx + 1 == trainer.num_training_batches or stopping:
             self._add_point(trainer)
 
     def _add_point(self, trainer: Trainer) -> None:
