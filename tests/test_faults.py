@@ -101,6 +101,7 @@ def test_two_fits_started_together_in_one_folder_one_runs_and_one_refuses_at_onc
     assert not (tmp_path / "checkpoints" / ".lock").exists()  # released at the end
 
 
+@pytest.mark.slow  # a fit slowed down to outlast two more commands
 def test_test_of_a_running_fits_last_checkpoint_is_allowed_while_a_second_fit_is_refused(tmp_path, mnist_dir):
     fit = subprocess.Popen(
         [sys.executable, *KILLPOINTS, "slow", "300", *fit_args(mnist_dir, "--trainer.max_epochs", "20")],

@@ -173,7 +173,10 @@ def test_sigterm_during_the_sanity_check_is_a_failure_status_not_success(tmp_pat
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()
 
 
-@pytest.mark.parametrize("stop", [["--trainer.max_steps", "13"], ["--trainer.max_time", "00:00:00:02"]])
+@pytest.mark.parametrize(
+    "stop",
+    [["--trainer.max_steps", "13"], pytest.param(["--trainer.max_time", "00:00:00:02"], marks=pytest.mark.slow)],
+)
 def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, reference, stop):
     """max_steps or max_time stop a run in the middle of an epoch (step 13 of 27 lies in epoch 1, batch 4 of 9):
     the rest of that epoch is trained on resume, and the run ends where an uninterrupted one does."""
