@@ -137,15 +137,18 @@ class MNISTCLI(LightningCLI):
                     raise ConfigError(f"--trainer.{name}: {value} trains nothing; it must be {rule}")
 
     def after_fit(self) -> None:
+        # Resuming a finished run is not a failure (a requeued job, a script run twice), but it must not pass for a
+        # run that trained: say so, and leave no log folder for a run that did nothing.
         trainer = self.trainer
         if self.resumed_step is not None and trainer.global_step == self.resumed_step and trainer.is_global_zero:
             for callback in trainer.callbacks:
                 if isinstance(callback, SaveConfig):
                     callback.discard(trainer)
-            raise CheckpointError(
+            print(
                 f"nothing to train: {self.config.fit.ckpt_path} is at step {trainer.global_step}, epoch"
                 f" {trainer.current_epoch}, already at the run's limits (--trainer.max_epochs {trainer.max_epochs},"
-                f" --trainer.max_steps {trainer.max_steps}): raise them to train further"
+                f" --trainer.max_steps {trainer.max_steps}): raise them to train further",
+                file=sys.stderr,
             )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -301,10 +301,6 @@ CASES = {
         ["fit", "--trainer.limit_train_batches", "0"],
         ["--trainer.limit_train_batches", "trains nothing"],
     ),
-    "resume a finished run with the same limits": (
-        ["fit", "--ckpt_path", "last", "--trainer.max_epochs", "1"],
-        ["nothing to train", "--trainer.max_epochs 1"],
-    ),
     "test after a fit without checkpoints": (
         ["test", "--ckpt_path", "last", "--trainer.default_root_dir", "bad/no-ckpt-run"],
         ["no checkpoint to load", "checkpointing on"],
@@ -433,3 +429,15 @@ def test_a_diverged_run_stops_before_saving_non_finite_weights(tmp_path, mnist_d
     for path in tmp_path.rglob("*.ckpt"):  # whatever was saved holds finite numbers
         weights = torch.load(path, weights_only=True)["state_dict"].values()
         assert all(bool(w.isfinite().all()) for w in weights), path
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_writes_nothing(run_root, mnist_dir, run_main):
+    before = fingerprint(run_root)
+    status, _, err = run_main("fit", *data(mnist_dir), "--ckpt_path", "last", "--trainer.max_epochs", "1", cwd=run_root)
+    assert status == 0, err[-2000:]  # not a failure: a requeued job or a script run twice finds its run complete
+    assert "nothing to train:" in err and "--trainer.max_epochs 1" in err, err[-2000:]
+    after = fingerprint(run_root)
+    assert {k: after.get(k) for k in before if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+    assert sorted(p.name for p in (run_root / "lightning_logs").iterdir()) == ["version_0"]
