@@ -513,7 +513,12 @@ def run_serve(args: list[str]) -> None:
     parser.add_argument(
         "--batch_timeout", type=float, default=0.005, help="Seconds a batch waits to fill (default: 0.005)."
     )
-    parser.add_argument("--workers", type=int, default=1, help="Model processes per device (default: 1).")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Model processes per device, and as many HTTP server processes (default: 1).",
+    )
     parser.add_argument(
         "--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"),
         help="Where the model runs (default: auto, a GPU if there is one).",
@@ -535,7 +540,7 @@ def run_serve(args: list[str]) -> None:
     try:
         from mnist_lit.serve import load_net, serve
     except ImportError as err:  # litserve is an optional extra
-        raise ConfigError(f"serve needs {err.name}: pip install 'mnist-lit[serve]'") from None
+        raise ConfigError(f"serve needs {err.name}: pip install -e '.[serve]' in the project's folder") from None
     net, dataset = load_net(ckpt_path)
     # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
     with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as sock:

@@ -64,7 +64,9 @@ def _write_onnx(net: Net, path: Path) -> float:
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("ONNX export needs onnx and onnxruntime: pip install 'mnist-lit[export]'") from None
+        raise ExportError(
+            "ONNX export needs onnx and onnxruntime: pip install -e '.[export]' in the project's folder"
+        ) from None
     example = torch.randn(2, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1)
     try:
@@ -73,7 +75,9 @@ def _write_onnx(net: Net, path: Path) -> float:
             dynamic_shapes=({0: batch},), external_data=False, dynamo=True, verbose=False,
         )  # fmt: skip
     except ImportError as err:
-        raise ExportError(f"ONNX export needs {err.name or 'onnxscript'}: pip install 'mnist-lit[export]'") from None
+        raise ExportError(
+            f"ONNX export needs {err.name or 'onnxscript'}: pip install -e '.[export]' in the project's folder"
+        ) from None
     # Check the written file, with another batch size than the one traced.
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(5, 1, 28, 28)
