@@ -21,15 +21,16 @@ class ExportError(RuntimeError):
     """An export that cannot be done or did not check out; the message says why."""
 
 
-def net_from_checkpoint(ckpt_path: str | os.PathLike) -> Net:
-    """The plain Net held in a mnist_lit checkpoint, loaded without unpickling anything but tensors."""
+def net_from_checkpoint(ckpt_path: str | os.PathLike) -> tuple[Net, str]:
+    """The plain Net held in a mnist_lit checkpoint, loaded without unpickling anything but tensors, and the name
+    of the dataset it was trained on (one read and one digest check of the file for both)."""
     checkpoint = load_checkpoint(ckpt_path)
     check_weights(ckpt_path, checkpoint, LitMNIST())
     net = Net()
     # contiguous: a channels_last run's conv weights become the plain layout the guide's model.pth has
     state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
     net.load_state_dict(state, strict=True)
-    return net.eval()
+    return net.eval(), recorded_dataset(checkpoint)
 
 
 def export(ckpt_path: str | os.PathLike, output: Path) -> str:
@@ -41,8 +42,8 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
         raise ExportError(f"cannot export to {output}: it is a folder; name a file")
     if output.exists() and not output.is_file():
         raise ExportError(f"cannot export to {output}: it exists and is not a regular file; name a file")
-    net = net_from_checkpoint(ckpt_path)
-    known = DATASETS[recorded_dataset(load_checkpoint(ckpt_path))]
+    net, dataset = net_from_checkpoint(ckpt_path)
+    known = DATASETS[dataset]
     # The file holds weights only: a deployment must normalise its inputs as the training data was.
     inputs = f"; inputs as {known.title}'s: 28x28, (pixel / 255 - {known.mean}) / {known.std}"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
 from mnist_lit.checkpoint import check_weights
-from mnist_lit.data import DATASETS, DEFAULT, recorded_dataset
+from mnist_lit.data import DATASETS, DEFAULT
 from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
 from mnist_lit.model import Net
-from mnist_lit.storage import CheckpointError, load_checkpoint
+from mnist_lit.storage import CheckpointError
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
@@ -49,7 +49,7 @@ def load_net(ckpt_path: str) -> tuple[Net, str]:
     """The Net in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict), and the
     dataset it was trained on: the checkpoint's; a .pth records none, and is taken for MNIST."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        return net_from_checkpoint(ckpt_path), recorded_dataset(load_checkpoint(ckpt_path))
+        return net_from_checkpoint(ckpt_path)
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -226,7 +226,7 @@ def test_a_pth_export_serves_the_same_net(trained, tmp_path):
 
     export(trained / "checkpoints" / "last.ckpt", tmp_path / "model.pth")
     checkpoint, (pth, dataset) = (
-        net_from_checkpoint(trained / "checkpoints" / "last.ckpt"),
+        net_from_checkpoint(trained / "checkpoints" / "last.ckpt")[0],
         load_net(str(tmp_path / "model.pth")),
     )
     assert dataset == "mnist"
