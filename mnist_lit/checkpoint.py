@@ -88,6 +88,8 @@ class Checkpoint(ModelCheckpoint):
       position in the epoch, so a resumed run continues bit for bit on the same hardware.
     - Whatever ends training early (Ctrl-C or SIGTERM, max_steps, max_time, early stopping) saves last.ckpt at
       that batch, mid-epoch position included, so a resume goes on from exactly there.
+    - Nothing is saved between an epoch's last batch and the end of its validation and scheduler step: a save or
+      a stop due there is made as the next epoch starts (or training ends), so no resume skips or repeats them.
     - last.ckpt is also written when training ends, so `test --ckpt_path last` sees the final weights.
     """
 
@@ -125,6 +127,8 @@ class Checkpoint(ModelCheckpoint):
         self._rng_to_restore: dict[str, Any] | None = None
         self._stop_signal: int | None = None
         self._last_write: tuple[int, str] | None = None
+        self._save_due = False  # a periodic save that fell on an epoch's last batch, made at the next epoch's start
+        self._at_epoch_start = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -176,14 +180,22 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._disarm()
-        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+        signum = self._signal(trainer, pl_module)  # one that came during the last epoch's end
+        if self._save_due and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        elif self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_due = False
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         remaining = timer.time_remaining() if timer is not None else None
         if remaining is not None and remaining <= 0 and trainer.is_global_zero:
             saved = self.newest_saved()
             where = f"; saved {saved}: resume with `fit --ckpt_path last`" if saved else ""
             print(f"stopped by --trainer.max_time at step {trainer.global_step}{where}", file=sys.stderr)
+        if signum:
+            self._stop(trainer, signum)
 
     # --- exact resume: the RNG state rides in the checkpoint ------------------------------------------------
 
@@ -194,6 +206,12 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         checkpoint["rng_state"] = rng
+        if self._at_epoch_start:
+            # Lightning has counted the new epoch as ready (not yet started) when it calls on_train_epoch_start, and
+            # 2.6 resumes such a checkpoint wrongly (it skips the epoch or miscounts it). Saved as the state between
+            # two epochs, the one a finished run's last.ckpt has: Lightning resumes it with the next epoch.
+            for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+                counts["ready"] -= 1
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
@@ -207,10 +225,11 @@ class Checkpoint(ModelCheckpoint):
             and epoch_loop.restarted_on_train_batch_end
             and epoch_loop.batch_progress.is_last_batch
         ):
-            # The checkpoint was taken after an epoch's last batch. Lightning 2.6 closes that epoch on resume but
-            # then runs the next as if already started (never counted as started, no on_train_epoch_start, and
-            # its checkpoints resume wrongly), and keeps counting the finished epoch's batches when an epoch has
-            # another number of them now (another number of processes). Start the next epoch afresh.
+            # A checkpoint taken after an epoch's last batch, as older mnist_lit ones were. Lightning 2.6 closes
+            # that epoch on resume but then runs the next as if already started (never counted as started, no
+            # on_train_epoch_start, and its checkpoints resume wrongly), and keeps counting the finished epoch's
+            # batches when an epoch has another number of them now (another number of processes). Start the next
+            # epoch afresh.
             loop.reset_restart_stage()
             epoch_loop.reset_restart_stage()
             epoch_loop.batch_progress.reset_on_run()
@@ -252,21 +271,60 @@ class Checkpoint(ModelCheckpoint):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._disarm()
 
+    def _signal(self, trainer: Trainer, pl_module: LightningModule) -> int:
+        """The signal this run stops on, 0 if none: under DDP every process names the one any of them got."""
+        signum = self._stop_signal or 0
+        if trainer.world_size > 1:
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        return signum
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        signum = self._signal(trainer, pl_module)
+        if batch_idx + 1 == trainer.num_training_batches:
+            # An epoch's last batch: its validation, the callbacks' epoch-end state and the epoch's scheduler step
+            # (ReduceLROnPlateau's included) come after it. A checkpoint taken here would miss them, and a resume
+            # from it would skip them; a save or a stop due here waits for the next epoch's start (or train end).
+            every = self._every_n_train_steps
+            self._save_due = self._save_due or (every >= 1 and trainer.global_step % every == 0)
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signum = self._stop_signal or 0
-        if trainer.world_size > 1:  # every process stops at the same batch, each naming the signal one of them got
-            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
-        stop = signum != 0
         # Callbacks that end training (max_time's Timer, EarlyStopping) run before this one (Lightning puts
         # checkpoint callbacks last): a stop they asked for is already set.
-        limit = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        if stop or limit:
+        if signum or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
             self._save_now(trainer)  # now, while the loop's state still says where in the epoch it is
-        if not stop:
-            return
+        if signum:
+            self._stop(trainer, signum)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        signum = self._signal(trainer, pl_module)  # also one that came during the last epoch's validation
+        self._at_epoch_start = True
+        try:
+            if self._save_due and not self._should_skip_saving_checkpoint(trainer):
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+            if signum:
+                self._save_now(trainer)
+        finally:
+            self._at_epoch_start, self._save_due = False, False
+        if signum:
+            self._stop(trainer, signum)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        loop = trainer.fit_loop
+        plateaus = [c.monitor for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
+        if plateaus and loop.restarting and loop.epoch_loop.batch_progress.is_last_batch:
+            # Lightning 2.6 skips ReduceLROnPlateau's step at the end of the first epoch after a resume, taking the
+            # validation metrics for lost. Checkpoints here are never taken after an epoch's validation, so this
+            # epoch validated anew: step as an uninterrupted run does (the non-plateau ones already stepped).
+            if all(monitor in trainer.callback_metrics for monitor in plateaus):
+                loop.epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+
+    def _stop(self, trainer: Trainer, signum: int) -> None:
         step, saved = trainer.global_step, self.newest_saved()
         if not saved:
             done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"

@@ -3,15 +3,19 @@
     python tests/killpoints.py MOMENT N fit ARGS...
 
 MOMENT is where the process kills itself, N counts from 1:
-  step    inside the training step that makes global step N (after the forward pass, before the update)
+  step    inside the training step that makes global step N (after the forward pass, before the update), once
+          the checkpoints saved before it are on disk (the writer thread may lag a save or two behind; the soak
+          test kills at unplanned moments, these at exact ones)
   write   while the N-th checkpoint file of this process is being written: half its bytes are on disk
   rename  after the N-th checkpoint file is complete and fsynced, before it replaces the previous one
   link    before the N-th complete copy of last.ckpt replaces the previous one
+  val     inside the first step of the N-th validation after a training epoch (the sanity check not counted)
 Or, instead of a SIGKILL of itself:
   slow          every training step takes N milliseconds longer (a slow model, for time limits)
   sanity-term   the process of rank N sends itself SIGTERM in its first sanity-check step
   rank1-kill    the process of rank 1 is SIGKILLed inside training step N
   rank1-int     the process of rank 1 gets SIGINT (Ctrl-C) inside training step N
+  val-int       the process gets SIGINT (Ctrl-C) inside the first step of the N-th validation after an epoch
 Nothing here is imported by mnist_lit: the hooks wrap the real functions the package calls.
 """
 
@@ -44,6 +48,7 @@ def plant(moment: str, n: int) -> None:
         def step(self, batch, batch_idx):
             loss = training_step(self, batch, batch_idx)
             if self.global_step + 1 == n:
+                self.trainer.strategy.checkpoint_io.flush()
                 die()
             return loss
 
@@ -69,6 +74,15 @@ def plant(moment: str, n: int) -> None:
             return replace(src, dst)
 
         storage.os.replace = replace_or_die
+    elif moment in ("val", "val-int"):
+        validation_step = LitMNIST.validation_step
+
+        def val_step(self, batch, batch_idx):
+            if not self.trainer.sanity_checking and batch_idx == 0 and nth():
+                os.kill(os.getpid(), signal.SIGKILL if moment == "val" else signal.SIGINT)
+            return validation_step(self, batch, batch_idx)
+
+        LitMNIST.validation_step = val_step
     elif moment == "slow":
         training_step = LitMNIST.training_step
 

@@ -14,7 +14,7 @@ from conftest import QUIET, SYNTHETIC, cli_env, run_cli
 from test_predict import digit
 from test_resume import KILLPOINTS, args
 
-from mnist_lit.storage import DIGEST_KEY, load_checkpoint, newest_checkpoint
+from mnist_lit.storage import DIGEST_KEY
 
 ADAM_ONE_CYCLE = [
     "--model.optimizer", "Adam", "--model.optimizer.lr", "0.003",
@@ -57,11 +57,9 @@ def adam_run(tmp_path_factory, mnist_dir):
 
 @pytest.mark.slow  # five whole runs; test_resume.py covers the default recipe's exact resume in the default suite
 def test_adam_and_one_cycle_resume_bit_for_bit_after_a_kill_mid_epoch(tmp_path, mnist_dir, adam_run):
-    killed = run_cli("step", "17", *args(mnist_dir), *ADAM_ONE_CYCLE, cwd=tmp_path, script=KILLPOINTS)
+    killed = run_cli("step", "14", *args(mnist_dir), *ADAM_ONE_CYCLE, cwd=tmp_path, script=KILLPOINTS)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # Saves come every 3 steps and at most one write is in flight, so the save at step 15 waited for step 12's:
-    # the resume starts at step 12 or 15, both mid-epoch 1 (steps 10-18), the schedule and Adam's moments under way
-    assert load_checkpoint(newest_checkpoint(tmp_path / "checkpoints"))["global_step"] in (12, 15)
+    assert last(tmp_path)["global_step"] == 12  # mid-epoch 1: the schedule and Adam's moments are under way
     # the resume names no optimizer or schedule: the checkpoint holds them
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -33,10 +33,12 @@ def args(data: Path, epochs: int = 3) -> list[str]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Weights, optimizer state and counters of two last.ckpt files are identical."""
+    """Weights, optimizer state and counters (steps and epochs) of two last.ckpt files are identical."""
     x = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
     y = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
     assert (x["global_step"], x["epoch"]) == (y["global_step"], y["epoch"])
+    progress = [c["loops"]["fit_loop"]["epoch_progress"] for c in (x, y)]  # every epoch counted as begun and ended
+    assert progress[0] == progress[1]
     assert x["state_dict"].keys() == y["state_dict"].keys()
     for key in x["state_dict"]:
         assert torch.equal(x["state_dict"][key], y["state_dict"][key]), key
@@ -61,7 +63,7 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
         ("write", 2),  # halfway through writing a checkpoint file: the torn file is a .part, last.ckpt intact
         ("rename", 3),  # a complete new file not yet renamed over the old one
         ("link", 2),  # the copy that becomes last.ckpt complete, not yet renamed
-        ("step", 20),  # resumed at an epoch's last batch, killed in the next epoch
+        ("step", 20),  # resumed where an epoch ends (step 18), killed in the next epoch
         ("step", 26),
     ]
     for i, (moment, n) in enumerate(plan):
@@ -69,7 +71,9 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
         result = run_cli(moment, str(n), *args(mnist_dir), *resume, cwd=tmp_path, script=KILLPOINTS)
         assert result.returncode == -signal.SIGKILL, (moment, n, result.stderr[-2000:])
         # what `--ckpt_path last` resumes from (last.ckpt, or the periodic file written just before it) is whole
-        load_checkpoint(newest_checkpoint(tmp_path / "checkpoints"))
+        newest = newest_checkpoint(tmp_path / "checkpoints")
+        assert newest is not None, (moment, n)
+        load_checkpoint(newest)
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
@@ -203,6 +207,56 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
+
+
+def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_exactly(tmp_path, mnist_dir, reference):
+    """mnist_lit waits for an epoch's end to save there; a ModelCheckpoint of the user's own (or an older mnist_lit)
+    saves right after the last batch. Lightning 2.6 alone resumes such a file into a miscounted epoch."""
+    theirs = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "theirs"),
+              "--trainer.callbacks.every_n_train_steps", "9",
+              "--trainer.callbacks.save_on_train_epoch_end", "false"]  # fmt: skip
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    assert run_cli(*args(mnist_dir, epochs=1), *theirs, cwd=first).returncode == 0
+    saved = tmp_path / "theirs" / "epoch=0-step=9.ckpt"
+    progress = torch.load(saved, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["is_last_batch"] and progress["total"]["completed"] == 8  # saved inside the last batch's end
+    result = run_cli(*args(mnist_dir), "--ckpt_path", str(saved), cwd=second)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(second, reference)
+
+
+# ReduceLROnPlateau on val/loss in 'max' mode, patience 0: the rate drops after every epoch's validation but the
+# first, so a resume that skipped or missed one validation, or one step of the schedule, ends elsewhere.
+PLATEAU = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
+           "--model.lr_scheduler.mode", "max", "--model.lr_scheduler.patience", "0"]  # fmt: skip
+
+
+def test_stops_around_an_epochs_end_resume_with_its_validation_and_its_plateau_step(tmp_path, mnist_dir):
+    """Step 9 ends epoch 0 and is due a checkpoint: it is taken after the epoch's validation and schedule step (at
+    epoch 1's start), never before them, so whichever way a run stops there, the resume skips neither."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    whole.mkdir(), run.mkdir()
+    fit = [*args(mnist_dir), *PLATEAU]
+    assert run_cli(*fit, cwd=whole).returncode == 0
+    # Ctrl-C in epoch 0's validation: the validation ends, then the run stops at epoch 1's start with a checkpoint
+    result = run_cli("val-int", "1", *fit, cwd=run, script=KILLPOINTS)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    assert f"SIGINT: stopped at step 9 and saved {run / 'checkpoints' / 'last.ckpt'}" in result.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # one epoch done
+    # killed inside epoch 1's validation: the resume retrains the end of epoch 1 and validates it again
+    result = run_cli("val", "1", *fit, "--ckpt_path", "last", cwd=run, script=KILLPOINTS)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert 9 < load_checkpoint(newest_checkpoint(run / "checkpoints"))["global_step"] < 18
+    # a run that ends with epoch 1, then one more epoch
+    assert run_cli(*args(mnist_dir, epochs=2), *PLATEAU, "--ckpt_path", "last", cwd=run).returncode == 0
+    assert run_cli(*fit, "--ckpt_path", "last", cwd=run).returncode == 0
+    assert_same_run(run, whole)
+    x, y = (torch.load(root / "checkpoints" / "last.ckpt", weights_only=True) for root in (run, whole))
+    assert x["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.1**2)  # after epochs 1 and 2
+    assert x["lr_schedulers"] == y["lr_schedulers"]
+    val = x["callbacks"]["TrainingCurves"]["val"]
+    assert val[:, 0].tolist() == [9, 18, 27] and torch.equal(val, y["callbacks"]["TrainingCurves"]["val"])
 
 
 @pytest.mark.slow
