@@ -150,13 +150,20 @@ class DigitAPI(ls.LitAPI):
         )
 
 
+def page(classes: tuple[str, ...]) -> bytes:
+    """The drawing page, its bars labelled with the model's class names."""
+    digits = json.dumps(list(DATASETS[DEFAULT].classes))  # the page's own labels, replaced by the names
+    names = json.dumps(list(classes)).replace("</", "<\\/")  # inside a <script> element
+    return PAGE.read_text(encoding="utf-8").replace(digits, names).encode()
+
+
 class Gate:
     """ASGI middleware in front of LitServe's routes: the page at GET /, early refusal of a POST /predict whose
     body cannot be a request (LitServe would answer a body that is not JSON with a 500), one log line a request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, classes: tuple[str, ...] = DATASETS[DEFAULT].classes) -> None:
         self.app = app
-        self.page = PAGE.read_bytes()
+        self.page = page(classes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -236,7 +243,12 @@ def serve(
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM."""
     api = DigitAPI(net, dataset, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers, middlewares=[Gate])
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        workers_per_device=workers,
+        middlewares=[(Gate, {"classes": DATASETS[dataset].classes})],
+    )
     # LitServer stops its processes cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill) gets the same, here
     # only: the processes LitServer forks inherit the handler and must keep SIGTERM's default.
     main, stopping = os.getpid(), False

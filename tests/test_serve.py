@@ -159,6 +159,20 @@ def test_health_and_a_self_contained_page(server):
     assert b"http://" not in page and b"https://" not in page and b"//cdn" not in page  # works offline
 
 
+def class_labels(html: bytes) -> list[str]:
+    start = html.index(b'<script id="classes" type="application/json">')
+    return json.loads(html[html.index(b">", start) + 1 : html.index(b"</script>", start)])
+
+
+def test_the_pages_bars_carry_the_models_class_names(server):
+    from mnist_lit.data import DATASETS
+    from mnist_lit.serve import page
+
+    assert class_labels(server.get("/")[1]) == [str(d) for d in range(10)]
+    assert class_labels(page(DATASETS["fashion_mnist"].classes))[:2] == ["T-shirt/top", "Trouser"]
+    assert class_labels(page(("</script>",) * 10)) == ["</script>"] * 10  # a name cannot end the element
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height and holds a few bytes of data: decoding it would fail, not finish."""
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
