@@ -90,7 +90,8 @@ class Checkpoint(ModelCheckpoint):
       that batch, mid-epoch position included, so a resume goes on from exactly there.
     - Nothing is saved between an epoch's last batch and the end of its validation and scheduler step: a save or
       a stop due there is made as the next epoch starts (or training ends), so no resume skips or repeats them.
-    - last.ckpt is also written when training ends, so `test --ckpt_path last` sees the final weights.
+    - The final weights are saved when training ends (last.ckpt, or a periodic file with save_last off), so
+      `test --ckpt_path last` sees them.
     """
 
     def __init__(
@@ -181,12 +182,13 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._disarm()
         signum = self._signal(trainer, pl_module)  # one that came during the last epoch's end
-        if self._save_due and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-        elif self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not self._should_skip_saving_checkpoint(trainer):  # the final weights
+            if self._save_due:
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+            else:
+                self._save_now(trainer)  # last.ckpt, or a periodic file when save_last is off
         self._save_due = False
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         remaining = timer.time_remaining() if timer is not None else None

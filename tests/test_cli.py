@@ -48,6 +48,16 @@ def test_checkpoints_and_logs_go_where_the_readme_says(trained):
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
 
 
+def test_without_last_ckpt_the_final_weights_are_a_periodic_file_that_test_last_finds(tmp_path, mnist_dir):
+    # 9 steps, saves every 4: steps 4 and 8 are periodic, step 9 is the end of training
+    fit = fit_args(mnist_dir, "--checkpoint.save_last", "false")
+    result = run_cli(*fit, "--checkpoint.every_n_train_steps", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=9.ckpt"]
+    result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=tmp_path)
+    assert result.returncode == 0 and "epoch=1-step=9.ckpt" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
 def test_resume_continues_the_step_counter(tmp_path, mnist_dir):
     assert run_cli(*fit_args(mnist_dir), cwd=tmp_path).returncode == 0
     result = run_cli(*fit_args(mnist_dir, "--ckpt_path", "last", "--trainer.max_epochs", "2"), cwd=tmp_path)
