@@ -33,6 +33,7 @@ def test_ddp_test_metrics_equal_a_single_process_exactly(tmp_path, mnist_dir, ru
     assert 0.1 < one["test/acc"] < 1  # a real, imperfect model: every image counts
 
 
+@pytest.mark.slow  # two DDP runs; the metrics test above runs DDP in the default suite
 def test_ddp_fit_shards_are_disjoint_one_process_writes_and_one_process_resumes(tmp_path, big_mnist):
     probe = tmp_path / "probe"
     fit = ["fit", "--data.data_dir", str(big_mnist), *SYNTHETIC, *QUIET, "--trainer.log_every_n_steps", "10"]

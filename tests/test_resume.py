@@ -209,6 +209,7 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # guards a workaround inside Lightning's loops: a Lightning upgrade fails it in CI's slow suite
 def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_exactly(tmp_path, mnist_dir, reference):
     """mnist_lit waits for an epoch's end to save there; a ModelCheckpoint of the user's own (or an older mnist_lit)
     saves right after the last batch. Lightning 2.6 alone resumes such a file into a miscounted epoch."""
