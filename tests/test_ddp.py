@@ -61,7 +61,7 @@ def test_ddp_fit_shards_are_disjoint_one_process_writes_and_one_process_resumes(
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 250
 
 
-@pytest.mark.slow  # two more DDP runs; the test above resumes a DDP run in the default suite
+@pytest.mark.slow  # two more DDP runs
 def test_mid_epoch_resume_with_another_number_of_processes_finishes_the_epoch(tmp_path, big_mnist):
     fit = ["fit", "--data.data_dir", str(big_mnist), *SYNTHETIC, *QUIET, "--trainer.accelerator", "cpu"]
     stopped = run_cli(*fit, *DDP, "--trainer.devices", "2", "--trainer.max_steps", "70", cwd=tmp_path)
