@@ -196,8 +196,10 @@ class Checkpoint(ModelCheckpoint):
             saved = self.newest_saved()
             where = f"; saved {saved}: resume with `fit --ckpt_path last`" if saved else ""
             print(f"stopped by --trainer.max_time at step {trainer.global_step}{where}", file=sys.stderr)
-        if signum:
-            self._stop(trainer, signum)
+        if signum:  # training had ended all the same: nothing is left to resume
+            saved = f"; the final weights are in {self.newest_saved()}" if self.newest_saved() else ""
+            name = signal.Signals(signum).name
+            raise Interrupted(f"{name}: came as training ended at step {trainer.global_step}{saved}", signum)
 
     # --- exact resume: the RNG state rides in the checkpoint ------------------------------------------------
 

@@ -209,6 +209,14 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     assert_same_run(tmp_path, reference)
 
 
+def test_ctrl_c_in_the_last_validation_keeps_the_finished_run_and_says_so(tmp_path, mnist_dir):
+    result = run_cli("val-int", "3", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)  # epoch 2 of 3 validates
+    assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"SIGINT: came as training ended at step 27; the final weights are in {last}" in result.stderr
+    assert torch.load(last, weights_only=True)["callbacks"]["TrainingCurves"]["val"][:, 0].tolist() == [9, 18, 27]
+
+
 @pytest.mark.slow  # guards a workaround inside Lightning's loops: a Lightning upgrade fails it in CI's slow suite
 def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_exactly(tmp_path, mnist_dir, reference):
     """mnist_lit waits for an epoch's end to save there; a ModelCheckpoint of the user's own (or an older mnist_lit)
