@@ -130,6 +130,8 @@ class Checkpoint(ModelCheckpoint):
         self._last_write: tuple[int, str] | None = None
         self._save_due = False  # a periodic save that fell on an epoch's last batch, made at the next epoch's start
         self._at_epoch_start = False
+        self._step_seen = 0  # global_step at the last batch's end: a batch that leaves it is mid-accumulation
+        self._stop_asked = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -236,12 +238,15 @@ class Checkpoint(ModelCheckpoint):
             # epoch afresh.
             loop.reset_restart_stage()
             epoch_loop.reset_restart_stage()
-            epoch_loop.batch_progress.reset_on_run()
-            epoch_loop.scheduler_progress.reset_on_run()
-            epoch_loop.automatic_optimization.optim_progress.reset_on_run()
-            epoch_loop.val_loop.batch_progress.total.reset()
+            self._new_epoch(epoch_loop)
+        epochs = loop.epoch_progress.current
+        if epoch_loop.restarting and epochs.ready == epochs.started == epochs.processed:
+            # A checkpoint between two epochs (at an epoch's start, or a finished run's). With max_steps set,
+            # Lightning 2.6 resumes it as restarting all the same and counts the finished epoch's batches as the
+            # next one's: it would skip that epoch whole. The next epoch's batches start from zero.
+            self._new_epoch(epoch_loop)
         # A resumed run starts from a checkpoint of this very step: nothing new to save until the next step.
-        self._last_global_step_saved = trainer.global_step
+        self._last_global_step_saved = self._step_seen = trainer.global_step
         # Restored here, not on load: the sanity check and loader setup in between must not shift it.
         if self._rng_to_restore:
             torch.set_rng_state(self._rng_to_restore["cpu"])
@@ -249,6 +254,15 @@ class Checkpoint(ModelCheckpoint):
                 torch.cuda.set_rng_state(self._rng_to_restore["cuda"], pl_module.device)
             self._rng_to_restore = None
         self._arm()
+
+    @staticmethod
+    def _new_epoch(epoch_loop: Any) -> None:
+        # Lightning's own loop counters, reset as it does when an epoch starts (tests/test_resume.py resumes each
+        # kind of checkpoint that needs this and fails if a Lightning upgrade changes them).
+        epoch_loop.batch_progress.reset_on_run()
+        epoch_loop.scheduler_progress.reset_on_run()
+        epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+        epoch_loop.val_loop.batch_progress.total.reset()
 
     # --- stopping early: a signal or a limit, with a checkpoint of the step reached ----------------------------
 
@@ -286,14 +300,24 @@ class Checkpoint(ModelCheckpoint):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         signum = self._signal(trainer, pl_module)
+        stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
         if batch_idx + 1 == trainer.num_training_batches:
             # An epoch's last batch: its validation, the callbacks' epoch-end state and the epoch's scheduler step
             # (ReduceLROnPlateau's included) come after it. A checkpoint taken here would miss them, and a resume
             # from it would skip them; a save or a stop due here waits for the next epoch's start (or train end).
             every = self._every_n_train_steps
             self._save_due = self._save_due or (every >= 1 and trainer.global_step % every == 0)
+            trainer.should_stop, self._stop_asked = trainer.should_stop or self._stop_asked, False
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not stepped:
+            # Mid gradient accumulation: the gradients summed so far go into no checkpoint, so a stop here would
+            # lose them on resume. A signal waits for the batch that steps; so does a stop another callback asked
+            # for (max_time's Timer), asked again there.
+            self._stop_asked = self._stop_asked or trainer.should_stop
+            trainer.should_stop = False
+            return
+        trainer.should_stop, self._stop_asked = trainer.should_stop or self._stop_asked, False
         # Callbacks that end training (max_time's Timer, EarlyStopping) run before this one (Lightning puts
         # checkpoint callbacks last): a stop they asked for is already set.
         if signum or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
@@ -330,10 +354,12 @@ class Checkpoint(ModelCheckpoint):
 
     def _stop(self, trainer: Trainer, signum: int) -> None:
         step, saved = trainer.global_step, self.newest_saved()
-        if not saved:
-            done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"
-        elif self._last_global_step_saved == step:
+        if saved and self._last_global_step_saved == step:
             done = f"stopped at step {step} and saved {saved}; resume with `fit --ckpt_path last`"
-        else:
+        elif saved:
             done = f"stopped at step {step}; the newest checkpoint is {saved}; resume with `fit --ckpt_path last`"
+        elif self.save_last or self.save_top_k != 0:
+            done = f"stopped at step {step}, before any training step; nothing new was saved"
+        else:
+            done = f"stopped at step {step}; no checkpoint was saved (--checkpoint.save_last and save_top_k are off)"
         raise Interrupted(f"{signal.Signals(signum).name}: {done}", signum)

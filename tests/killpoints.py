@@ -16,6 +16,8 @@ Or, instead of a SIGKILL of itself:
   rank1-kill    the process of rank 1 is SIGKILLed inside training step N
   rank1-int     the process of rank 1 gets SIGINT (Ctrl-C) inside training step N
   val-int       the process gets SIGINT (Ctrl-C) inside the first step of the N-th validation after an epoch
+  batch-int     the process gets SIGINT (Ctrl-C) inside its N-th training batch (under gradient accumulation
+                not every batch is a step)
 Nothing here is imported by mnist_lit: the hooks wrap the real functions the package calls.
 """
 
@@ -74,6 +76,15 @@ def plant(moment: str, n: int) -> None:
             return replace(src, dst)
 
         storage.os.replace = replace_or_die
+    elif moment == "batch-int":
+        training_step = LitMNIST.training_step
+
+        def interrupted_step(self, batch, batch_idx):
+            if nth():
+                os.kill(os.getpid(), signal.SIGINT)
+            return training_step(self, batch, batch_idx)
+
+        LitMNIST.training_step = interrupted_step
     elif moment in ("val", "val-int"):
         validation_step = LitMNIST.validation_step
 

@@ -209,6 +209,30 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     assert_same_run(tmp_path, reference)
 
 
+def test_a_step_limit_at_an_epochs_end_resumes_with_the_next_epoch(tmp_path, mnist_dir, reference):
+    # with max_steps, Lightning 2.6 alone resumes a checkpoint taken between two epochs into a skipped epoch
+    assert run_cli(*args(mnist_dir), "--trainer.max_steps", "9", cwd=tmp_path).returncode == 0
+    result = run_cli(*args(mnist_dir), "--trainer.max_steps", "27", "--ckpt_path", "last", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.slow  # three runs
+def test_ctrl_c_under_gradient_accumulation_stops_at_a_step_and_resumes_exactly(tmp_path, mnist_dir):
+    accumulate = ["--trainer.accumulate_grad_batches", "2"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    whole.mkdir(), run.mkdir()
+    assert run_cli(*args(mnist_dir), *accumulate, cwd=whole).returncode == 0
+    # 5 steps an epoch (batches 2, 4, 6, 8 and the last, 9); batch 10, epoch 1's first, only sums its gradients:
+    # the stop waits for batch 11, step 6
+    result = run_cli("batch-int", "10", *args(mnist_dir), *accumulate, cwd=run, script=KILLPOINTS)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    assert "SIGINT: stopped at step 6 and saved" in result.stderr
+    result = run_cli(*args(mnist_dir), *accumulate, "--ckpt_path", "last", cwd=run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(run, whole)
+
+
 def test_ctrl_c_in_the_last_validation_keeps_the_finished_run_and_says_so(tmp_path, mnist_dir):
     result = run_cli("val-int", "3", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)  # epoch 2 of 3 validates
     assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-2000:]
