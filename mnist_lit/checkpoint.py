@@ -129,7 +129,6 @@ class Checkpoint(ModelCheckpoint):
         self._stop_signal: int | None = None
         self._last_write: tuple[int, str] | None = None
         self._save_due = False  # a periodic save that fell on an epoch's last batch, made at the next epoch's start
-        self._at_epoch_start = False
         self._step_seen = 0  # global_step at the last batch's end: a batch that leaves it is mid-accumulation
         self._stop_asked = False
 
@@ -169,6 +168,12 @@ class Checkpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
+    def _save_periodic(self, trainer: Trainer) -> None:
+        """The periodic file and last.ckpt, as ModelCheckpoint saves every_n_train_steps."""
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
     def _save_now(self, trainer: Trainer) -> None:
         """A checkpoint of this very step, unless there is one: last.ckpt, else a periodic file."""
         if self._last_global_step_saved == trainer.global_step:
@@ -186,9 +191,7 @@ class Checkpoint(ModelCheckpoint):
         signum = self._signal(trainer, pl_module)  # one that came during the last epoch's end
         if not self._should_skip_saving_checkpoint(trainer):  # the final weights
             if self._save_due:
-                candidates = self._monitor_candidates(trainer)
-                self._save_topk_checkpoint(trainer, candidates)
-                self._save_last_checkpoint(trainer, candidates)
+                self._save_periodic(trainer)
             else:
                 self._save_now(trainer)  # last.ckpt, or a periodic file when save_last is off
         self._save_due = False
@@ -199,7 +202,7 @@ class Checkpoint(ModelCheckpoint):
             where = f"; saved {saved}: resume with `fit --ckpt_path last`" if saved else ""
             print(f"stopped by --trainer.max_time at step {trainer.global_step}{where}", file=sys.stderr)
         if signum:  # training had ended all the same: nothing is left to resume
-            saved = f"; the final weights are in {self.newest_saved()}" if self.newest_saved() else ""
+            saved = f"; the final weights are in {saved}" if (saved := self.newest_saved()) else ""
             name = signal.Signals(signum).name
             raise Interrupted(f"{name}: came as training ended at step {trainer.global_step}{saved}", signum)
 
@@ -212,11 +215,11 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         checkpoint["rng_state"] = rng
-        if self._at_epoch_start:
-            # Lightning has counted the new epoch as ready (not yet started) when it calls on_train_epoch_start, and
-            # 2.6 resumes such a checkpoint wrongly (it skips the epoch or miscounts it). Saved as the state between
-            # two epochs, the one a finished run's last.ckpt has: Lightning resumes it with the next epoch.
-            for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+        for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+            if counts["ready"] == counts["started"] + 1:
+                # Saved in on_train_epoch_start: Lightning has counted the new epoch as ready, not yet started, and
+                # 2.6 resumes that wrongly (it skips the epoch or miscounts it). Saved as the state between two
+                # epochs, the one a finished run's last.ckpt has: Lightning resumes it with the next epoch.
                 counts["ready"] -= 1
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -328,17 +331,11 @@ class Checkpoint(ModelCheckpoint):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         signum = self._signal(trainer, pl_module)  # also one that came during the last epoch's validation
-        self._at_epoch_start = True
-        try:
-            if self._save_due and not self._should_skip_saving_checkpoint(trainer):
-                candidates = self._monitor_candidates(trainer)
-                self._save_topk_checkpoint(trainer, candidates)
-                self._save_last_checkpoint(trainer, candidates)
-            if signum:
-                self._save_now(trainer)
-        finally:
-            self._at_epoch_start, self._save_due = False, False
+        if self._save_due and not self._should_skip_saving_checkpoint(trainer):
+            self._save_periodic(trainer)
+        self._save_due = False
         if signum:
+            self._save_now(trainer)
             self._stop(trainer, signum)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
