@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -36,7 +37,8 @@ from mnist_lit.checkpoint import (
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
 from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
-from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_checkpoint, newest_checkpoint, resolve
+from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
+from mnist_lit.trust import KINDS, Untrusted, check_model_hparams, check_spec, trust_command_line
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -210,6 +212,9 @@ class MNISTCLI(LightningCLI):
         for old, new in (("--model.lr", "--model.optimizer.lr"), ("--model.momentum", "--model.optimizer.momentum")):
             args = [new + a[len(old) :] if a == old or a.startswith(f"{old}=") else a for a in args]
         self.args = args  # parsed again over a checkpoint's hyperparameters (_parse_ckpt_path)
+        trust_command_line(args)
+        for path in config_files(args):
+            check_config_file(path)
         self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
@@ -243,8 +248,8 @@ class MNISTCLI(LightningCLI):
             if not fitting:  # the model's random initial weights would be evaluated as if trained
                 raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
             return
-        ckpt_path = resolve(config.ckpt_path, directory, fitting)
-        checkpoint = load_checkpoint(ckpt_path)
+        ckpt_path, checkpoint = load_ckpt_path(config.ckpt_path, directory, fitting)
+        hparams = model_hparams(ckpt_path, checkpoint)  # checked as data before anything is built from them
         check_weights(ckpt_path, checkpoint, LitMNIST())
         if fitting:
             check_resumable(ckpt_path, checkpoint)
@@ -261,10 +266,10 @@ class MNISTCLI(LightningCLI):
                 f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
                 " (the checkpoint's dataset is used)"
             )
-        trained = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.config)
+        trained = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         # The command line once more, over the defaults and the checkpoint's hyperparameters: what it gives wins.
         # (Over the defaults, not over the config parsed already, where `--trainer.callbacks+=X` would add X twice.)
-        base = self.parser.parse_object({subcommand: {"model": model_hparams(checkpoint)}}, self.parser.get_defaults())
+        base = self.parser.parse_object({subcommand: {"model": hparams}}, self.parser.get_defaults())
         final = self.parser.parse_args(self.args, namespace=base, defaults=False)
         if fitting:
             check_resume_changes(ckpt_path, trained[subcommand].model.as_dict(), final[subcommand].model.as_dict())
@@ -287,16 +292,54 @@ class MNISTCLI(LightningCLI):
                 " new run its own --checkpoint.dirpath, or pass init_from the file and use another"
                 " --trainer.default_root_dir"
             )
-        checkpoint = load_checkpoint(path)
+        path, checkpoint = load_ckpt_path(config.model.init_from, source, fitting=False)
         check_weights(path, checkpoint, LitMNIST())
         config.model.init_from = path
         if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
             config.data.dataset = recorded_dataset(checkpoint)
 
 
-def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The LitMNIST arguments a checkpoint was trained with, as --model options."""
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+def config_files(args: list[str]) -> list[str]:
+    """The files --config names on a command line."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def check_config_file(path: str) -> None:
+    """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
+    (mnist_lit.trust) before jsonargparse imports or calls what they name; YAML errors named by file and line."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return  # jsonargparse says what is wrong with it
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _one_line(str(err))
+        raise ConfigError(f"--config {path}:{where}: not valid YAML ({problem})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return
+    for field in KINDS:
+        try:
+            check_spec(field, model.get(field))
+        except Untrusted as err:
+            raise ConfigError(f"--config {path}: {err}") from None
+
+
+def model_hparams(ckpt_path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The LitMNIST arguments a checkpoint was trained with, as --model options, checked as data first."""
+    try:
+        hparams = check_model_hparams(checkpoint.get("hyper_parameters"))
+    except Untrusted as err:
+        raise CheckpointError(f"refusing to load {ckpt_path}: {err}; nothing it names was imported or run") from None
     if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
         init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
         hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}

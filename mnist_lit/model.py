@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
+import io
 import math
+import os
 import re
 from typing import Any
 
@@ -20,7 +21,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.checkpoint import check_weights
-from mnist_lit.storage import load_checkpoint
+from mnist_lit.storage import CheckpointError, load_checkpoint, read_bytes
+from mnist_lit.trust import Untrusted, check_model_hparams, check_spec
 
 # The guide's optimizer, as the class_path spec jsonargparse shows in --print_config and saves in checkpoints (a
 # callable object there would need unpickling code to load). fused: the whole update in one kernel, bit for bit
@@ -90,8 +92,8 @@ class LitMNIST(LightningModule):
         super().__init__()
         # init_from is not recorded: a resumed or tested run has its weights from its own checkpoint.
         self.save_hyperparameters(ignore=["init_from"])
-        self.make_optimizer = _from_spec(optimizer)
-        self.make_scheduler = _from_spec(lr_scheduler) if lr_scheduler is not None else None
+        self.make_optimizer = _from_spec("optimizer", optimizer)
+        self.make_scheduler = _from_spec("lr_scheduler", lr_scheduler) if lr_scheduler is not None else None
         self.net = Net()
         if unknown := [name for name in freeze if name not in layers(self.net)]:
             raise ValueError(
@@ -114,6 +116,20 @@ class LitMNIST(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
         self.confusion: Tensor | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> LitMNIST:  # type: ignore[override]
+        """Lightning's, for a file from elsewhere: its digest verified and its hyperparameters checked as data
+        (mnist_lit.trust) before Lightning builds anything from them. Reads the file once."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            data = read_bytes(checkpoint_path)
+            checkpoint = load_checkpoint(checkpoint_path, data)
+            try:
+                check_model_hparams(checkpoint.get("hyper_parameters"))
+            except Untrusted as err:
+                raise CheckpointError(f"refusing to load {checkpoint_path}: {err}") from None
+            checkpoint_path = io.BytesIO(data)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.contiguous(memory_format=self.memory_format))
@@ -214,12 +230,13 @@ class LitMNIST(LightningModule):
             rank_zero_info(f"optimizer: {', '.join(dict.fromkeys(changes))} from this resume on")
 
 
-def _from_spec(value: Any) -> Any:
-    """A callable from a class_path spec (the default, or a spec given in Python); callables pass through."""
+def _from_spec(field: str, value: Any) -> Any:
+    """A callable from a class_path spec (the default, or a spec given in Python or read from a checkpoint), checked
+    as data first (mnist_lit.trust); callables pass through."""
     if not isinstance(value, dict):
         return value
-    module, _, name = value["class_path"].rpartition(".")
-    return functools.partial(getattr(importlib.import_module(module), name), **value.get("init_args", {}))
+    cls = check_spec(field, value)
+    return functools.partial(cls, **(value.get("init_args") or {}))
 
 
 def _spec_args(spec: Any) -> dict[str, Any]:
@@ -244,8 +261,9 @@ def _show(value: Any) -> str:
 def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:
     """Refuse bad optimizer options now, not after data loading: torch's own checks, and ranges it leaves out."""
     probe = nn.Parameter(torch.zeros(1))  # not a Net: its random initial weights would shift the seeded stream
+    make = _from_spec("optimizer", optimizer)  # a spec from a file refused here is never called
     try:
-        group = _from_spec(optimizer)([probe]).param_groups[0]
+        group = make([probe]).param_groups[0]
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"--model.optimizer: {err}") from None
     lr = group.get("lr")

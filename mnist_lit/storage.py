@@ -4,12 +4,15 @@ and one fit at a time per folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import os
 import pickle
 import re
+import stat
+import tempfile
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -25,6 +28,9 @@ LAST, EXTENSION = "last", ".ckpt"
 # The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
 DIGEST_KEY = "mnist_lit_sha256"
 LOCK_NAME = ".lock"
+PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
+UMASK = os.umask(0o22)  # read once, at import, while one thread runs: os.umask can only be read by setting it
+os.umask(UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -71,45 +77,84 @@ def _feed(h: Any, value: Any) -> None:
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
-def _load(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
-    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes, if it is a regular file: a FIFO or a device named as a checkpoint must not hang or flood us."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path} is not a regular file (a device, a pipe or a socket), so not a checkpoint")
+        try:
+            return f.read()
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _ours(checkpoint: dict[str, Any]) -> bool:
+    """Whether mnist_lit wrote this checkpoint, by any of several marks, so that damage to one (the digest's key
+    itself) cannot pass it off as a file from elsewhere that carries no digest."""
+    keys = [str(key) for key in checkpoint]
+    callbacks = checkpoint.get("callbacks")
+    data = checkpoint.get("datamodule_hyper_parameters")
+    return (
+        any("mnist" in key or "sha256" in key for key in keys)
+        or "rng_state" in checkpoint  # mnist_lit's Checkpoint callback saves it; Lightning does not
+        or (isinstance(callbacks, dict) and any("TrainingCurves" in str(key) for key in callbacks))
+        or (isinstance(data, dict) and "dataset" in data)
+    )
+
+
+def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
+    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
+    data = read_bytes(path) if data is None else data
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
         if re.search(r"GLOBAL|reduce for|new object", str(err)):
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
-                " code). Use a checkpoint written by mnist_lit"
+                " code), or it is damaged. Use a checkpoint written by mnist_lit"
             ) from None
-        raise CheckpointError(unreadable) from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except PermissionError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+        raise CheckpointError(f"{unreadable}; it may be damaged") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
         raise CheckpointError(unreadable) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+        what = "state_dict" if isinstance(checkpoint, dict) else "mapping of names to values"
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it is not a dict with a {what})")
     if "pytorch-lightning_version" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no pytorch-lightning_version)")
-    if DIGEST_KEY in checkpoint and digest(checkpoint) != checkpoint[DIGEST_KEY]:
-        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it")
-    return checkpoint  # without a digest: written before checkpoints carried one, loaded as it is
+    if DIGEST_KEY in checkpoint:
+        if digest(checkpoint) != checkpoint[DIGEST_KEY]:
+            raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it")
+    elif _ours(checkpoint):
+        raise CheckpointError(
+            f"{path} is damaged: it was written by mnist_lit but carries no checksum (a file whose checksum key was"
+            " damaged or removed)"
+        )
+    return checkpoint  # a Lightning checkpoint from elsewhere, with no mark of mnist_lit: nothing to check against
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's verified contents. A damaged one is refused, naming the newest intact one beside it."""
+def load_checkpoint(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's verified contents (from data, the file's bytes, if given). A damaged one is refused, naming
+    the newest intact one beside it."""
     try:
-        return _load(path)
+        return _load(path, data)
     except CheckpointError as err:
-        if "is damaged" not in str(err) and "may be truncated" not in str(err):
+        if not re.search(r"is damaged|may be truncated|may be damaged|or it is damaged", str(err)):
             raise
         intact = newest_intact(Path(path).parent, besides=Path(path))
         hint = f"; the newest intact checkpoint beside it is {intact}: pass --ckpt_path {intact}" if intact else ""
@@ -129,8 +174,10 @@ def newest_intact(directory: Path, besides: Path) -> Path | None:
 
 
 def _checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint files in directory: regular files only, never a link (a folder on a shared disk may hold
+    links planted to make us read, or pass off, a file elsewhere)."""
     with contextlib.suppress(OSError):
-        return [p for p in directory.glob(f"*{EXTENSION}") if p.is_file()]
+        return [p for p in directory.glob(f"*{EXTENSION}") if stat.S_ISREG(p.lstat().st_mode)]
     return []
 
 
@@ -138,11 +185,29 @@ def newest_checkpoint(directory: Path) -> Path | None:
     """The run's latest checkpoint: last.ckpt, unless a periodic file is newer (a kill between the two writes,
     or a last.ckpt that could not be written)."""
     last = directory / f"{LAST}{EXTENSION}"
-    files = _checkpoints(directory)
-    newest = max(files, key=lambda p: (p.stat().st_mtime_ns, p == last), default=None)
-    if last.is_file() and newest is not None and newest.stat().st_mtime_ns <= last.stat().st_mtime_ns:
+    times = {}
+    for path in _checkpoints(directory):
+        with contextlib.suppress(FileNotFoundError):  # removed by a running fit since the listing
+            times[path] = path.lstat().st_mtime_ns
+    newest = max(times, key=lambda p: (times[p], p == last), default=None)
+    if last in times and newest is not None and times[newest] <= times[last]:
         return last
     return newest
+
+
+def load_newest(directory: Path, attempts: int = 5) -> tuple[Path, dict[str, Any]]:
+    """The run's latest checkpoint and its verified contents. A fit saving beside us may remove the file we found
+    before we read it (its older periodic file): then the newest is looked for again."""
+    for attempt in range(attempts):
+        path = newest_checkpoint(directory)
+        if path is None:
+            break
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError:
+            if path.exists() or attempt == attempts - 1:
+                raise
+    raise CheckpointError(f"no checkpoint to load in {directory.absolute()}")
 
 
 def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
@@ -166,6 +231,17 @@ def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "
     return str(newest)
 
 
+def load_ckpt_path(
+    ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir"
+) -> tuple[str, dict[str, Any]]:
+    """The file --ckpt_path names ('last': the run's latest in directory) and its verified contents."""
+    path = resolve(ckpt_path, directory, fitting, root_option)
+    if ckpt_path != LAST:
+        return path, load_checkpoint(path)
+    found, checkpoint = load_newest(directory)
+    return str(found), checkpoint
+
+
 # --- writing ----------------------------------------------------------------------------------------------------
 
 
@@ -181,23 +257,35 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str, data: io.BytesIO) -> None:
-    """data to a temporary file beside path, fsynced, then renamed over path: a complete file or none.
-
-    Only a regular file (or nothing) is replaced: a device or a folder there is refused; through a symbolic link
-    the file it points to is replaced.
-    """
-    path = os.path.realpath(path) if os.path.islink(path) else path
-    directory = os.path.dirname(path) or "."
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise CheckpointError(f"refusing to write {path}: it exists and is not a regular file")
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.part"
+def refuse_link(path: str | os.PathLike) -> None:
+    """A file we are about to write must be a regular file or nothing: never a link planted to redirect the write
+    (into the file it points to), a device or a folder."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.getbuffer())
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"refusing to write {path}: it is a symbolic link, and links are not followed")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"refusing to write {path}: it exists and is not a regular file")
+
+
+def write_atomically(path: str, data: io.BytesIO | bytes) -> None:
+    """data to a fresh temporary file beside path, fsynced, then renamed over path: a complete file or none.
+
+    Only a regular file (or nothing) is replaced: a link, a device or a folder there is refused. The temporary
+    file is created anew (tempfile: O_EXCL, a random name), so no link planted beside path is followed either.
+    """
+    refuse_link(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=f".{os.path.basename(path)}{PART}", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # not mkstemp's 0600: the mode a plain open() would have given it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -322,7 +410,19 @@ class RunLock:
     def acquire(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # O_NOFOLLOW: a link planted as the lock file must not make us write our PID elsewhere
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            except OSError as err:
+                self._clean_up()
+                if err.errno == errno.ELOOP:
+                    raise CheckpointError(
+                        f"refusing to lock {self.path}: it is a symbolic link, and links are not followed"
+                    ) from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                self._clean_up()
+                raise CheckpointError(f"refusing to lock {self.path}: it exists and is not a regular file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -343,6 +443,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        # Torn temporary files of a killed run: ours to remove, now that no other fit writes here.
+        for torn in self.directory.glob(f".*{EXTENSION}{PART}"):
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(torn.lstat().st_mode):
+                    torn.unlink()
 
     def release(self) -> None:
         if self._fd is None:

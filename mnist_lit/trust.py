@@ -1,0 +1,209 @@
+"""What a file from elsewhere may ask for. A checkpoint's hyperparameters (and a config file's class paths) are data:
+they are checked here, as data, before anything they name is imported, built or called.
+
+The rule for a class path that comes from a file: it names a class (never a function) of the kind its option takes
+(an optimizer, a learning-rate scheduler), in a module of torch or one the user trusts; its arguments are plain
+values (numbers, strings, booleans, None, lists of them) of the types the class's signature declares for them, and
+never an argument whose type is a callable or an object. The user trusts a module by naming a class of it on the
+command line (`--model.optimizer my_pkg.MyOpt`) or in MNIST_LIT_TRUST (comma-separated module names).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TRUST_ENV = "MNIST_LIT_TRUST"
+# Names a signature's annotation may hold for an argument a file may set: plain values and containers of them.
+PLAIN_TYPE_NAMES = {
+    "float", "int", "bool", "str", "None", "NoneType", "Tensor", "torch", "tuple", "Tuple", "list", "List",
+    "Sequence", "Iterable", "collections", "abc", "typing", "Optional", "Union", "Literal",
+}  # fmt: skip
+MAX_DEPTH = 2  # a list of lists at most (OneCycleLR's max_lr per group, Adafactor's eps pair)
+
+
+class Untrusted(ValueError):
+    """A value from a file that asks for something it may not: its message names the field and why."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One class-typed option: where a file may find its class, what the class must be, and the argument we give."""
+
+    option: str
+    noun: str
+    roots: tuple[str, ...]
+    bases: tuple[type, ...]
+    given: str  # the first argument, which mnist_lit passes itself (the parameters, the optimizer)
+
+
+KINDS = {
+    "optimizer": Kind(
+        "--model.optimizer", "a torch.optim optimizer", ("torch.optim",), (torch.optim.Optimizer,), "params"
+    ),
+    "lr_scheduler": Kind(
+        "--model.lr_scheduler",
+        "a torch.optim.lr_scheduler scheduler",
+        ("torch.optim.lr_scheduler",),
+        (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau),
+        "optimizer",
+    ),
+}
+# The LitMNIST hyperparameters a checkpoint may hold, and what each must be. init_from is never saved: a file
+# naming one would make loading it read another file.
+MODEL_FIELDS = {"optimizer", "lr_scheduler", "channels_last", "freeze", "lr", "momentum"}
+LIGHTNING_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module", "pytorch_lightning.cli.instantiate_module")
+MODEL_CLASS_PATH = "mnist_lit.model.LitMNIST"
+CLASS_OPTIONS = tuple(kind.option for kind in KINDS.values())
+
+
+_named_by_user: list[str] = []  # modules of the class paths on this process's command line
+
+
+def trust_command_line(args: Iterable[str]) -> None:
+    """Trust the modules of the class paths the user's own command line names (--model.optimizer my_pkg.MyOpt)."""
+    _named_by_user[:] = named_on(args)
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """Modules the user trusts: those named on the command line, and MNIST_LIT_TRUST's."""
+    from_env = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    return tuple(dict.fromkeys([*_named_by_user, *from_env]))
+
+
+def named_on(args: Iterable[str]) -> list[str]:
+    """The modules of class paths given as values of class-typed options in args."""
+    args = list(args)
+    named = []
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if not equals:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option in CLASS_OPTIONS and re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)+", value):
+            named.append(value.rpartition(".")[0])
+    return named
+
+
+def _within(module: str, roots: Iterable[str]) -> bool:
+    return any(module == root or module.startswith(f"{root}.") for root in roots)
+
+
+def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
+    """The class a file's class path names, imported only if its module is torch's or trusted."""
+    if not isinstance(class_path, str) or not re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)*", class_path):
+        raise Untrusted(f"{kind.option}: {class_path!r} is not a class path")
+    module, _, name = class_path.rpartition(".")
+    module = module or kind.roots[0]  # a short name, e.g. SGD
+    allowed = (*kind.roots, *trusted)
+    if not _within(module, allowed):
+        raise Untrusted(
+            f"{kind.option}: {class_path} is not {kind.noun}; a file may name classes of {', '.join(allowed)} only"
+            f" (to trust another module, name the class on the command line or in {TRUST_ENV})"
+        )
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise Untrusted(f"{kind.option}: no class named {class_path!r}") from None
+    if not (isinstance(found, type) and issubclass(found, kind.bases)):
+        raise Untrusted(f"{kind.option}: {class_path} is not {kind.noun}")
+    return found
+
+
+def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None) -> type | None:
+    """Check a class-path spec ({"class_path": ..., "init_args": {...}}, or a bare class path) as data; return the
+    class it names (None for no class). Nothing is built or called."""
+    kind = KINDS[field]
+    trusted = trusted_modules() if trusted is None else trusted
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, dict) or set(spec) - {"class_path", "init_args"}:
+        raise Untrusted(f"{kind.option}: {_short(spec)} is not a class path with init_args")
+    cls = resolve(kind, spec.get("class_path"), trusted)
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise Untrusted(f"{kind.option}.init_args: {_short(init_args)} is not a mapping of argument names to values")
+    parameters = inspect.signature(cls.__init__).parameters
+    for name, value in init_args.items():
+        option = f"{kind.option}.{name}"
+        parameter = parameters.get(name) if isinstance(name, str) else None
+        if parameter is None or name in ("self", kind.given) or parameter.kind in (parameter.VAR_POSITIONAL,
+                                                                                   parameter.VAR_KEYWORD):  # fmt: skip
+            raise Untrusted(f"{option}: {cls.__name__} takes no argument {name!r}")
+        annotation = _annotation_text(parameter.annotation)
+        if annotation is None:
+            raise Untrusted(
+                f"{option}: {cls.__name__}'s {name} is not declared as a plain value, so a file may not set it"
+            )
+        if not _plain(value):
+            raise Untrusted(f"{option}: {_short(value)} is not a plain value (a number, a string, a boolean or a list)")
+        if _has_str(value) and not re.search(r"\bstr\b|Literal", annotation):
+            raise Untrusted(f"{option}: {_short(value)} is a string, and {cls.__name__}'s {name} takes {annotation}")
+    return cls
+
+
+def _annotation_text(annotation: Any) -> str | None:
+    """The annotation as text, if it declares only plain values (else None: a callable, an object, or nothing)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    if annotation in (float, int, bool, str):
+        return text
+    names = set(re.findall(r"[A-Za-z_]\w*", re.sub(r"'[^']*'|\"[^\"]*\"", "", text)))
+    return text if names and names <= PLAIN_TYPE_NAMES else None
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)) and depth < MAX_DEPTH:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
+
+
+def _has_str(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and any(_has_str(v) for v in value))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def check_model_hparams(hparams: Any, trusted: Iterable[str] | None = None) -> dict[str, Any]:
+    """A checkpoint's LitMNIST hyperparameters, checked as data (the optimizer and the schedule by check_spec)."""
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, dict):
+        raise Untrusted(f"its hyperparameters are a {type(hparams).__name__}, not a mapping")
+    instantiator = hparams.get("_instantiator")
+    if instantiator is not None and instantiator not in LIGHTNING_INSTANTIATORS:
+        raise Untrusted(f"its hyperparameters name {_short(instantiator)} to build the model, not Lightning's own")
+    class_path = hparams.get("_class_path")
+    if class_path is not None and class_path != MODEL_CLASS_PATH:
+        raise Untrusted(f"its hyperparameters name the model class {_short(class_path)}, not {MODEL_CLASS_PATH}")
+    fields = {k: v for k, v in hparams.items() if k not in ("_instantiator", "_class_path")}
+    if unknown := sorted(map(str, set(fields) - MODEL_FIELDS)):
+        raise Untrusted(
+            f"--model.{unknown[0]}: not an option a checkpoint may set (it may set {', '.join(sorted(MODEL_FIELDS))})"
+        )
+    for field in ("optimizer", "lr_scheduler"):
+        if field in fields:
+            check_spec(field, fields[field], trusted)
+    if not isinstance(fields.get("channels_last", True), bool):
+        raise Untrusted(f"--model.channels_last: {_short(fields['channels_last'])} is not true or false")
+    freeze = fields.get("freeze", [])
+    if not isinstance(freeze, (list, tuple)) or not all(isinstance(name, str) for name in freeze):
+        raise Untrusted(f"--model.freeze: {_short(freeze)} is not a list of layer names")
+    for old in ("lr", "momentum"):  # written before the optimizer became an option: the guide's SGD's numbers
+        if old in fields and (isinstance(fields[old], bool) or not isinstance(fields[old], (int, float))):
+            raise Untrusted(f"--model.{old}: {_short(fields[old])} is not a number")
+    return fields
