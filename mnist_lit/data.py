@@ -24,7 +24,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from mnist_lit.images import DataError, ImageFiles, read_class_folders
+from mnist_lit.images import DataError, ImageFiles, read_class_folders, skipped_line
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,11 @@ DOWNLOAD_TIMEOUT_S = 15
 
 def recorded_dataset(checkpoint: dict[str, Any]) -> str:
     """The dataset a checkpoint's run trained on (checkpoints from before datasets had names: MNIST)."""
-    name = (checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}).get("dataset") or DEFAULT
-    if name not in DATASETS:
+    record = checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    if not isinstance(record, dict):  # data from a file: never taken on trust
+        raise DataError(f"the checkpoint's record of its data is a {type(record).__name__}, not a mapping")
+    name = record.get("dataset") or DEFAULT
+    if not isinstance(name, str) or name not in DATASETS:
         raise DataError(f"the checkpoint was trained on a dataset named {name!r}, which this version does not know")
     return name
 
@@ -473,12 +476,7 @@ class MNISTDataModule(LightningDataModule):
         known = self.known
         images, labels, skipped = read_class_folders(self.image_dir, self.classes, known.mean, known.std, known.box)
         if skipped and (self.trainer is None or self.trainer.is_global_zero):
-            path, why = skipped[0]
-            print(
-                f"skipped {len(skipped)} of {len(skipped) + len(labels)} files under {self.image_dir} that are not"
-                f" readable images (the first: {path}: {why})",
-                file=sys.stderr,
-            )
+            print(skipped_line(skipped, len(skipped) + len(labels), f"under {self.image_dir}"), file=sys.stderr)
         parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
         generator = torch.Generator().manual_seed(SPLIT_SEED)
         for label in labels.unique().tolist():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import re
-import sys
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,21 +25,31 @@ INK = 0.3
 # A pixel budget per image, checked before decoding: preparing an image costs about 20 bytes a pixel, so a tiny
 # file that declares 13000x13000 pixels would take 3 GB. 50 megapixels covers the photos of today's phones.
 MAX_PIXELS = 50_000_000
-UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError)
+SKIPS_NAMED = 3  # files named in the one line that counts the skipped ones
 
 
 class DataError(RuntimeError):
     """A problem with the data that the user can fix; its message says how."""
 
 
+def regular(path: Path) -> bool:
+    """A regular file, not a link: links inside a folder of images are not followed (a folder from elsewhere may
+    hold links planted to make us read a file outside it, or a device that never ends)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def expand(path: str) -> list[Path]:
-    """The files a predict_path names: one file, every file in a folder, or a glob's matches."""
+    """The files a predict_path names: one file (followed if it is a link: the user named it), every regular file
+    in a folder, or a glob's regular files."""
     if Path(path).is_file():  # before the glob: a file may have [ ] in its name
         files = [Path(path)]
     elif Path(path).is_dir():
-        files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in Path(path).iterdir() if regular(p) and not p.name.startswith("."))
     elif any(c in path for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
+        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if regular(Path(p))]
     else:
         raise DataError(f"--data.predict_path {path}: no such file, folder or matching glob")
     if not files:
@@ -50,9 +60,7 @@ def expand(path: str) -> list[Path]:
 def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tensor:
     """Any photo or scan of one digit (or item) -> a (1, 28, 28) tensor like the dataset's, normalised with the
     dataset's mean and std; the item's longer side is scaled to box pixels (MNIST's digits: 20)."""
-    if image.width * image.height > MAX_PIXELS:
-        megapixels = MAX_PIXELS // 1_000_000
-        raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {megapixels} megapixels")
+    check_size(image)
     if image.mode in ("RGBA", "LA", "P"):
         # transparent background: paint it white, as paper
         rgba = image.convert("RGBA")
@@ -61,6 +69,8 @@ def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tens
         # 16-bit scans, or 32-bit: convert("L") would clip them to their darkest 256 levels
         values = torch.from_numpy(np.array(image, dtype=np.float32))
         top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+        if not bool(values.isfinite().all()):  # a float image may hold nan or inf: no digit can be read from them
+            raise ValueError("its pixels are not all finite numbers")
         pixels = (values / top).clamp(0, 1)
     else:
         pixels = pil_to_tensor(image.convert("L"))[0] / 255
@@ -89,14 +99,37 @@ def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tens
     return ((field - mean) / std).unsqueeze(0)
 
 
+def check_size(image: Image.Image, limit: int = MAX_PIXELS) -> None:
+    """The pixel budget, from the header Image.open read: before anything is decoded or transposed."""
+    if image.width * image.height > limit:
+        raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {limit / 1e6:g} megapixels")
+
+
 def read(path: Path, mean: float, std: float, box: int = BOX) -> Tensor:
-    """One image file, prepared; raises one of UNREADABLE (a ValueError for a blank image)."""
-    with Image.open(path) as image:
+    """One image file, prepared. Raises whatever reading it raises: a file from elsewhere can make Pillow raise
+    nearly anything (a ValueError for a blank image or one over the pixel budget)."""
+    with Image.open(path) as image:  # reads the header only
+        check_size(image)
         return prepare(ImageOps.exif_transpose(image), mean, std, box)
 
 
 def reason(err: Exception) -> str:
-    return "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(err, (ValueError, OSError)) and str(err):
+        return _one_line(str(err))
+    return f"not a readable image ({type(err).__name__}: {_one_line(str(err))})"
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:200]
+
+
+def skipped_line(skipped: Sequence[tuple[str, str]], total: int, where: str) -> str:
+    """One line for every file that could not be used: how many, and the first with its reason."""
+    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:SKIPS_NAMED])
+    more = f"; and {len(skipped) - SKIPS_NAMED} more" if len(skipped) > SKIPS_NAMED else ""
+    return f"skipped {len(skipped)} of {total} files {where} that are not readable images ({shown}{more})"
 
 
 class ImageFiles(Dataset):
@@ -109,21 +142,22 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | None, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor | None, str, str]:
         path = self.paths[index]
         try:
-            return read(path, self.mean, self.std, self.box), str(path)
-        except UNREADABLE as err:
-            print(f"skipped {path}: {reason(err)}", file=sys.stderr)
-            return None, str(path)
+            return read(path, self.mean, self.std, self.box), str(path), ""
+        except Exception as err:  # one bad file costs itself, never the good ones beside it
+            return None, str(path), reason(err)
 
     @staticmethod
-    def collate(items: list[tuple[Tensor | None, str]]) -> tuple[Tensor, list[str]]:
-        readable = [(image, path) for image, path in items if image is not None]
+    def collate(items: list[tuple[Tensor | None, str, str]]) -> tuple[Tensor, list[str], list[tuple[str, str]]]:
+        """(the batch's images, their paths, (path, reason) for each file skipped)."""
+        readable = [(image, path) for image, path, _ in items if image is not None]
+        skipped = [(path, why) for image, path, why in items if image is None]
         if not readable:
-            return torch.empty(0, 1, FIELD, FIELD), []
+            return torch.empty(0, 1, FIELD, FIELD), [], skipped
         images, paths = zip(*readable, strict=True)
-        return torch.stack(images), list(paths)
+        return torch.stack(images), list(paths), skipped
 
 
 def _key(name: str) -> str:
@@ -138,6 +172,8 @@ def class_folders(directory: Path, classes: Sequence[str]) -> dict[Path, int]:
     if not directory.is_dir():
         raise DataError(f"{option}: no such folder")
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if links := [p.name for p in folders if p.is_symlink()]:
+        raise DataError(f"{option}: the class folder {links[0]} is a symbolic link, and links are not followed")
     if not folders:
         raise DataError(f"{option}: no class folders in it (it needs one folder per class, e.g. {directory}/3/)")
     index = {_key(name): i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
@@ -163,14 +199,17 @@ def read_class_folders(
     an error."""
     images, labels, skipped = [], [], []
     for folder, label in class_folders(directory, classes).items():
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
         if not files:
             raise DataError(f"--data.image_dir {directory}: the class folder {folder.name} holds no files")
         before = len(images)
         for path in files:
+            if not regular(path):
+                skipped.append((path, "a symbolic link, not followed"))
+                continue
             try:
                 images.append(read(path, mean, std, box))
-            except UNREADABLE as err:
+            except Exception as err:  # one bad file costs itself, never the good ones beside it
                 skipped.append((path, reason(err)))
                 continue
             labels.append(label)

@@ -177,8 +177,8 @@ class LitMNIST(LightningModule):
         # Already the same on every process; sync_dist only tells Lightning so (and keeps it from warning).
         self.log_dict({k: acc for k, acc, n in zip(keys, per_class, counts, strict=True) if n}, sync_dist=True)
 
-    def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> tuple[list[str], Tensor]:
-        images, paths = batch
+    def predict_step(self, batch: tuple[Tensor, list[str], list], batch_idx: int) -> tuple[list[str], Tensor]:
+        images, paths, _ = batch  # and the files skipped as unreadable, which the PredictionWriter counts
         return paths, self(images).exp()
 
     def configure_optimizers(self) -> Any:

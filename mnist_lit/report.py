@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 
 from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
+from mnist_lit.images import skipped_line
 
 MAX_MISTAKES_SHOWN = 100
 
@@ -283,9 +284,10 @@ class PredictionWriter(Callback):
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, list[float]]] = []
+        self.skipped: list[tuple[str, str]] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.rows = []
+        self.rows, self.skipped = [], []
 
     def on_predict_batch_end(
         self,
@@ -298,9 +300,12 @@ class PredictionWriter(Callback):
     ) -> None:
         paths, probabilities = outputs
         self.rows.extend(zip(paths, probabilities.float().cpu().tolist(), strict=True))
+        self.skipped.extend(batch[2])
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = sorted(_gather(trainer, self.rows))
+        rows, skipped = sorted(_gather(trainer, self.rows)), sorted(_gather(trainer, self.skipped))
+        if skipped and trainer.is_global_zero:
+            print(skipped_line(skipped, len(rows) + len(skipped), "named by --data.predict_path"), file=sys.stderr)
         if not rows:  # every file was skipped: nothing to write, and not a success
             raise DataError("no readable images among the files --data.predict_path names")
         log_dir = trainer.log_dir or trainer.default_root_dir  # on every process: a collective call under DDP

@@ -132,9 +132,13 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
         raise CheckpointError(unreadable) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        what = "state_dict" if isinstance(checkpoint, dict) else "mapping of names to values"
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (it is not a dict with a {what})")
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, so it has"
+                              " no state_dict)")  # fmt: skip
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        bare = checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        why = ": it is a bare state_dict of weights, as export's .pth files are" if bare else ""
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict{why})")
     if "pytorch-lightning_version" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no pytorch-lightning_version)")
     if DIGEST_KEY in checkpoint:
