@@ -3,6 +3,7 @@ signal or a limit with a checkpoint of the step reached."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -38,6 +39,17 @@ def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
         )
 
 
+def run_seed(checkpoint: dict[str, Any]) -> int | None:
+    """The --seed_everything a checkpoint's run started with (older checkpoints: its data order's seed)."""
+    seed = (checkpoint.get("rng_state") or {}).get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return seed
+    with contextlib.suppress(AttributeError, KeyError, IndexError, TypeError):
+        seed = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["seed"]
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return None
+
+
 def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
     """Fail unless the checkpoint holds weights of exactly this model's shapes."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -66,13 +78,18 @@ _catcher: Any = None  # the Checkpoint whose training loop takes the next signal
 
 def install_signal_handlers() -> dict[int, Any]:
     """Take over SIGINT and SIGTERM; return the handlers they had."""
+    global _saver
+    _saver = None  # a new command: nothing of its own saved yet
     return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+_saver: Any = None  # the Checkpoint of this process's fit, armed or not: what it saved, for the stop's message
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _catcher is not None and _catcher.catch(signum):
         return
-    newest = _catcher.newest_saved() if _catcher is not None else None
+    newest = _saver.newest_saved() if _saver is not None else None  # also after training, while figures are drawn
     done = f"the newest checkpoint is {newest}" if newest else "nothing new was saved"
     raise Interrupted(f"{signal.Signals(signum).name}: stopped at once; {done}", signum)
 
@@ -133,6 +150,7 @@ class Checkpoint(ModelCheckpoint):
         self._stop_asked = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._seed = torch.initial_seed()  # the run's seed (--seed_everything), before any state is restored
         if self.dirpath is None:
             self.dirpath = str(checkpoint_dir(trainer.default_root_dir, None).resolve())
         # Every checkpoint the trainer writes, this callback's or anyone's, goes through the atomic writer.
@@ -211,7 +229,7 @@ class Checkpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # At the checkpoint's top level, not in this callback's state: that is keyed by the callback's settings
         # and silently dropped when a run resumes with, say, another every_n_train_steps.
-        rng = {"cpu": torch.get_rng_state()}
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state(), "seed": self._seed}
         if pl_module.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         checkpoint["rng_state"] = rng
@@ -270,9 +288,9 @@ class Checkpoint(ModelCheckpoint):
     # --- stopping early: a signal or a limit, with a checkpoint of the step reached ----------------------------
 
     def _arm(self) -> None:
-        global _catcher
+        global _catcher, _saver
         self._stop_signal = None
-        _catcher = self
+        _catcher = _saver = self
 
     def _disarm(self) -> None:
         global _catcher

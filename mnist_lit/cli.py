@@ -24,6 +24,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mnist_lit import USAGE
 from mnist_lit.checkpoint import (
@@ -33,6 +35,7 @@ from mnist_lit.checkpoint import (
     check_resumable,
     check_weights,
     install_signal_handlers,
+    run_seed,
 )
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
 from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer, tunable
@@ -69,8 +72,13 @@ class SaveConfig(SaveConfigCallback):
     _start_step: int | None = None  # the step training started from, once it has
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.logger is not None:
+        if trainer.logger is None:
+            return
+        try:
             super().setup(trainer, pl_module, stage)
+        except OSError as err:  # a full disk: name the file, which the error itself does not
+            path = err.filename or os.path.join(trainer.log_dir or ".", self.config_filename)
+            raise OSError(err.errno, err.strerror, path) from None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step
@@ -91,6 +99,19 @@ class SaveConfig(SaveConfigCallback):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(folder))
         self.own_folder = False
+
+
+def claim_version(folder: Path) -> int:
+    """The next free version_N in folder, created here: the first run to create it owns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
 
 
 class ConfigError(ValueError):
@@ -166,6 +187,13 @@ class MNISTCLI(LightningCLI):
             isinstance(c, ProgressBarBase) for c in callbacks
         ):
             callbacks.append(ProgressBar())
+        claimed = False
+        if config.get("logger") in (None, True) and rank_zero_only.rank == 0 and SLURMEnvironment.job_id() is None:
+            # Lightning's default logger, with its version folder taken now (mkdir: one winner), not when it is first
+            # written: two runs started together in one root must not both pick the same version_N.
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, version=claim_version(Path(root) / "lightning_logs"))
+            claimed = True
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand == "fit":
             self._check_monitors(trainer)
@@ -177,7 +205,7 @@ class MNISTCLI(LightningCLI):
         trainer._signal_connector.register_signal_handlers = lambda: None
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
-            new = not os.path.exists(trainer.logger.log_dir)
+            new = claimed or not os.path.exists(trainer.logger.log_dir)
             for callback in trainer.callbacks:
                 if isinstance(callback, SaveConfig):
                     callback.own_folder = new
@@ -273,9 +301,26 @@ class MNISTCLI(LightningCLI):
         final = self.parser.parse_args(self.args, namespace=base, defaults=False)
         if fitting:
             check_resume_changes(ckpt_path, trained[subcommand].model.as_dict(), final[subcommand].model.as_dict())
+            final[subcommand].seed_everything = self._resumed_seed(ckpt_path, checkpoint, final[subcommand])
         final[subcommand].ckpt_path = ckpt_path
         final[subcommand].data.dataset = recorded
         self.config = final
+
+    def _resumed_seed(self, ckpt_path: str, checkpoint: dict[str, Any], config: Any) -> Any:
+        """A resumed run goes on with its own random state and data order, whatever --seed_everything says: one
+        given anew is refused, not silently ignored, and config.yaml records the run's own."""
+        seed = run_seed(checkpoint)
+        if seed is None:
+            return config.seed_everything
+        given = any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in self.args) or any(
+            isinstance(c := _read_yaml(path), dict) and "seed_everything" in c for path in config_files(self.args)
+        )
+        if given and config.seed_everything != seed:
+            raise ConfigError(
+                f"--seed_everything cannot change when resuming {ckpt_path} (its run's seed is {seed}: the resumed"
+                " run goes on with that run's random state and data order); start a new run for another seed"
+            )
+        return seed
 
     def _parse_init_from(self, config: Any, directory: Path) -> None:
         """--model.init_from as a checked file; the new run's dataset is that checkpoint's unless given."""
@@ -310,20 +355,26 @@ def config_files(args: list[str]) -> list[str]:
     return files
 
 
-def check_config_file(path: str) -> None:
-    """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
-    (mnist_lit.trust) before jsonargparse imports or calls what they name; YAML errors named by file and line."""
+def _read_yaml(path: str) -> Any:
+    """A --config file's contents (None where it cannot be read: jsonargparse says why); YAML errors named by file
+    and line, not as jsonargparse's "<unicode string>"."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError):
-        return  # jsonargparse says what is wrong with it
+        return None
     try:
-        config = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
         problem = getattr(err, "problem", None) or _one_line(str(err))
-        raise ConfigError(f"--config {path}:{where}: not valid YAML ({problem})") from None
+        raise ConfigError(f"--config {path}:{where} not valid YAML ({problem})") from None
+
+
+def check_config_file(path: str) -> None:
+    """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
+    (mnist_lit.trust) before jsonargparse imports or calls what they name."""
+    config = _read_yaml(path)
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
         return
@@ -619,8 +670,10 @@ def main(args: list[str] | None = None) -> None:
             run_serve(argv[1:])
         else:
             run_lightning(args)
-    # OSError: the machine's, not the program's: a full disk, a folder without write access
-    except (DataError, CheckpointError, Diverged, PeerLost, MisconfigurationException, OSError) as err:
+    except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
+        where = f"{err.filename}: " if err.filename else ""
+        sys.exit(f"error: {where}{err.strerror or _one_line(str(err))}")
+    except (DataError, CheckpointError, Diverged, PeerLost, MisconfigurationException) as err:
         sys.exit(f"error: {_one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {_explain(str(err))} (see --help)")

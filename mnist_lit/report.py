@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
 from mnist_lit.images import skipped_line
+from mnist_lit.storage import write_atomically
 
 MAX_MISTAKES_SHOWN = 100
 
@@ -266,17 +269,32 @@ def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
     path = os.path.join(log_dir, name)
     stem, extension = os.path.splitext(name)
     number = 0
-    while trainer.logger is None and os.path.exists(path):
+    while trainer.logger is None and os.path.lexists(path):
         number += 1
         path = os.path.join(log_dir, f"{stem}-{number}{extension}")
     return path
 
 
 def _save(fig: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format=os.path.splitext(path)[1][1:])
     fig.clf()
+    write_file(path, buffer.getvalue())
+
+
+def write_file(path: str, data: bytes) -> None:
+    """A file of the run's, written whole or not at all, never through a link; a failed write names the file."""
+    try:
+        write_atomically(path, data)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, path) from None
+
+
+def printable(text: str) -> str:
+    """A name from elsewhere (a file's), safe to print as one line: control characters (a newline, a terminal's
+    escape sequences) shown escaped."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 class PredictionWriter(Callback):
@@ -317,11 +335,12 @@ class PredictionWriter(Callback):
         # MNIST's columns stay path, digit, probability, p0..p9; other datasets name the class, and p<i> is the
         # probability of the i-th class
         column = "digit" if all(name.isdigit() for name in classes) else "class"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", column, "probability", *(f"p{i}" for i in range(len(classes)))])
-            for image_path, probs in rows:
-                best = max(range(len(probs)), key=probs.__getitem__)
-                writer.writerow([image_path, classes[best], f"{probs[best]:.4f}", *(f"{p:.6f}" for p in probs)])
-                print(f"{image_path}\t{classes[best]}\t{probs[best]:.4f}")
-        print(f"Predictions: {path}")
+        table = io.StringIO(newline="")
+        writer = csv.writer(table)
+        writer.writerow(["path", column, "probability", *(f"p{i}" for i in range(len(classes)))])
+        for image_path, probs in rows:
+            best = max(range(len(probs)), key=probs.__getitem__)
+            writer.writerow([image_path, classes[best], f"{probs[best]:.4f}", *(f"{p:.6f}" for p in probs)])
+            print(f"{printable(image_path)}\t{classes[best]}\t{probs[best]:.4f}")
+        write_file(path, table.getvalue().encode())
+        print(f"Predictions: {path}", file=sys.stderr)  # stdout holds the prediction lines only

@@ -87,6 +87,8 @@ def read_image(request: dict[str, Any], dataset: str) -> Tensor:
         image = Image.open(io.BytesIO(raw))  # reads the header only
     except UnidentifiedImageError:
         raise Refused(422, "not an image: send a PNG, JPEG or BMP") from None
+    except Exception as err:  # a header Pillow chokes on: bytes from a client can make it raise nearly anything
+        raise Refused(422, f"not a readable image ({type(err).__name__})") from None
     if image.width * image.height > MAX_PIXELS:
         size = f"{image.width}x{image.height}"
         raise Refused(413, f"the image is {size} pixels; this server decodes at most {MAX_PIXELS} (4096x4096)")
@@ -126,6 +128,8 @@ class DigitAPI(ls.LitAPI):
             return read_image(request, self.dataset)
         except Refused as refused:
             return refused
+        except Exception as err:  # LitServe would answer 500: whatever a request's bytes cause is the request's
+            return Refused(422, f"not a readable image ({type(err).__name__})")
 
     def batch(self, inputs: list[Tensor | Refused]) -> list[Tensor | Refused]:
         return inputs
@@ -210,8 +214,8 @@ class Gate:
             return refusal(400, f"the body is empty: {USAGE}")
         try:
             request = json.loads(body)
-        except ValueError:
-            return refusal(400, f"the body is not JSON: {USAGE}")
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
+            return refusal(400, f"the body is not JSON this server reads: {USAGE}")
         if not isinstance(request, dict) or not isinstance(request.get("image"), str):
             return refusal(400, f'the JSON has no "image" string: {USAGE}')
         return bytes(body)

@@ -121,7 +121,7 @@ def same_as_predict(server: Server, images: dict[str, bytes], folder: Path, run_
     status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET,
                                 cwd=server.log.parent)  # fmt: skip
     assert status == 0, err[-2000:]
-    csv_path = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Predictions: "))
+    csv_path = next(line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("Predictions: "))
     expected = {Path(row["path"]).name: row for row in csv.DictReader(open(csv_path))}
     assert expected.keys() == images.keys()
     for name, data in images.items():
