@@ -116,6 +116,8 @@ def read(path: Path, mean: float, std: float, box: int = BOX) -> Tensor:
 def reason(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
         return "not an image"
+    if isinstance(err, Image.DecompressionBombError):  # Pillow's own limit, above ours, also read from the header
+        return f"its header declares more pixels than the limit of {MAX_PIXELS / 1e6:g} megapixels"
     if isinstance(err, (ValueError, OSError)) and str(err):
         return _one_line(str(err))
     return f"not a readable image ({type(err).__name__}: {_one_line(str(err))})"

@@ -24,6 +24,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
+from mnist_lit.trust import Untrusted, check_model_hparams
+
 LAST, EXTENSION = "last", ".ckpt"
 # The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
 DIGEST_KEY = "mnist_lit_sha256"
@@ -149,7 +151,12 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
             f"{path} is damaged: it was written by mnist_lit but carries no checksum (a file whose checksum key was"
             " damaged or removed)"
         )
-    return checkpoint  # a Lightning checkpoint from elsewhere, with no mark of mnist_lit: nothing to check against
+    # else: a Lightning checkpoint from elsewhere, with no mark of mnist_lit: no digest to check it against
+    try:  # a digest proves the bytes unchanged, not who wrote them: what they ask for is checked as data
+        check_model_hparams(checkpoint.get("hyper_parameters"))
+    except Untrusted as err:
+        raise CheckpointError(f"refusing to load {path}: {err}; nothing it names was imported or run") from None
+    return checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:

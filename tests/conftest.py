@@ -56,6 +56,19 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """One finished run shared by the whole test session, never to be written to (copy it first): 2 epochs of 9
+    steps on the synthetic files, a checkpoint every 3 steps: checkpoints/last.ckpt and epoch=2-step=18.ckpt."""
+    root = tmp_path_factory.mktemp("trained-run")
+    result = run_cli(
+        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--checkpoint.every_n_train_steps", "3",
+        "--trainer.max_epochs", "2", cwd=root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="session")
 def real_mnist() -> Path:
     if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("the real MNIST files (../shared/mnist) are not here")

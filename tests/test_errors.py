@@ -17,7 +17,7 @@ from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
 from PIL import Image
 
 from mnist_lit.cli import main
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint
 
 
 class EvilShell:
@@ -67,15 +67,17 @@ def run_root(tmp_path_factory, mnist_dir):
     (bad / "other-run" / "checkpoints").mkdir(parents=True)
     (bad / "other-run" / "checkpoints" / "last.ckpt").write_bytes(good)
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    del checkpoint[DIGEST_KEY]  # the files made from it below are hand-made, as a user's own tools would make them
+    # the files made from it below are hand-made, sealed with a digest as mnist_lit seals its own: what each case
+    # checks is what follows the digest check
+    del checkpoint[DIGEST_KEY]
     torch.save({"state_dict": checkpoint["state_dict"]}, bad / "state-dict-only.ckpt")
     weights_only = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "loops")}
-    torch.save(weights_only, bad / "weights-only.ckpt")
+    torch.save({**weights_only, DIGEST_KEY: digest(weights_only)}, bad / "weights-only.ckpt")
     nan = {
         **checkpoint,
         "state_dict": {k: torch.full_like(v, float("nan")) for k, v in checkpoint["state_dict"].items()},
     }
-    torch.save(nan, bad / "nan.ckpt")
+    torch.save({**nan, DIGEST_KEY: digest(nan)}, bad / "nan.ckpt")
     (bad / "folder.pth").mkdir()
     torch.save({"conv1.weight": torch.zeros(10, 1, 5, 5), "payload": Evil(root / "PWNED")}, bad / "evil.pth")
     (bad / "truncated.ckpt").write_bytes(good[: len(good) // 2])

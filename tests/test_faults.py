@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
 
-from mnist_lit.storage import DIGEST_KEY, load_checkpoint
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
@@ -25,12 +25,9 @@ def fit_args(data: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
-    """A finished 2-epoch run (18 steps): checkpoints/last.ckpt and the periodic file of step 18."""
-    root = tmp_path_factory.mktemp("trained")
-    result = run_cli(*fit_args(mnist_dir, "--trainer.max_epochs", "2"), cwd=root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root
+def trained(trained_run):
+    """A finished 2-epoch run (18 steps): checkpoints/last.ckpt and the periodic file of step 18 (conftest's)."""
+    return trained_run
 
 
 # --- a full disk ------------------------------------------------------------------------------------------------
@@ -168,11 +165,17 @@ def test_bit_rot_in_the_momentum_buffers_is_refused_on_resume(tmp_path, mnist_di
     assert_clean_error(result, "is damaged", "the newest intact checkpoint beside it is")
 
 
-def test_checkpoints_written_before_digests_still_load(tmp_path, trained):
+def test_a_checkpoint_of_ours_without_its_digest_is_refused_and_one_from_elsewhere_loads(tmp_path, trained):
+    # Damage that hits the digest's own key must not pass the file off as one that never had a digest.
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     del checkpoint[DIGEST_KEY]
-    torch.save(checkpoint, tmp_path / "old.ckpt")
-    assert load_checkpoint(tmp_path / "old.ckpt")["global_step"] == 18
+    torch.save(checkpoint, tmp_path / "stripped.ckpt")
+    with pytest.raises(CheckpointError, match="written by mnist_lit but carries no checksum"):
+        load_checkpoint(tmp_path / "stripped.ckpt")
+    # A plain Lightning checkpoint of the same Net, written by other code: nothing to check it against, it loads.
+    plain = {k: checkpoint[k] for k in ("state_dict", "pytorch-lightning_version", "epoch", "global_step")}
+    torch.save(plain, tmp_path / "plain.ckpt")
+    assert load_checkpoint(tmp_path / "plain.ckpt")["global_step"] == 18
 
 
 # --- DDP: a process that dies or is signalled takes the others down, in one line each ---------------------------

@@ -21,6 +21,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, cli_env, run_cli
@@ -118,7 +119,7 @@ def same_as_predict(server: Server, images: dict[str, bytes], folder: Path, run_
     folder.mkdir()
     for name, data in images.items():
         (folder / name).write_bytes(data)
-    status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET,
+    status, _out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(folder), *QUIET,
                                 cwd=server.log.parent)  # fmt: skip
     assert status == 0, err[-2000:]
     csv_path = next(line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("Predictions: "))
@@ -182,6 +183,22 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk + data
 
 
+def nan_tiff() -> bytes:
+    pixels = np.zeros((28, 28), dtype=np.float32)
+    pixels[4:24, 12:16] = np.nan
+    return png(Image.fromarray(pixels, mode="F"), "TIFF")
+
+
+def broken_chunk_png() -> bytes:
+    """A digit whose PNG holds, after its image data, a zTXt chunk that Pillow raises a SyntaxError on."""
+    image = Image.new("L", (28, 28), 0)
+    image.paste(255, (12, 4, 16, 24))
+    good = png(image)
+    end, body = good.index(b"IEND") - 4, b"key\x00\x01data"
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    return good[:end] + chunk + good[end:]
+
+
 def as_json(data: bytes) -> bytes:
     return json.dumps({"image": base64.b64encode(data).decode()}).encode()
 
@@ -197,6 +214,10 @@ BAD_REQUESTS = {
     "blank drawing": (as_json(png(Image.new("RGB", (280, 280), "white"))), "application/json", 422, "blank"),
     "20000x20000 PNG": (as_json(png_header(20000, 20000)), "application/json", 413, "20000x20000"),
     "50 MB body": (b'{"image": "' + b"A" * (50 * 2**20) + b'"}', "application/json", 413, "bytes"),
+    "JSON nested deeper than Python's stack": (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not JSON"),
+    "an image string that is not ASCII": ('{"image": "ÿÿÿÿ"}'.encode(), "application/json", 400, "base64"),
+    "pixels that are not finite": (as_json(nan_tiff()), "application/json", 422, "finite"),
+    "a broken chunk after the image data": (as_json(broken_chunk_png()), "application/json", 422, "not a readable"),
     "wrong content type": (b"x" * 100, "text/plain", 415, "content type"),
     "raw PNG bytes": (png(Image.new("L", (28, 28))), "image/png", 415, "application/json"),
 }

@@ -1,0 +1,331 @@
+"""The trust boundary: a checkpoint, a config file, a folder or an image from elsewhere is data, never code to run or
+a path to follow. Every hostile file is refused (or skipped) in one line, and what it asked for never happens."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, run_cli
+from PIL import Image
+
+from mnist_lit.cli import claim_version
+from mnist_lit.model import LitMNIST
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint, load_ckpt_path
+
+KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
+
+
+def reseal(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of a checkpoint with a change, sealed with a valid digest: as anyone who writes one can."""
+    checkpoint = torch.load(source, weights_only=True)
+    change(checkpoint)
+    checkpoint.pop(DIGEST_KEY, None)
+    checkpoint[DIGEST_KEY] = digest(checkpoint)
+    torch.save(checkpoint, target)
+    return target
+
+
+def hparam(field: str, value: object) -> Callable[[dict], None]:
+    return lambda checkpoint: checkpoint["hyper_parameters"].__setitem__(field, value)
+
+
+def spec(class_path: str, **init_args: object) -> dict:
+    return {"class_path": class_path, "init_args": init_args}
+
+
+# name: (the change, words the one-line refusal must contain). MARKER in a value is replaced by the marker's path:
+# the file a hostile spec would create if anything it names ran.
+HOSTILE: dict[str, tuple[Callable[[str], Callable[[dict], None]], str]] = {
+    "optimizer os.system": (lambda m: hparam("optimizer", spec("os.system", command=f"touch {m}")), "os.system"),
+    "scheduler os.system": (lambda m: hparam("lr_scheduler", spec("os.system", command=f"touch {m}")), "os.system"),
+    "optimizer subprocess.Popen": (lambda m: hparam("optimizer", spec("subprocess.Popen", args=["touch", m])), "Popen"),
+    "scheduler builtins.exec": (
+        lambda m: hparam("lr_scheduler", spec("builtins.exec", source=f"open({m!r}, 'w')")),
+        "builtins.exec",
+    ),
+    "a module that is not allowed": (lambda m: hparam("optimizer", spec("this.Zen")), "this.Zen"),
+    "a torch class of another kind": (lambda m: hparam("optimizer", spec("torch.nn.Linear")), "not a torch.optim"),
+    "a function by name where a number goes": (
+        lambda m: hparam("optimizer", spec("torch.optim.SGD", lr="os.system")),
+        "--model.optimizer.lr",
+    ),
+    "LambdaLR given a function by name": (
+        lambda m: hparam("lr_scheduler", spec("torch.optim.lr_scheduler.LambdaLR", lr_lambda="os.system")),
+        "lr_lambda",
+    ),
+    "an argument the class does not take": (
+        lambda m: hparam("optimizer", spec("torch.optim.SGD", lr=0.1, command=f"touch {m}")),
+        "takes no argument 'command'",
+    ),
+    "a nested object as an argument": (
+        lambda m: hparam("optimizer", spec("torch.optim.SGD", lr={"class_path": "os.system"})),
+        "not a plain value",
+    ),
+    "init_from naming a file to read": (lambda m: hparam("init_from", m), "--model.init_from"),
+    "another instantiator": (lambda m: hparam("_instantiator", "os.system"), "os.system"),
+    "hyperparameters that are a list": (
+        lambda m: lambda checkpoint: checkpoint.__setitem__("hyper_parameters", ["os.system"]),
+        "not a mapping",
+    ),
+    "freeze that is not a list of names": (lambda m: hparam("freeze", {"class_path": "os.system"}), "--model.freeze"),
+}
+
+
+@pytest.fixture
+def root(tmp_path, trained_run):
+    shutil.copytree(trained_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def data_args(mnist_dir: Path) -> list[str]:
+    return ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_checkpoint_is_refused_in_one_line_and_nothing_it_names_runs(case, root, mnist_dir, run_main):
+    marker = root / "PWNED"
+    change, words = HOSTILE[case]
+    reseal(root / "checkpoints" / "last.ckpt", root / "hostile.ckpt", change(str(marker)))
+    commands = [
+        ["test", "--ckpt_path", "hostile.ckpt", *data_args(mnist_dir)],
+        ["predict", "--ckpt_path", "hostile.ckpt", "--data.predict_path", str(root), *data_args(mnist_dir)],
+        ["export", "--ckpt_path", "hostile.ckpt", "--output", "out.pth"],
+        ["serve", "--ckpt_path", "hostile.ckpt"],
+    ]
+    for command in commands:
+        status, _out, err = run_main(*command, cwd=root)
+        assert status != 0, (command, err[-2000:])
+        last_line = err.strip().splitlines()[-1]
+        assert last_line.startswith("error: refusing to load") and words in last_line, (command, err[-2000:])
+        assert "Traceback" not in err
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        LitMNIST.load_from_checkpoint(root / "hostile.ckpt")  # a user's own code
+    assert not marker.exists()
+    assert "this" not in sys.modules  # importing it would print the Zen of Python: nothing was imported
+    assert not (root / "out.pth").exists()
+
+
+def test_a_hostile_checkpoint_as_last_is_refused_on_resume_and_validate_with_a_failure_status(root, mnist_dir):
+    marker = root / "PWNED"
+    last = root / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    reseal(last, last, hparam("lr_scheduler", spec("os.system", command=f"touch {marker}")))
+    for command in (["fit", "--ckpt_path", "last", "--trainer.max_epochs", "3"], ["validate", "--ckpt_path", "last"]):
+        result = run_cli(*command, *data_args(mnist_dir), cwd=root)
+        assert_clean_error(result, "refusing to load", "os.system")
+    result = run_cli("fit", "--model.init_from", str(last), "--trainer.default_root_dir", "tuned",
+                     *data_args(mnist_dir), cwd=root)  # fmt: skip
+    assert_clean_error(result, "refusing to load", "os.system")
+    assert not marker.exists() and last.read_bytes() != before and not (root / "tuned").exists()
+
+
+def test_a_class_the_user_names_on_the_command_line_is_trusted(root, mnist_dir, run_main, monkeypatch):
+    # Outside torch.optim, a checkpoint's class is refused ... unless the user's own command line names its module.
+    reseal(root / "checkpoints" / "last.ckpt", root / "asgd.ckpt", hparam("optimizer", spec("torch.optim.ASGD")))
+    status, _out, err = run_main("test", "--ckpt_path", "asgd.ckpt", *data_args(mnist_dir), cwd=root)
+    assert status == 0, err[-2000:]  # torch.optim's own: allowed
+    monkeypatch.setenv("MNIST_LIT_TRUST", "")
+    from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
+
+    with pytest.raises(Untrusted, match=r"a file may name classes of torch\.optim only"):
+        check_spec("optimizer", spec("json.JSONDecoder"), trusted=())
+    trust_command_line(["--model.optimizer", "json.JSONDecoder"])
+    with pytest.raises(Untrusted, match=r"is not a torch\.optim optimizer"):  # trusted module, still the wrong kind
+        check_spec("optimizer", spec("json.JSONDecoder"))
+    trust_command_line([])
+    assert KINDS["optimizer"].option == "--model.optimizer"
+
+
+def test_a_config_file_naming_a_function_is_refused_before_it_is_called(tmp_path, mnist_dir, run_main):
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil.yaml").write_text(
+        f"model:\n  optimizer:\n    class_path: os.system\n    init_args:\n      command: touch {marker}\n"
+    )
+    status, _, err = run_main("fit", "--config", "evil.yaml", *data_args(mnist_dir), "--print_config", cwd=tmp_path)
+    assert status != 0 and "--config evil.yaml: --model.optimizer: os.system is not" in err, err[-2000:]
+    assert not marker.exists()
+    (tmp_path / "broken.yaml").write_text("model:\n  optimizer: [SGD\n")
+    status, _out, err = run_main("fit", "--config", "broken.yaml", *data_args(mnist_dir), cwd=tmp_path)
+    assert status != 0 and "--config broken.yaml: line 3, column 1: not valid YAML" in err, err[-2000:]
+
+
+# --- the digest cannot be stripped by the damage it should catch ------------------------------------------------
+
+
+def test_damage_to_the_digests_own_key_is_caught_and_the_intact_copy_named(root):
+    last = root / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["mnist_lit_sha25X"] = checkpoint.pop(DIGEST_KEY)  # a flipped byte in the key's name
+    checkpoint["state_dict"]["net.fc2.bias"][0] += 1  # and damage elsewhere that the digest would have caught
+    torch.save(checkpoint, last)
+    with pytest.raises(CheckpointError, match=r"is damaged: .*no checksum.*newest intact checkpoint beside it is .*18"):
+        load_checkpoint(last)
+
+
+def test_a_checkpoint_whose_pickle_is_damaged_into_code_names_the_intact_copy(root):
+    last = root / "checkpoints" / "last.ckpt"
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"state_dict": {}, "payload": Code()}, last)
+    with pytest.raises(CheckpointError, match=r"pickled Python objects.*or it is damaged.*beside it is .*step=18"):
+        load_checkpoint(last)
+
+
+def test_test_last_beside_a_fit_that_removes_the_file_it_found_takes_the_newer_one(root, monkeypatch):
+    # A fit saving every step removes the older periodic file right after writing the next: read the newest again.
+    directory = root / "checkpoints"
+    (directory / "last.ckpt").unlink()
+    old = directory / "epoch=2-step=18.ckpt"
+    newer = directory / "epoch=2-step=19.ckpt"
+    from mnist_lit import storage
+
+    load = storage.load_checkpoint
+
+    def racing(path, data=None):
+        if Path(path) == old and not newer.exists():
+            shutil.copy(old, newer)  # the fit's next save ...
+            os.utime(newer, ns=(old.stat().st_mtime_ns + 10**9,) * 2)
+            old.unlink()  # ... and its removal of the older file, between our look and our read
+        return load(path, data)
+
+    monkeypatch.setattr(storage, "load_checkpoint", racing)
+    path, checkpoint = load_ckpt_path("last", directory, fitting=False)
+    assert path == str(newer) and checkpoint["global_step"] == 18
+
+
+# --- links planted where a run writes are never followed --------------------------------------------------------
+
+
+def test_a_link_planted_as_the_lock_or_a_checkpoint_is_refused_and_its_target_untouched(tmp_path, mnist_dir):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a" / "checkpoints" / ".lock").symlink_to(target)
+    result = run_cli("fit", *data_args(mnist_dir), "--trainer.max_steps", "2", cwd=tmp_path / "a")
+    assert_clean_error(result, "refusing to lock", "symbolic link")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "last.ckpt").symlink_to(target)
+    (tmp_path / "b" / "checkpoints" / "last.ckpt.part").symlink_to(target)  # where older versions wrote first
+    result = run_cli("fit", *data_args(mnist_dir), "--trainer.max_steps", "2", cwd=tmp_path / "b")
+    assert_clean_error(result, "refusing to write", "last.ckpt: it is a symbolic link")
+    assert target.read_text() == "precious"
+
+
+def test_a_link_planted_where_a_figure_goes_is_passed_over(tmp_path, mnist_dir, run_main):
+    # Without a logger the figures go to the root, beside the user's own files: a link there is not written through
+    target = tmp_path / "elsewhere.png"
+    (tmp_path / "curves.png").symlink_to(target)  # dangling: os.path.exists says no file is there
+    status, _out, err = run_main("fit", *data_args(mnist_dir), "--trainer.max_steps", "2", "--trainer.logger", "false",
+                                cwd=tmp_path)  # fmt: skip
+    assert status == 0, err[-2000:]
+    assert not target.exists() and (tmp_path / "curves-1.png").is_file()
+
+
+def test_two_fits_in_one_root_get_their_own_log_folders(tmp_path):
+    folder = tmp_path / "lightning_logs"
+    assert [claim_version(folder) for _ in range(2)] == [0, 1]
+    (folder / "version_7").mkdir()
+    assert claim_version(folder) == 8 and (folder / "version_8").is_dir()
+
+
+# --- images from elsewhere: one bad file costs itself only ------------------------------------------------------
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def digit_image() -> Image.Image:
+    image = Image.new("L", (28, 28), 0)
+    image.paste(255, (12, 4, 16, 24))
+    return image
+
+
+def hostile_images(folder: Path, outside: Path) -> None:
+    """Beside good.png: non-finite pixels, a broken chunk after the image data, a header declaring 20000x20000
+    pixels over a few bytes, and a link to an image outside the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digit_image().save(folder / "good.png")
+    pixels = np.zeros((28, 28), dtype=np.float32)
+    pixels[4:24, 12:16] = np.nan
+    Image.fromarray(pixels, mode="F").save(folder / "nan.tiff")
+    good = png(digit_image())
+    end = good.index(b"IEND") - 4
+    (folder / "broken-chunk.png").write_bytes(good[:end] + chunk(b"zTXt", b"key\x00\x01data") + good[end:])
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    (folder / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+    )
+    digit_image().save(outside)
+    (folder / "link.png").symlink_to(outside)
+
+
+def test_predict_skips_hostile_images_in_one_line_and_predicts_the_good_one(root, tmp_path, mnist_dir):
+    hostile_images(tmp_path / "photos", tmp_path / "secret.png")
+    result = run_cli("predict", "--ckpt_path", "last", "--data.predict_path", str(tmp_path / "photos"),
+                     *data_args(mnist_dir), cwd=root)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(tmp_path / "photos" / "good.png")]
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 3 of 4 files"), result.stderr  # the link: not listed
+    assert "broken-chunk.png" in skipped[0] and "huge.png: its header declares more pixels than the limit" in skipped[0]
+
+
+def test_image_dir_skips_hostile_images_and_refuses_a_linked_class_folder(tmp_path, capsys):
+    from mnist_lit.data import MNISTDataModule
+
+    hostile_images(tmp_path / "digits" / "1", tmp_path / "secret.png")
+    for label in range(10):
+        if label != 1:
+            (tmp_path / "digits" / str(label)).mkdir()
+            digit_image().save(tmp_path / "digits" / str(label) / "a.png")
+    module = MNISTDataModule(image_dir=str(tmp_path / "digits"), image_val_fraction=0, image_test_fraction=0)
+    module.setup("fit")
+    assert len(module.splits["train"][1]) == 10
+    err = capsys.readouterr().err
+    assert err.startswith("skipped 4 of 14 files under") and "link.png: a symbolic link, not followed" in err, err
+    shutil.rmtree(tmp_path / "digits" / "9")
+    (tmp_path / "digits" / "9").symlink_to(tmp_path / "digits" / "8")
+    with pytest.raises(RuntimeError, match="class folder 9 is a symbolic link"):
+        MNISTDataModule(image_dir=str(tmp_path / "digits")).setup("fit")
+
+
+# --- the rest: a resume's seed, a signal after the final save ---------------------------------------------------
+
+
+def test_seed_everything_on_a_resume_is_refused_if_changed_and_recorded_as_the_runs(root, mnist_dir, run_main):
+    fit = ["fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", *data_args(mnist_dir)]
+    status, _, err = run_main(*fit, "--seed_everything", "7", cwd=root)
+    assert status != 0 and "--seed_everything cannot change when resuming" in err and "seed is 1" in err, err[-2000:]
+    status, _, err = run_main(*fit, cwd=root)
+    assert status == 0, err[-2000:]
+    newest = max((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert "seed_everything: 1\n" in (newest / "config.yaml").read_text()
+
+
+def test_a_signal_while_the_figures_are_drawn_names_the_final_checkpoint(tmp_path, mnist_dir):
+    result = run_cli("curves-term", "0", "fit", *data_args(mnist_dir), "--trainer.max_steps", "3", cwd=tmp_path,
+                     script=KILLPOINTS)  # fmt: skip
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("SIGTERM: stopped at once; the newest checkpoint is") and "last.ckpt" in last_line
