@@ -122,11 +122,16 @@ class MNISTCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.lock: RunLock | None = None  # held for the whole fit: one run per checkpoint folder
         self.resumed_step: int | None = None
+        self.claimed: Path | None = None  # the log version folder this run created
         try:
             super().__init__(*args, **kwargs)
         finally:
             if self.lock is not None:
                 self.lock.release()
+            if self.claimed is not None:  # a run that failed before writing a file there leaves no empty folder
+                with contextlib.suppress(OSError):
+                    self.claimed.rmdir()
+                    self.claimed.parent.rmdir()
 
     def instantiate_classes(self) -> None:
         # What Lightning raises here comes from the options given (a strategy or an accelerator this machine
@@ -191,8 +196,10 @@ class MNISTCLI(LightningCLI):
         if config.get("logger") in (None, True) and rank_zero_only.rank == 0 and SLURMEnvironment.job_id() is None:
             # Lightning's default logger, with its version folder taken now (mkdir: one winner), not when it is first
             # written: two runs started together in one root must not both pick the same version_N.
-            root = config.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, version=claim_version(Path(root) / "lightning_logs"))
+            folder = Path(config.get("default_root_dir") or os.getcwd()) / "lightning_logs"
+            version = claim_version(folder)
+            self.claimed = folder / f"version_{version}"
+            kwargs["logger"] = TensorBoardLogger(save_dir=folder.parent, version=version)
             claimed = True
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand == "fit":
@@ -380,7 +387,7 @@ def check_config_file(path: str) -> None:
         return
     for field in KINDS:
         try:
-            check_spec(field, model.get(field))
+            check_spec(field, model.get(field), partial=True)
         except Untrusted as err:
             raise ConfigError(f"--config {path}: {err}") from None
 

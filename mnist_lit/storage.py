@@ -89,12 +89,13 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(f"{path} is not a regular file (a device, a pipe or a socket), so not a checkpoint")
+        raise CheckpointError(f"{path} is not a regular file (a device, a pipe or a socket), so not a checkpoint")
+    with os.fdopen(fd, "rb") as f:
         try:
             return f.read()
         except OSError as err:

@@ -116,9 +116,10 @@ def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
     return found
 
 
-def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None) -> type | None:
+def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, partial: bool = False) -> type | None:
     """Check a class-path spec ({"class_path": ..., "init_args": {...}}, or a bare class path) as data; return the
-    class it names (None for no class). Nothing is built or called."""
+    class it names (None for no class). Nothing is built or called. partial: a config file's override of the
+    arguments alone (no class_path), whose values must be plain."""
     kind = KINDS[field]
     trusted = trusted_modules() if trusted is None else trusted
     if spec is None:
@@ -127,6 +128,11 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None) -> t
         spec = {"class_path": spec}
     if not isinstance(spec, dict) or set(spec) - {"class_path", "init_args"}:
         raise Untrusted(f"{kind.option}: {_short(spec)} is not a class path with init_args")
+    if partial and "class_path" not in spec:
+        init_args = spec.get("init_args") or {}
+        if not isinstance(init_args, dict) or not all(_plain(value) for value in init_args.values()):
+            raise Untrusted(f"{kind.option}.init_args: {_short(init_args)} is not a mapping of names to plain values")
+        return None
     cls = resolve(kind, spec.get("class_path"), trusted)
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, dict):

@@ -123,7 +123,7 @@ def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_i
     assert "skipped" in result.stderr and "notes.txt" in result.stderr and "broken.png" in result.stderr
     assert "huge.png" in result.stderr and "Traceback" not in result.stderr
     csv_path = next(trained.glob("lightning_logs/version_*/predictions.csv"))
-    assert str(csv_path) in result.stdout
+    assert str(csv_path) in result.stderr  # stdout holds the prediction lines only
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["path"] for r in rows] == sorted(path for path, _, _ in lines)
     assert list(rows[0]) == ["path", "digit", "probability", *(f"p{d}" for d in range(10))]
