@@ -61,8 +61,14 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
         )
     if wrong := [k for k in expected if expected[k] != found[k]]:
         raise CheckpointError(f"{path} is a checkpoint of another model: {wrong[0]} has shape {found[wrong[0]]}")
-    weights = checkpoint["state_dict"]
-    if broken := [k for k in expected if not weights[k].is_floating_point() or not bool(weights[k].isfinite().all())]:
+    weights, model_state = checkpoint["state_dict"], model.state_dict()
+    # as the model's own: floating-point weights of finite numbers, integer counters (batch norm's) as integers
+    if broken := [
+        k
+        for k in expected
+        if weights[k].is_floating_point() != model_state[k].is_floating_point()
+        or (weights[k].is_floating_point() and not bool(weights[k].isfinite().all()))
+    ]:
         raise CheckpointError(f"{path} holds no usable weights: {broken[0]} is not a tensor of finite numbers")
 
 

@@ -33,15 +33,14 @@ from mnist_lit.checkpoint import (
     Diverged,
     Interrupted,
     check_resumable,
-    check_weights,
     install_signal_handlers,
     run_seed,
 )
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
-from mnist_lit.model import GUIDE_SGD, LitMNIST, check_optimizer, tunable
+from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
-from mnist_lit.trust import KINDS, Untrusted, check_model_hparams, check_spec, trust_command_line
+from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -181,7 +180,7 @@ class MNISTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        parser.set_defaults({"trainer.max_epochs": 10})
+        parser.set_defaults({"trainer.max_epochs": 10, "model.net": NET_SPEC})  # --print_config shows the Net
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
@@ -260,6 +259,8 @@ class MNISTCLI(LightningCLI):
         config = self.config[subcommand]
         try:  # a bad optimizer option first, whatever else may be wrong
             check_optimizer(config.model.optimizer.as_dict())
+            net = config.model.net
+            check_spec("net", net.as_dict() if hasattr(net, "as_dict") else net)  # its size, before it is built
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.check_trainer_options()
@@ -284,8 +285,8 @@ class MNISTCLI(LightningCLI):
                 raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
             return
         ckpt_path, checkpoint = load_ckpt_path(config.ckpt_path, directory, fitting)
-        hparams = model_hparams(checkpoint)
-        check_weights(ckpt_path, checkpoint, LitMNIST())
+        hparams = hparams_from(checkpoint)
+        net_from(ckpt_path, checkpoint)  # the checkpoint's network, with weights that fit it
         if fitting:
             check_resumable(ckpt_path, checkpoint)
             self.resumed_step = checkpoint.get("global_step")
@@ -345,7 +346,13 @@ class MNISTCLI(LightningCLI):
                 " --trainer.default_root_dir"
             )
         path, checkpoint = load_ckpt_path(config.model.init_from, source, fitting=False)
-        check_weights(path, checkpoint, LitMNIST())
+        trained_net = hparams_from(checkpoint).get("net", NET_SPEC)
+        if config.model.net.as_dict() == NET_SPEC and trained_net != NET_SPEC:  # its network, unless given
+            self.config = self.parser.parse_object(
+                {self.config.subcommand: {"model": {"net": trained_net}}}, self.config
+            )
+            config = self.config[self.config.subcommand]
+        net_from(path, checkpoint)  # a network the checkpoint's weights fit
         config.model.init_from = path
         if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
             config.data.dataset = recorded_dataset(checkpoint)
@@ -390,15 +397,6 @@ def check_config_file(path: str) -> None:
             check_spec(field, model.get(field), partial=True)
         except Untrusted as err:
             raise ConfigError(f"--config {path}: {err}") from None
-
-
-def model_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The LitMNIST arguments a checkpoint was trained with (checked as data when it was loaded), as --model options."""
-    hparams = check_model_hparams(checkpoint.get("hyper_parameters"))
-    if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
-        init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
-        hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}
-    return hparams
 
 
 def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[str, Any]) -> None:

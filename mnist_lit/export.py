@@ -6,12 +6,13 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from mnist_lit.checkpoint import check_weights
 from mnist_lit.data import DATASETS, recorded_dataset
-from mnist_lit.model import LitMNIST, Net
+from mnist_lit.model import NET_SPEC, Net, hparams_from, log_probabilities, net_from
 from mnist_lit.storage import load_checkpoint, write_atomically
 
 ONNX_TOLERANCE = 1e-4
@@ -21,16 +22,24 @@ class ExportError(RuntimeError):
     """An export that cannot be done or did not check out; the message says why."""
 
 
-def net_from_checkpoint(ckpt_path: str | os.PathLike) -> tuple[Net, str]:
-    """The plain Net held in a mnist_lit checkpoint, loaded without unpickling anything but tensors, and the name
-    of the dataset it was trained on (one read and one digest check of the file for both)."""
+def net_from_checkpoint(ckpt_path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The network held in a mnist_lit checkpoint, rebuilt from its spec (checked as data) with its weights, loaded
+    without unpickling anything but tensors; the name of the dataset it was trained on; the network's spec (one
+    read and one digest check of the file for all three)."""
     checkpoint = load_checkpoint(ckpt_path)
-    check_weights(ckpt_path, checkpoint, LitMNIST())
-    net = Net()
-    # contiguous: a channels_last run's conv weights become the plain layout the guide's model.pth has
-    state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
-    net.load_state_dict(state, strict=True)
-    return net.eval(), recorded_dataset(checkpoint)
+    spec = hparams_from(checkpoint).get("net", NET_SPEC)
+    return net_from(ckpt_path, checkpoint), recorded_dataset(checkpoint), spec
+
+
+class Classifier(nn.Module):
+    """A network with log-probabilities out, whatever it outputs itself: what the ONNX file and serve answer."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return log_probabilities(self.net, self.net(x))
 
 
 def export(ckpt_path: str | os.PathLike, output: Path) -> str:
@@ -42,26 +51,35 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
         raise ExportError(f"cannot export to {output}: it is a folder; name a file")
     if output.exists() and not output.is_file():
         raise ExportError(f"cannot export to {output}: it exists and is not a regular file; name a file")
-    net, dataset = net_from_checkpoint(ckpt_path)
+    net, dataset, spec = net_from_checkpoint(ckpt_path)
     known = DATASETS[dataset]
     # The file holds weights only: a deployment must normalise its inputs as the training data was.
     inputs = f"; inputs as {known.title}'s: 28x28, (pixel / 255 - {known.mean}) / {known.std}"
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".pth", ".pt"):
         buffer = io.BytesIO()
-        torch.save(net.state_dict(), buffer)
+        if type(net) is Net:  # exactly what the guide saves
+            torch.save(net.state_dict(), buffer)
+            write_atomically(str(output), buffer)
+            return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})){inputs})"
+        # Any other network: its weights and the class path and arguments that rebuild it, all plain data
+        torch.save({"net": spec, "state_dict": net.state_dict()}, buffer)
         write_atomically(str(output), buffer)
-        return f"wrote {output} (the Net's state_dict: Net().load_state_dict(torch.load({str(output)!r})){inputs})"
+        name = type(net).__name__
+        return (
+            f"wrote {output} (a dict: 'net', the class path and init_args of {name}, and 'state_dict', its weights:"
+            f" {name}(**d['net']['init_args']).load_state_dict(d['state_dict']) with d = torch.load(...){inputs})"
+        )
     # Exported and checked in a scratch folder, then written over output atomically: a failed or killed export
     # leaves output as it was and nothing beside it.
     with tempfile.TemporaryDirectory(prefix="mnist_lit-export-") as scratch:
         onnx_file = Path(scratch) / "model.onnx"
-        difference = _write_onnx(net, onnx_file)
+        difference = _write_onnx(Classifier(net), onnx_file)
         write_atomically(str(output), io.BytesIO(onnx_file.read_bytes()))
     return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e}{inputs})"
 
 
-def _write_onnx(net: Net, path: Path) -> float:
+def _write_onnx(net: nn.Module, path: Path) -> float:
     try:
         import onnxruntime
     except ImportError:

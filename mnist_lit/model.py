@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 import math
 import os
 import re
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.checkpoint import check_weights
-from mnist_lit.storage import load_checkpoint, read_bytes
-from mnist_lit.trust import check_spec
+from mnist_lit.storage import load_checkpoint
+from mnist_lit.trust import check_model_hparams, check_spec
 
 # The guide's optimizer, as the class_path spec jsonargparse shows in --print_config and saves in checkpoints (a
 # callable object there would need unpickling code to load). fused: the whole update in one kernel, bit for bit
@@ -32,6 +31,8 @@ GUIDE_SGD: dict[str, Any] = {"class_path": "torch.optim.SGD", "init_args": {"lr"
 
 class Net(nn.Module):
     """The guide's CNN, layer for layer: its state_dict and the guide's are interchangeable."""
+
+    log_probabilities = True  # its forward ends in log_softmax: LitMNIST applies none of its own
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,23 +52,95 @@ class Net(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class ConvNet(nn.Module):
+    """A small modern CNN for 28x28 images: two blocks of two 3x3 convolutions with batch norm, max pooling after
+    each block, dropout and one linear layer. Outputs logits."""
+
+    def __init__(self, width: int = 16, dropout: float = 0.25) -> None:
+        """
+        Args:
+            width: Channels of the first block; the second has twice as many.
+            dropout: Dropout before the linear layer.
+        """
+        super().__init__()
+
+        def block(inputs: int, outputs: int) -> nn.Sequential:
+            layers = []
+            for channels in (inputs, outputs):
+                layers += [nn.Conv2d(channels, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
+            return nn.Sequential(*layers, nn.MaxPool2d(2))
+
+        self.block1 = block(1, width)
+        self.block2 = block(width, 2 * width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * width * 7 * 7, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.dropout(torch.flatten(self.block2(self.block1(x)), 1)))
+
+
+NET_SPEC: dict[str, Any] = {"class_path": "mnist_lit.model.Net", "init_args": {}}  # the default network
+
+
+def log_probabilities(net: nn.Module, outputs: Tensor) -> Tensor:
+    """A network's outputs as log-probabilities: log_softmax unless it says it applied one (Net). Applied to
+    log-probabilities it would change nothing but the float rounding, which the guide's numbers must keep."""
+    return outputs if getattr(net, "log_probabilities", False) else F.log_softmax(outputs, dim=1)
+
+
+def build_net(net: nn.Module | dict[str, Any] | None) -> nn.Module:
+    """The network: the guide's Net by default, a class-path spec checked as data (mnist_lit.trust) and built, or a
+    module given in Python."""
+    if net is None:
+        return Net()
+    if isinstance(net, dict):
+        cls = check_spec("net", net)
+        return cls(**(net.get("init_args") or {}))
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model.net: {type(net).__name__} is not a torch.nn.Module")
+    return net
+
+
+def check_contract(net: nn.Module, classes: int = 10) -> None:
+    """What a network must do, checked once, early: take a batch of N x 1 x 28 x 28 images and give N x 10 outputs
+    (logits or log-probabilities)."""
+    name = type(net).__name__
+    training = net.training
+    try:
+        with torch.no_grad():
+            outputs = net.eval()(torch.zeros(2, 1, 28, 28))
+    except Exception as err:  # whatever the user's network raises
+        raise ValueError(
+            f"--model.net {name}: fails on a batch of 2 images of 1x28x28 ({type(err).__name__}: {err})"
+        ) from None
+    finally:
+        net.train(training)
+    if not isinstance(outputs, Tensor) or tuple(outputs.shape) != (2, classes):
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"--model.net {name}: gives {shape} for a batch of 2 images of 1x28x28; it must give (2, {classes}):"
+            f" one output per class (logits or log-probabilities)"
+        )
+
+
 def _metric_name(name: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_")
 
 
-def layers(net: Net) -> list[str]:
-    """The names of the Net's layers that have weights: what --model.freeze can name."""
+def layers(net: nn.Module) -> list[str]:
+    """The names of the network's layers that have weights: what --model.freeze can name."""
     return [name for name, module in net.named_children() if any(True for _ in module.parameters())]
 
 
 class LitMNIST(LightningModule):
-    """Trains the guide's Net; logs train/loss, train/lr, val/loss, val/acc, test/loss, test/acc."""
+    """Trains the guide's Net (or any network); logs train/loss, train/lr, val/loss, val/acc, test/loss, test/acc."""
 
     TRAIN_METRICS = ("train/loss", "train/lr")  # what fit logs, for callbacks that watch one (EarlyStopping ...)
     VAL_METRICS = ("val/loss", "val/acc")
 
     def __init__(
         self,
+        net: nn.Module | None = None,
         optimizer: OptimizerCallable = GUIDE_SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = True,
@@ -76,6 +149,9 @@ class LitMNIST(LightningModule):
     ) -> None:
         """
         Args:
+            net: The network, any torch.nn.Module by class path with its own options, e.g. --model.net
+                mnist_lit.model.ConvNet --model.net.width 32. It takes N x 1 x 28 x 28 images and gives N x 10
+                outputs, logits or log-probabilities. Default: the guide's Net.
             optimizer: Any torch.optim optimizer and its options, e.g. --model.optimizer Adam
                 --model.optimizer.lr 0.001. Default: the guide's SGD, lr 0.01, momentum 0.5.
             lr_scheduler: Any torch.optim.lr_scheduler, e.g. --model.lr_scheduler StepLR
@@ -87,17 +163,21 @@ class LitMNIST(LightningModule):
             init_from: Fine-tune: start fit from the weights of this checkpoint ('last': the newest one in
                 <trainer.default_root_dir>/checkpoints), with a new optimizer and new step counts (to continue
                 a run instead, use --ckpt_path).
-            freeze: Layers of the Net that training leaves unchanged, e.g. [conv1, conv2].
+            freeze: Layers of the network that training leaves unchanged, e.g. [conv1, conv2] for the Net.
         """
         super().__init__()
         # init_from is not recorded: a resumed or tested run has its weights from its own checkpoint.
         self.save_hyperparameters(ignore=["init_from"])
+        if not isinstance(self.hparams.get("net"), dict):  # built here, or given as a module in Python
+            self.hparams["net"] = NET_SPEC if net is None else spec_of(net)
         self.make_optimizer = _from_spec("optimizer", optimizer)
         self.make_scheduler = _from_spec("lr_scheduler", lr_scheduler) if lr_scheduler is not None else None
-        self.net = Net()
+        self.net = build_net(net)
+        check_contract(self.net)
         if unknown := [name for name in freeze if name not in layers(self.net)]:
             raise ValueError(
-                f"--model.freeze: {', '.join(unknown)} is not a layer of the Net; it has {', '.join(layers(self.net))}"
+                f"--model.freeze: {', '.join(unknown)} is not a layer of the network; it has"
+                f" {', '.join(layers(self.net))}"
             )
         if set(freeze) == set(layers(self.net)):
             raise ValueError("--model.freeze: freezing every layer leaves nothing to train")
@@ -118,17 +198,31 @@ class LitMNIST(LightningModule):
         self.confusion: Tensor | None = None
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> LitMNIST:  # type: ignore[override]
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> LitMNIST:
         """Lightning's, for a file from elsewhere: its digest verified and its hyperparameters checked as data
-        (mnist_lit.trust) before Lightning builds anything from them. Reads the file once."""
+        (mnist_lit.trust), then the model built from them here, never by importing what a file names.
+        kwargs override the checkpoint's hyperparameters, as in Lightning's."""
+        if hparams_file is not None:
+            raise ValueError("hparams_file: give the hyperparameters to change as keyword arguments instead")
         if isinstance(checkpoint_path, (str, os.PathLike)):
-            data = read_bytes(checkpoint_path)
-            load_checkpoint(checkpoint_path, data)  # verified, and its hyperparameters checked as data
-            checkpoint_path = io.BytesIO(data)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+            checkpoint = load_checkpoint(checkpoint_path)
+        else:
+            checkpoint = load_checkpoint(getattr(checkpoint_path, "name", "the checkpoint"), checkpoint_path.read())
+        model = cls(**{**hparams_from(checkpoint), **kwargs})
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.contiguous(memory_format=self.memory_format))
+        """Log-probabilities of the classes."""
+        return log_probabilities(self.net, self.net(x.contiguous(memory_format=self.memory_format)))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -224,6 +318,32 @@ class LitMNIST(LightningModule):
                         group[name] = _plain(value)
         if changes:
             rank_zero_info(f"optimizer: {', '.join(dict.fromkeys(changes))} from this resume on")
+
+
+def spec_of(net: nn.Module) -> dict[str, Any]:
+    """A class-path spec for a module given in Python, for the checkpoint: its class, and the arguments it records
+    (none, unless the module keeps them as `init_args`; pass net as a spec to have it rebuilt with its own)."""
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "init_args", {}))}
+
+
+def hparams_from(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The LitMNIST arguments a checkpoint was trained with (checked as data when it was loaded), as specs."""
+    hparams = check_model_hparams(checkpoint.get("hyper_parameters"))
+    if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
+        init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
+        hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}
+    return hparams
+
+
+def net_from(ckpt_path: str | os.PathLike, checkpoint: dict[str, Any]) -> nn.Module:
+    """The network a checkpoint holds, rebuilt from its spec (checked as data) with its weights, in eval mode; its
+    convolution weights in the plain layout (a channels_last run's are not)."""
+    net = build_net(hparams_from(checkpoint).get("net"))
+    check_weights(ckpt_path, checkpoint, nn.ModuleDict({"net": net}))
+    state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
 
 
 def _from_spec(field: str, value: Any) -> Any:

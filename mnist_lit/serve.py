@@ -22,13 +22,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from torch import Tensor
+from torch import Tensor, nn
 
 from mnist_lit.checkpoint import check_weights
 from mnist_lit.data import DATASETS, DEFAULT
 from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
-from mnist_lit.model import Net
+from mnist_lit.model import Net, build_net, log_probabilities
 from mnist_lit.storage import CheckpointError
 
 PAGE = Path(__file__).with_name("page.html")
@@ -45,11 +45,13 @@ class Refused(ValueError):
         self.status = status
 
 
-def load_net(ckpt_path: str) -> tuple[Net, str]:
-    """The Net in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict), and the
-    dataset it was trained on: the checkpoint's; a .pth records none, and is taken for MNIST."""
+def load_net(ckpt_path: str) -> tuple[nn.Module, str]:
+    """The network in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict, or another
+    network's spec and weights), and the dataset it was trained on: the checkpoint's; a .pth records none, and is
+    taken for MNIST."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        return net_from_checkpoint(ckpt_path)
+        net, dataset, _ = net_from_checkpoint(ckpt_path)
+        return net, dataset
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -62,11 +64,17 @@ def load_net(ckpt_path: str) -> tuple[Net, str]:
         ) from None
     except Exception as err:  # a truncated file, another format: torch raises many kinds
         raise CheckpointError(f"{ckpt_path} is not a readable .pth file ({type(err).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state:
+    if isinstance(state, dict) and "state_dict" in state and "net" not in state:
         raise CheckpointError(f"{ckpt_path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt_path} is not a state_dict (it holds a {type(state).__name__})")
-    net = Net()
+    net: nn.Module = Net()
+    if "net" in state:  # another network: its spec, checked as data before anything is imported or built
+        try:
+            net = build_net(state["net"])
+        except ValueError as err:
+            raise CheckpointError(f"refusing to load {ckpt_path}: {err}") from None
+        state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else {}
     check_weights(ckpt_path, {"state_dict": state}, net)
     net.load_state_dict(state, strict=True)
     return net.eval(), DEFAULT
@@ -109,7 +117,7 @@ class DigitAPI(ls.LitAPI):
     """The Net behind POST /predict. A refused image travels through batch and predict as its Refused, so that
     one bad request in a batch fails only itself (LitServe fails a whole batch on an exception)."""
 
-    def __init__(self, net: Net, dataset: str, max_batch_size: int, batch_timeout: float) -> None:
+    def __init__(self, net: nn.Module, dataset: str, max_batch_size: int, batch_timeout: float) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.net, self.dataset = net, dataset
 
@@ -139,7 +147,8 @@ class DigitAPI(ls.LitAPI):
         inputs = x if self.max_batch_size > 1 else [x]
         images = [i for i in inputs if isinstance(i, Tensor)]
         if images:
-            probabilities = iter(self.net(torch.stack(images).to(self.device)).exp().cpu())
+            outputs = self.net(torch.stack(images).to(self.device))
+            probabilities = iter(log_probabilities(self.net, outputs).exp().cpu())
         outputs = [next(probabilities) if isinstance(i, Tensor) else i for i in inputs]
         return outputs if self.max_batch_size > 1 else outputs[0]
 
@@ -236,7 +245,7 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def serve(
-    net: Net,
+    net: nn.Module,
     dataset: str,
     host: str,
     port: int,

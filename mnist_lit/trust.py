@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 TRUST_ENV = "MNIST_LIT_TRUST"
 # Names a signature's annotation may hold for an argument a file may set: plain values and containers of them.
@@ -41,7 +42,7 @@ class Kind:
     noun: str
     roots: tuple[str, ...]
     bases: tuple[type, ...]
-    given: str  # the first argument, which mnist_lit passes itself (the parameters, the optimizer)
+    given: str | None  # the first argument, which mnist_lit passes itself (the parameters, the optimizer)
 
 
 KINDS = {
@@ -55,10 +56,16 @@ KINDS = {
         (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau),
         "optimizer",
     ),
+    "net": Kind(
+        "--model.net", "a torch.nn.Module", ("mnist_lit", "torch.nn", "torchvision.models"), (nn.Module,), None
+    ),
 }
+# A network's size, counted on the meta device (no memory) before it is built: a file's arguments must not make
+# us allocate what the machine does not have. 100 million numbers (400 MB of float32) is far beyond MNIST's needs.
+MAX_NET_NUMBERS = 100_000_000
 # The LitMNIST hyperparameters a checkpoint may hold, and what each must be. init_from is never saved: a file
 # naming one would make loading it read another file.
-MODEL_FIELDS = {"optimizer", "lr_scheduler", "channels_last", "freeze", "lr", "momentum"}
+MODEL_FIELDS = {"net", "optimizer", "lr_scheduler", "channels_last", "freeze", "lr", "momentum"}
 LIGHTNING_INSTANTIATORS = ("lightning.pytorch.cli.instantiate_module", "pytorch_lightning.cli.instantiate_module")
 MODEL_CLASS_PATH = "mnist_lit.model.LitMNIST"
 CLASS_OPTIONS = tuple(kind.option for kind in KINDS.values())
@@ -145,6 +152,13 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, part
                                                                                    parameter.VAR_KEYWORD):  # fmt: skip
             raise Untrusted(f"{option}: {cls.__name__} takes no argument {name!r}")
         annotation = _annotation_text(parameter.annotation)
+        if (
+            annotation is None
+            and parameter.annotation is inspect.Parameter.empty
+            and _plain(value)
+            and not (_has_str(value) or isinstance(value, (list, tuple)))
+        ):
+            annotation = "a number or a boolean"  # unannotated (a user's network): plain numbers only
         if annotation is None:
             raise Untrusted(
                 f"{option}: {cls.__name__}'s {name} is not declared as a plain value, so a file may not set it"
@@ -153,7 +167,24 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, part
             raise Untrusted(f"{option}: {_short(value)} is not a plain value (a number, a string, a boolean or a list)")
         if _has_str(value) and not re.search(r"\bstr\b|Literal", annotation):
             raise Untrusted(f"{option}: {_short(value)} is a string, and {cls.__name__}'s {name} takes {annotation}")
+    if field == "net":
+        _check_size(kind, cls, init_args)
     return cls
+
+
+def _check_size(kind: Kind, cls: type, init_args: dict[str, Any]) -> None:
+    """Build the network on the meta device (shapes, no memory) and count its numbers."""
+    try:
+        with torch.device("meta"):
+            probe = cls(**init_args)
+    except Exception as err:  # the arguments do not fit the class
+        raise Untrusted(f"{kind.option} {cls.__name__}: cannot be built from {_short(init_args)} ({err})") from None
+    numbers = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    if numbers > MAX_NET_NUMBERS:
+        raise Untrusted(
+            f"{kind.option} {cls.__name__}: {_short(init_args)} makes {numbers:,} weights, over the limit of"
+            f" {MAX_NET_NUMBERS:,}"
+        )
 
 
 def _annotation_text(annotation: Any) -> str | None:
@@ -201,7 +232,7 @@ def check_model_hparams(hparams: Any, trusted: Iterable[str] | None = None) -> d
         raise Untrusted(
             f"--model.{unknown[0]}: not an option a checkpoint may set (it may set {', '.join(sorted(MODEL_FIELDS))})"
         )
-    for field in ("optimizer", "lr_scheduler"):
+    for field in KINDS:
         if field in fields:
             check_spec(field, fields[field], trusted)
     if not isinstance(fields.get("channels_last", True), bool):
