@@ -399,6 +399,13 @@ def check_config_file(path: str) -> None:
             raise ConfigError(f"--config {path}: {err}") from None
 
 
+def _spec(value: Any) -> Any:
+    """A class-path spec with its init_args spelt out, empty or not: one spelling for comparing two."""
+    if isinstance(value, dict) and "class_path" in value:
+        return {"class_path": value["class_path"], "init_args": value.get("init_args") or {}}
+    return value
+
+
 def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[str, Any]) -> None:
     """Refuse, naming the option, a --model option given anew on a resume that the run cannot take from here on.
 
@@ -408,7 +415,7 @@ def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[st
     """
     where = f"resuming {ckpt_path}"
     for name in given.keys() | trained.keys():
-        old, new = trained.get(name), given.get(name)
+        old, new = _spec(trained.get(name)), _spec(given.get(name))
         if old == new:
             continue
         if name != "optimizer":

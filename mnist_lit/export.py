@@ -74,7 +74,7 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
     # leaves output as it was and nothing beside it.
     with tempfile.TemporaryDirectory(prefix="mnist_lit-export-") as scratch:
         onnx_file = Path(scratch) / "model.onnx"
-        difference = _write_onnx(Classifier(net), onnx_file)
+        difference = _write_onnx(Classifier(net).eval(), onnx_file)
         write_atomically(str(output), io.BytesIO(onnx_file.read_bytes()))
     return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e}{inputs})"
 

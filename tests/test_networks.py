@@ -1,0 +1,188 @@
+"""Your own network by class path: trained from the command line and from YAML, then tested, predicted, exported,
+served and resumed from its checkpoint with no option repeated; and a checkpoint naming a network is rebuilt only
+by the trust rules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
+from test_trust import reseal, spec
+
+from mnist_lit.model import ConvNet, LitMNIST, Net, check_contract
+from mnist_lit.storage import CheckpointError
+
+TINY = ["--model.net", "tinynet.TinyNet", "--model.net.width", "3"]
+
+
+def data_args(mnist_dir: Path) -> list[str]:
+    return ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+
+
+@pytest.fixture
+def trusting(monkeypatch):
+    """What a user of their own network sets once: MNIST_LIT_TRUST names its module (tests/ is on the path)."""
+    monkeypatch.setenv("MNIST_LIT_TRUST", "tinynet")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist_dir) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    env = {**cli_env(), "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{cli_env()['PYTHONPATH']}"}
+    command = [sys.executable, "-m", "mnist_lit", "fit", *TINY, *data_args(mnist_dir), "--trainer.max_epochs", "1"]
+    import subprocess
+
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_the_nets_own_checkpoint_tests_predicts_and_exports_with_no_option_repeated(
+    tiny_run, tmp_path, mnist_dir, run_main, trusting
+):
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    status, out, err = run_main("test", "--ckpt_path", "last", *data_args(mnist_dir), cwd=root)
+    assert status == 0 and "test/acc" in out, err[-2000:]
+    from test_predict import digit
+
+    digit().save(tmp_path / "seven.png")
+    status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(tmp_path / "seven.png"),
+                                *data_args(mnist_dir), cwd=root)  # fmt: skip
+    assert status == 0 and out.count("\t") == 2, err[-2000:]
+    status, out, err = run_main("export", "--ckpt_path", "last", "--output", "tiny.onnx", cwd=root)
+    assert status == 0, err[-2000:]
+    import onnxruntime
+
+    model = LitMNIST.load_from_checkpoint(root / "checkpoints" / "last.ckpt").eval()
+    assert type(model.net).__name__ == "TinyNet" and model.net.conv.out_channels == 3
+    images = torch.randn(4, 1, 28, 28)
+    session = onnxruntime.InferenceSession(str(root / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {"image": images.numpy()})
+    with torch.inference_mode():
+        expected = model(images).numpy()  # log-probabilities: the logits the net gives, log_softmax applied
+    np.testing.assert_allclose(onnx_out, expected, atol=1e-5)
+    status, out, err = run_main("export", "--ckpt_path", "last", "--output", "tiny.pth", cwd=root)
+    assert status == 0 and "init_args" in out, err[-2000:]
+    from mnist_lit.serve import load_net
+
+    served, dataset = load_net(str(root / "tiny.pth"))
+    assert type(served).__name__ == "TinyNet" and dataset == "mnist"
+    torch.testing.assert_close(served.state_dict(), {k: v.contiguous() for k, v in model.net.state_dict().items()})
+
+
+def test_from_yaml_and_a_resume_takes_the_net_from_the_checkpoint(tmp_path, mnist_dir, run_main, trusting):
+    (tmp_path / "tiny.yaml").write_text(
+        "model:\n  net:\n    class_path: tinynet.TinyNet\n    init_args:\n      width: 2\n"
+    )
+    fit = ["fit", *data_args(mnist_dir), "--trainer.max_steps", "4"]
+    status, _, err = run_main(*fit, "--config", "tiny.yaml", cwd=tmp_path)
+    assert status == 0, err[-2000:]
+    status, _, err = run_main(*fit[:-1], "7", "--ckpt_path", "last", cwd=tmp_path)  # no --config, no --model.net
+    assert status == 0, err[-2000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 7 and checkpoint["state_dict"]["net.conv.weight"].shape[0] == 2
+    status, _, err = run_main(*fit[:-1], "9", "--ckpt_path", "last", "--model.net", "mnist_lit.model.Net", cwd=tmp_path)
+    assert status != 0 and "--model.net cannot change when resuming" in err, err[-2000:]
+
+
+def test_without_trust_a_checkpoint_naming_a_users_module_is_refused_and_nothing_imported(
+    tiny_run, tmp_path, mnist_dir, run_main
+):
+    sys.modules.pop("tinynet", None)
+    status, _, err = run_main("test", "--ckpt_path", str(tiny_run / "checkpoints" / "last.ckpt"),
+                              *data_args(mnist_dir), cwd=tmp_path)  # fmt: skip
+    assert status != 0 and "tinynet.TinyNet is not a torch.nn.Module; a file may name classes of" in err, err[-2000:]
+    assert "MNIST_LIT_TRUST" in err and "tinynet" not in sys.modules
+
+
+# A checkpoint's network spec, each refused in one line with nothing run and nothing imported.
+HOSTILE_NETS = {
+    "os.system": (spec("os.system", command="touch MARKER"), "os.system"),
+    "subprocess.Popen": (spec("subprocess.Popen", args=["touch", "MARKER"]), "subprocess.Popen"),
+    "builtins.exec": (spec("builtins.exec", source="open('MARKER', 'w')"), "builtins.exec"),
+    "a function of an allowed module": (spec("torch.nn.functional.relu"), "is not a torch.nn.Module"),
+    "a class that is not a Module": (spec("torch.nn.Parameter"), "is not a torch.nn.Module"),
+    "an importable module that is not allowed": (spec("this.Zen"), "this.Zen"),
+    "arguments that would take all memory": (
+        spec("torch.nn.Linear", in_features=10**6, out_features=10**6),
+        "over the limit",
+    ),
+    "a kernel of a million pixels": (
+        spec("torch.nn.Conv2d", in_channels=1, out_channels=99, kernel_size=10**5),
+        "over the limit",
+    ),
+    "a container of modules named by a file": (spec("torch.nn.Sequential", args=["os.system"]), "no argument"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_NETS))
+def test_a_checkpoint_naming_a_hostile_network_is_refused_before_anything_is_imported_or_built(
+    case, trained_run, tmp_path, mnist_dir, run_main
+):
+    value, words = HOSTILE_NETS[case]
+    value = {**value, "init_args": {k: str(v).replace("MARKER", str(tmp_path / "PWNED")) if isinstance(v, str) else v
+                                    for k, v in value["init_args"].items()}}  # fmt: skip
+    hostile = reseal(trained_run / "checkpoints" / "last.ckpt", tmp_path / "hostile.ckpt",
+                     lambda c: c["hyper_parameters"].__setitem__("net", value))  # fmt: skip
+    for command in (["test", *data_args(mnist_dir)], ["export", "--output", "out.onnx"], ["serve"]):
+        status, _, err = run_main(command[0], "--ckpt_path", str(hostile), *command[1:], cwd=tmp_path)
+        assert status != 0 and "refusing to load" in err and words in err, (command, err[-2000:])
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        LitMNIST.load_from_checkpoint(hostile)
+    assert not (tmp_path / "PWNED").exists() and "this" not in sys.modules
+
+
+def test_the_contract_is_checked_once_early_in_one_line(tmp_path, mnist_dir):
+    check_contract(Net())
+    check_contract(ConvNet())
+    with pytest.raises(
+        ValueError, match=r"gives \(2, 784\) for a batch of 2 images of 1x28x28; it must give \(2, 10\)"
+    ):
+        check_contract(torch.nn.Flatten())
+    result = run_cli("fit", "--model.net", "torch.nn.Flatten", *data_args(mnist_dir), cwd=tmp_path)
+    assert_clean_error(result, "--model.net Flatten: gives (2, 784)")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_log_softmax_is_applied_to_logits_and_never_again_to_the_nets_log_probabilities():
+    from mnist_lit.model import log_probabilities
+
+    x = torch.randn(3, 10)
+    assert torch.equal(log_probabilities(Net(), x), x)  # the guide's numbers, bit for bit
+    assert torch.allclose(log_probabilities(ConvNet(), x).exp().sum(1), torch.ones(3))
+    model = LitMNIST(net={"class_path": "mnist_lit.model.ConvNet", "init_args": {"width": 4}}, freeze=("block1",))
+    assert model.hparams["net"]["init_args"] == {"width": 4}
+    assert not any(p.requires_grad for p in model.net.block1.parameters())
+    with pytest.raises(ValueError, match="conv1 is not a layer of the network; it has block1, block2, fc"):
+        LitMNIST(net={"class_path": "mnist_lit.model.ConvNet"}, freeze=("conv1",))
+
+
+@pytest.mark.slow  # a server, and three runs
+def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnist_dir, monkeypatch):
+    from test_resume import assert_same_run
+    from test_serve import Server, mnist_digits, png
+
+    monkeypatch.setenv("MNIST_LIT_TRUST", "tinynet")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # where a user's own package would be installed
+    server = Server(tiny_run, "--ckpt_path", "last")
+    try:
+        status, answer = server.predict(png(mnist_digits(mnist_dir, 1)[0]))
+        assert status == 200 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5), answer
+    finally:
+        server.stop()
+    fit = ["fit", *TINY, *data_args(mnist_dir), "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "3"]
+    (tmp_path / "whole").mkdir()
+    assert run_cli(*fit, cwd=tmp_path / "whole").returncode == 0
+    (tmp_path / "killed").mkdir()
+    killed = run_cli("step", "11", *fit, cwd=tmp_path / "killed", script=[str(ROOT / "tests" / "killpoints.py")])
+    assert killed.returncode != 0
+    resumed = run_cli(fit[0], *fit[5:], "--ckpt_path", "last", cwd=tmp_path / "killed")  # no --model.net
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
