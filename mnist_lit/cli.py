@@ -37,7 +37,7 @@ from mnist_lit.checkpoint import (
     run_seed,
 )
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
-from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
+from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
 from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
@@ -463,8 +463,12 @@ def _explain(message: str, classes: bool = True) -> str:
         close = difflib.get_close_matches(choice[1], names, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
-    if unknown := re.search(r"unrecognized arguments: (--[\w.]+)", message):
-        if close := difflib.get_close_matches(unknown[1], _option_names(), n=1, cutoff=0.75):
+    if unknown := re.search(r"unrecognized arguments: (--[\w.-]+)", message):
+        names = _option_names()
+        given = unknown[1].replace("-", "_").replace("__", "--", 1)  # --ckpt-path: the option is --ckpt_path
+        tail = given.rpartition(".")[2].lstrip("-")  # --lr: an option that ends in .lr
+        close = [n for n in names if n == given] or [n for n in names if n.endswith(f".{tail}")][:1]
+        if close := close or difflib.get_close_matches(given, names, n=1, cutoff=0.75):
             return f"{message}; did you mean {close[0]}?"
     return message
 
@@ -520,7 +524,8 @@ def _option_names() -> list[str]:
     """Every --group.option the CLI takes, for suggestions on a misspelt one."""
     groups = {"model": LitMNIST, "data": MNISTDataModule, "checkpoint": Checkpoint, "trainer": Trainer}
     names = [f"--{g}.{p}" for g, cls in groups.items() for p in inspect.signature(cls.__init__).parameters]
-    return [*names, "--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only"]
+    optimizer = [f"--model.optimizer.{name}" for name in GUIDE_SGD["init_args"]]  # --lr: --model.optimizer.lr
+    return [*names, *optimizer, "--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only"]
 
 
 class PeerLost(RuntimeError):

@@ -204,6 +204,8 @@ CASES = {
     "no TPU here": (["test", "--ckpt_path", "last", "--trainer.accelerator", "tpu"], ["torch_xla"]),
     "missing config file": (["fit", "--config", "nope.yaml"], ["nope.yaml"]),
     "no such subcommand": (["fitt"], ["'fitt' is not a subcommand", "export", "did you mean fit?"]),
+    "a dash for an underscore": (["fit", "--ckpt-path", "last"], ["did you mean --ckpt_path?"]),
+    "the guide's --lr": (["fit", "--lr", "0.1"], ["did you mean --model.optimizer.lr?"]),
     "an abbreviated option": (["fit", "--trainer.max_epoch", "1"], ["did you mean --trainer.max_epochs?"]),
     "missing checkpoint": (["test", "--ckpt_path", "nope.ckpt"], ["nope.ckpt", "does not exist"]),
     "random bytes": (["test", "--ckpt_path", "bad/random.ckpt"], ["random.ckpt", "not a readable checkpoint"]),
