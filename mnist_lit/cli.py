@@ -675,6 +675,10 @@ def main(args: list[str] | None = None) -> None:
     # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
     # "exists and is not empty" would only ever be seen about the run lock's own file.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # No validation set (val_size 0) is an empty list of loaders by design; and a run shorter than the logging
+    # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     argv = sys.argv[1:] if args is None else list(args)
     previous = install_signal_handlers()
     try:
