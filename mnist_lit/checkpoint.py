@@ -166,6 +166,8 @@ class Checkpoint(ModelCheckpoint):
 
     # --- saving ----------------------------------------------------------------------------------------------
 
+    # private-lightning[ModelCheckpoint._save_checkpoint,ModelCheckpoint.state]: the one place every file is
+    # written; ModelCheckpoint's own record of what it saved, kept true for the copy it does not make itself
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save, not
         # per step: a few microseconds and one device sync every 10 steps.
@@ -192,6 +194,9 @@ class Checkpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
+    # private-lightning[ModelCheckpoint._save_topk_checkpoint,ModelCheckpoint._save_last_checkpoint]: its two
+    # saves, at moments of our choosing (an epoch's start, a stop); [ModelCheckpoint._monitor_candidates] what
+    # they take; [ModelCheckpoint._should_skip_saving_checkpoint] its rule for when not to save (below)
     def _save_periodic(self, trainer: Trainer) -> None:
         """The periodic file and last.ckpt, as ModelCheckpoint saves every_n_train_steps."""
         candidates = self._monitor_candidates(trainer)
@@ -249,6 +254,7 @@ class Checkpoint(ModelCheckpoint):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
 
+    # private-lightning[loops]: two Lightning 2.6 resume workarounds inside its loops (see each comment)
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         loop = trainer.fit_loop
@@ -362,6 +368,7 @@ class Checkpoint(ModelCheckpoint):
             self._save_now(trainer)
             self._stop(trainer, signum)
 
+    # private-lightning[loops]: Lightning 2.6's skipped ReduceLROnPlateau step after a resume (see the comment)
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         loop = trainer.fit_loop

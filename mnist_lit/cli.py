@@ -140,7 +140,9 @@ class MNISTCLI(LightningCLI):
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
             raise ConfigError(_explain_class_option(str(err)) or _one_line(str(err))) from None
 
+    # private-lightning[LightningCLI._set_seed]: the only place the seed is applied; checked for range first
     def _set_seed(self) -> None:
+        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
         seed = self._get(self.config, "seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
             raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
@@ -184,6 +186,7 @@ class MNISTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
+        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
         config = self._get(self.config_init, "trainer")
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), *reports(self.subcommand)]
@@ -208,6 +211,7 @@ class MNISTCLI(LightningCLI):
         # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
         # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead; tests/test_faults.py checks that
         # the attribute is still there.
+        # private-lightning[Trainer._signal_connector]: no public switch for Lightning's own SIGTERM handler
         trainer._signal_connector.register_signal_handlers = lambda: None
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
@@ -222,6 +226,7 @@ class MNISTCLI(LightningCLI):
         with a traceback at the first validation, after checkpoints a corrected command would refuse to overwrite."""
         validating = self.datamodule.val_size > 0 and trainer.limit_val_batches != 0
         logged = [*LitMNIST.TRAIN_METRICS, *(LitMNIST.VAL_METRICS if validating else ())]
+        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
         scheduler = self._get(self.config, "model").lr_scheduler
         if not validating and str(getattr(scheduler, "class_path", "")).endswith(".ReduceLROnPlateau"):
             raise ConfigError("--model.lr_scheduler ReduceLROnPlateau watches val/loss, and this run has no validation")
@@ -234,6 +239,7 @@ class MNISTCLI(LightningCLI):
                     f" logs{why}; it logs {', '.join(logged)}"
                 )
 
+    # private-lightning[LightningCLI._instantiate_trainer]: where the callbacks list is final
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         if config.get("enable_checkpointing") is False:  # the --checkpoint group is always built: drop it
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
@@ -251,6 +257,7 @@ class MNISTCLI(LightningCLI):
             check_config_file(path)
         self.config = parser.parse_args(args)
 
+    # private-lightning[LightningCLI._parse_ckpt_path]: the one hook between parsing and building
     def _parse_ckpt_path(self) -> None:
         """Check the options, resolve --ckpt_path and --model.init_from (and check the files) before anything is
         built or written, and take the model's hyperparameters and the data's dataset from the checkpoint, except

@@ -52,6 +52,7 @@ class ProgressBar(TQDMProgressBar):
         max_epochs), and with gradient accumulation a step takes several batches."""
         total = self.trainer.num_training_batches
         if self.trainer.max_steps > 0 and math.isfinite(total):
+            # private-lightning[loops]: the batches an epoch resumed mid-way has already run
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # before a mid-epoch resume
             left = (self.trainer.max_steps - self.trainer.global_step) * self.trainer.accumulate_grad_batches
             total = min(total, done + left)

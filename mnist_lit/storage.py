@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+
+# private-lightning[cloud_io]: TorchCheckpointIO's own test for a local path; _PATH its path type
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 

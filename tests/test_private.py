@@ -1,0 +1,138 @@
+"""The register of private Lightning names mnist_lit uses. Each use in the package carries the tag
+`# private-lightning[NAME]: why`, and NAME is an entry here that checks the name is still there with the signature
+the code relies on: a Lightning upgrade that moves or changes one fails here, by name, not somewhere mid-run."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+
+import pytest
+from conftest import ROOT
+
+TAG = re.compile(r"#\s*private-lightning\[([\w.,-]+)\]:\s*(\S.*)")
+
+
+def parameters(function: Callable) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def cli() -> type:
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI
+
+
+def model_checkpoint() -> type:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint
+
+
+def loops() -> tuple[type, type]:
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    return _FitLoop, _TrainingEpochLoop
+
+
+def check_parse_ckpt_path() -> None:
+    # replaced whole (not extended): it must still be one call in LightningCLI.__init__, after parse_arguments
+    assert parameters(cli()._parse_ckpt_path) == ["self"]
+    init = inspect.getsource(cli().__init__)
+    assert init.index("self.parse_arguments(") < init.index("self._parse_ckpt_path()") < init.index("self._set_seed()")
+
+
+def check_signal_connector() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    assert parameters(_SignalConnector.register_signal_handlers) == ["self"]
+    assert "_signal_connector" in inspect.getsource(Trainer.__init__)
+
+
+def check_loops() -> None:
+    from lightning.pytorch.loops.progress import _BatchProgress, _OptimizationProgress, _SchedulerProgress
+
+    fit_loop, epoch_loop = loops()
+    assert isinstance(inspect.getattr_static(fit_loop, "restarted_mid_epoch"), property)
+    assert isinstance(inspect.getattr_static(epoch_loop, "restarted_on_train_batch_end"), property)
+    assert parameters(fit_loop.reset_restart_stage) == parameters(epoch_loop.reset_restart_stage) == ["self"]
+    for progress in (_BatchProgress, _SchedulerProgress, _OptimizationProgress):
+        assert parameters(progress.reset_on_run) == ["self"]
+    assert parameters(epoch_loop.update_lr_schedulers) == ["self", "interval", "update_plateau_schedulers"]
+
+
+def check_cloud_io() -> None:
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+    from lightning.fabric.utilities.types import _PATH  # noqa: F401
+
+    assert parameters(_is_local_file_protocol) == ["path"]
+    assert _is_local_file_protocol("/tmp/x.ckpt") and not _is_local_file_protocol("s3://bucket/x.ckpt")
+
+
+def check_model_checkpoint_state() -> None:
+    checkpoint = model_checkpoint()(every_n_train_steps=10)
+    assert checkpoint._every_n_train_steps == 10
+    assert checkpoint._last_global_step_saved == 0 and checkpoint._last_checkpoint_saved == ""
+
+
+def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Callable[[], None]:
+    def check() -> None:
+        function = getattr(owner(), name)
+        assert parameters(function)[: len(expected)] == expected, f"{name}{inspect.signature(function)}"
+
+    return check
+
+
+REGISTER: dict[str, Callable[[], None]] = {
+    "LightningCLI._parse_ckpt_path": check_parse_ckpt_path,
+    "LightningCLI._set_seed": signature(cli, "_set_seed", ["self"]),
+    "LightningCLI._get": signature(cli, "_get", ["self", "config", "key", "default"]),
+    "LightningCLI._instantiate_trainer": signature(cli, "_instantiate_trainer", ["self", "config", "callbacks"]),
+    "Trainer._signal_connector": check_signal_connector,
+    "ModelCheckpoint._save_checkpoint": signature(
+        model_checkpoint, "_save_checkpoint", ["self", "trainer", "filepath"]
+    ),
+    "ModelCheckpoint._save_topk_checkpoint": signature(
+        model_checkpoint, "_save_topk_checkpoint", ["self", "trainer", "monitor_candidates"]
+    ),
+    "ModelCheckpoint._save_last_checkpoint": signature(
+        model_checkpoint, "_save_last_checkpoint", ["self", "trainer", "monitor_candidates"]
+    ),
+    "ModelCheckpoint._monitor_candidates": signature(model_checkpoint, "_monitor_candidates", ["self", "trainer"]),
+    "ModelCheckpoint._should_skip_saving_checkpoint": signature(
+        model_checkpoint, "_should_skip_saving_checkpoint", ["self", "trainer"]
+    ),
+    "ModelCheckpoint.state": check_model_checkpoint_state,
+    "loops": check_loops,
+    "cloud_io": check_cloud_io,
+}
+
+
+def tagged() -> list[tuple[str, int, str, str]]:
+    """(file, line, NAME, why) for every tag in the package (and the names in brackets on its comment lines)."""
+    found = []
+    for path in sorted((ROOT / "mnist_lit").glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if match := TAG.search(line):
+                found += [(path.name, number, name, match[2]) for name in match[1].split(",")]
+                # further [NAME]s on the tag's comment lines: "... [ModelCheckpoint._monitor_candidates] what ..."
+            if line.lstrip().startswith("#") and found and found[-1][1] >= number - 2:
+                found += [(path.name, number, name, "") for name in re.findall(r"\[([\w.]+)\]", line)]
+    return found
+
+
+@pytest.mark.parametrize("name", list(REGISTER))
+def test_each_private_name_is_still_there_with_the_signature_the_code_relies_on(name):
+    REGISTER[name]()
+
+
+def test_every_tag_in_the_package_names_an_entry_of_the_register_and_every_entry_is_used():
+    tags = tagged()
+    assert tags, "no private-lightning tags found"
+    unknown = [f"{file}:{line} {name}" for file, line, name, _ in tags if name not in REGISTER]
+    assert not unknown, f"tags without a register entry: {unknown}"
+    unused = set(REGISTER) - {name for _, _, name, _ in tags}
+    assert not unused, f"register entries no code uses: {unused}"
