@@ -37,6 +37,34 @@ def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
             f"{path} holds weights only (no optimizer state or progress), so training cannot resume from it;"
             " it can still be tested, used to predict or exported"
         )
+    # What Lightning and this callback restore from it, by shape: data from a file, never taken on trust (a wrong
+    # type here would end a resume in a traceback from inside Lightning).
+    wrong = None
+    states, schedulers = checkpoint["optimizer_states"], checkpoint.get("lr_schedulers", [])
+    rng = checkpoint.get("rng_state", {})
+    if not all(
+        isinstance(checkpoint.get(key, 0), int) and checkpoint.get(key, 0) >= 0 for key in ("epoch", "global_step")
+    ):
+        wrong = "its epoch and step counts are not counts"
+    elif not isinstance(checkpoint["loops"], dict) or not isinstance(checkpoint.get("callbacks", {}), dict):
+        wrong = "its loops' or callbacks' state is not a mapping"
+    elif not isinstance(states, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+        for o in states
+    ):
+        wrong = "its optimizer state is not a list of optimizer states"
+    elif not isinstance(schedulers, list) or not all(isinstance(x, dict) for x in schedulers):
+        wrong = "its schedulers' state is not a list of mappings"
+    elif (
+        not isinstance(rng, dict)
+        or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for k, t in rng.items() if k in ("cpu", "cuda")
+        )
+        or ("cpu" in rng and rng["cpu"].numel() != torch.get_rng_state().numel())
+    ):
+        wrong = "its random state is not a random generator's state"
+    if wrong:
+        raise CheckpointError(f"{path} cannot be resumed: {wrong}")
 
 
 def run_seed(checkpoint: dict[str, Any]) -> int | None:

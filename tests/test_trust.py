@@ -329,3 +329,26 @@ def test_a_signal_while_the_figures_are_drawn_names_the_final_checkpoint(tmp_pat
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("SIGTERM: stopped at once; the newest checkpoint is") and "last.ckpt" in last_line
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c.__setitem__("rng_state", {"cpu": torch.zeros(7, dtype=torch.uint8)}),
+        lambda c: c.__setitem__("optimizer_states", [{"state": [], "param_groups": "os.system"}]),
+        lambda c: c.__setitem__("global_step", "18"),
+        lambda c: c.__setitem__("lr_schedulers", "x"),
+    ],
+    ids=[
+        "a random state of the wrong size",
+        "optimizer state of the wrong shape",
+        "a step count that is text",
+        "schedulers that are not a list",
+    ],
+)
+def test_state_a_resume_restores_is_checked_as_data_before_lightning_sees_it(change, root, mnist_dir, run_main):
+    reseal(root / "checkpoints" / "last.ckpt", root / "checkpoints" / "last.ckpt", change)
+    status, _, err = run_main(
+        "fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", *data_args(mnist_dir), cwd=root
+    )
+    assert status != 0 and "cannot be resumed: its" in err and "Traceback" not in err, err[-2000:]
