@@ -295,8 +295,13 @@ class EpochBatches(Sampler[Tensor]):
         return {"seed": self.seed, "epoch": self.epoch, "seen": self.seen, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch = state["seed"], state["epoch"]
-        self.seen, self.position = state["seen"], state["position"]
+        # from a checkpoint: numbers that size tensors (a negative count would ask for an endless order)
+        values = [state.get(key) if isinstance(state, dict) else None for key in ("seed", "epoch", "seen", "position")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in values) or (
+            values[2] > self.size or values[3] > self.size * max(self.world_size, 1) * 4
+        ):
+            raise DataError(f"the checkpoint's place in the data order is not one this data has: {state!r:.120}")
+        self.seed, self.epoch, self.seen, self.position = values
 
 
 class _Rows(torch.utils.data.Dataset):

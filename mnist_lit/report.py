@@ -164,8 +164,12 @@ class TrainingCurves(Callback):
         return {"train": torch.tensor(self.train).reshape(-1, 2), "val": torch.tensor(self.val).reshape(-1, 3)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train = [(int(step), loss) for step, loss in state_dict["train"].tolist()]
-        self.val = [(int(step), loss, acc) for step, loss, acc in state_dict["val"].tolist()]
+        # from a checkpoint: tensors of points, or the curves start afresh (they are a picture, not the run)
+        train, val = (state_dict.get(k) if isinstance(state_dict, dict) else None for k in ("train", "val"))
+        if not all(isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] == n for t, n in ((train, 2), (val, 3))):
+            return
+        self.train = [(int(step), loss) for step, loss in train.tolist()]
+        self.val = [(int(step), loss, acc) for step, loss, acc in val.tolist()]
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: under DDP it is a collective call

@@ -32,6 +32,7 @@ LAST, EXTENSION = "last", ".ckpt"
 # The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
 DIGEST_KEY = "mnist_lit_sha256"
 LOCK_NAME = ".lock"
+MAX_CHECKPOINT_BYTES = 2 * 2**30  # read whole into memory: a file from elsewhere must not exhaust it
 PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
 UMASK = os.umask(0o22)  # read once, at import, while one thread runs: os.umask can only be read by setting it
 os.umask(UMASK)
@@ -91,7 +92,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
-    mode = os.fstat(fd).st_mode
+    info = os.fstat(fd)
+    mode = info.st_mode
+    if stat.S_ISREG(mode) and info.st_size > MAX_CHECKPOINT_BYTES:
+        os.close(fd)
+        raise CheckpointError(
+            f"{path} is {info.st_size / 2**30:.1f} GiB, over the {MAX_CHECKPOINT_BYTES // 2**30} GiB a checkpoint of"
+            " the largest network allowed (100 million weights, with Adam's state) can take"
+        )
     if not stat.S_ISREG(mode):
         os.close(fd)
         if stat.S_ISDIR(mode):

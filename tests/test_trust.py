@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import struct
@@ -351,4 +352,16 @@ def test_state_a_resume_restores_is_checked_as_data_before_lightning_sees_it(cha
     status, _, err = run_main(
         "fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", *data_args(mnist_dir), cwd=root
     )
-    assert status != 0 and "cannot be resumed: its" in err and "Traceback" not in err, err[-2000:]
+    assert status != 0 and re.search(r"cannot be resumed: its|place in the data order", err), err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
+    from mnist_lit.data import DataError, EpochBatches
+
+    sampler = EpochBatches(100, 10, shuffle=True)
+    sampler.load_state_dict({"seed": 1, "epoch": 2, "seen": 30, "position": 30})
+    for bad in ({"seed": 1, "epoch": 2, "seen": -(10**12), "position": 0}, {"seed": "x"}, ["seen"]):
+        with pytest.raises(DataError, match="place in the data order"):
+            sampler.load_state_dict(bad)
+    assert sampler.state_dict() == {"seed": 1, "epoch": 2, "seen": 30, "position": 30}
