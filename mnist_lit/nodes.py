@@ -106,6 +106,7 @@ class SameStart(Callback):
             "host": socket.gethostname(),
             "address": found[1] if found else advertised_address(),
             "start": describe(self.ckpt_path) if stage == "fit" else None,
+            "directory": str(self.directory),
         }
         everyone: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(everyone, mine)
@@ -115,15 +116,15 @@ class SameStart(Callback):
             _nodes.setdefault(p["address"], set()).add(p["node"])
         starts = {(p["start"] or {}).get("id") for p in everyone}
         if len(starts) > 1:
-            views = {p["node"]: p["start"] for p in everyone}
-            told = "; ".join(f"node {node} {_from(start, self.directory)}" for node, start in sorted(views.items()))
+            views = {p["node"]: (p["start"], p["directory"]) for p in everyone}
+            told = "; ".join(f"node {node} {_from(*view)}" for node, view in sorted(views.items()))
             raise CheckpointError(
                 f"the nodes of this run would start from different checkpoints: {told}. Every node must see the"
                 f" run's checkpoint folder (a shared file system); this is node {trainer.node_rank}"
             )
 
 
-def _from(start: dict[str, Any] | None, directory: Path) -> str:
+def _from(start: dict[str, Any] | None, directory: str) -> str:
     return f"from {start['path']} (step {start['step']})" if start else f"from scratch (no checkpoint in {directory})"
 
 
@@ -155,12 +156,21 @@ def explain(err: BaseException) -> str | None:
                 f"no answer from another process of this DDP run{waited} (a node lost or cut off, or a process"
                 f" hung), so this one stops ({cause})"
             )
-        peer = re.search(r"peer \[?([0-9.]+)\]?:\d+", text)
+        peer = re.search(r"\[([0-9.]+)\]:\d+", text)  # gloo names the peer's address: "[10.0.0.2]:4321"
         nodes = _nodes.get(peer[1], set()) if peer else set()
         if len(nodes) == 1 and _node not in nodes:  # an address of one other node only: that node is named
             return f"lost node {next(iter(nodes))} ({peer[1]}) of this DDP run, so this process stops too ({cause})"
         return f"another process of this DDP run stopped, so this one stops too ({cause})"
     if _timeout is not None and re.search(START_FAILURES, text):  # a DDP run that had not started
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get(
+            "TORCHELASTIC_USE_AGENT_STORE"
+        ) == str(True):
+            # torchrun's shared rendezvous store keeps the previous attempt's addresses (pytorch issue 135712)
+            return (
+                f"the processes of this DDP run could not connect to each other after torchrun restarted them"
+                f" ({cause}): start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, so that"
+                " a restart does not read the addresses of the processes it replaced"
+            )
         return (
             f"the processes of this DDP run could not connect to each other ({cause}); this node advertised"
             f" {advertised_address()} to them. If the other nodes cannot reach it there, set GLOO_SOCKET_IFNAME"
