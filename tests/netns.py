@@ -103,8 +103,11 @@ class TwoNodes:
     """Two namespaces joined by a veth pair. hostnames: "own" (each node's hostname resolves to its address),
     or "loopback" (one /etc/hosts shared by both, where their common hostname resolves to a loopback address)."""
 
+    made_here = 0  # beds made by this process: each gets names of its own
+
     def __init__(self, folder: Path, hostnames: str) -> None:
-        tag = f"{os.getpid() % 100000}{hostnames[0]}"
+        TwoNodes.made_here += 1
+        tag = f"{os.getpid() % 100000}{TwoNodes.made_here % 100}"  # names of at most 15 characters
         folder.mkdir(parents=True, exist_ok=True)
         self.nodes: list[Node] = []
         if hostnames == "own":

@@ -53,13 +53,14 @@ def fit(data: Path, root: Path, *extra: str) -> list[str]:
 
 
 def launch(
-    bed: netns.TwoNodes, folder: Path, *commands: list[str], env: dict | None = None, **torchrun
+    bed: netns.TwoNodes, folder: Path, *commands: list[str], env: dict | None = None, nproc: int = 1, **torchrun
 ) -> list[subprocess.Popen]:
-    """One command per node (or the same on both), under torchrun; logs in folder/node<I>.log."""
+    """One command per node (or the same on both), under torchrun with nproc processes; logs in
+    folder/node<I>.log."""
     folder.mkdir(parents=True, exist_ok=True)
     commands = commands * 2 if len(commands) == 1 else commands
     return [
-        node.start(netns.torchrun(i, 1, *command, **torchrun), folder / f"node{i}.log", env or netns.env())
+        node.start(netns.torchrun(i, nproc, *command, **torchrun), folder / f"node{i}.log", env or netns.env())
         for i, (node, command) in enumerate(zip(bed.nodes, commands, strict=True))
     ]
 
@@ -155,10 +156,12 @@ def test_a_killed_node_stops_the_other_at_once_and_a_relaunch_resumes_exactly(tw
 
 @pytest.mark.slow
 def test_a_cut_link_is_noticed_within_the_timeout_and_the_checkpoint_stays_resumable(two_nodes, tmp_path, data):
+    """Two processes on each node: all four stop, one line each."""
     bed = two_nodes("own")
     run = tmp_path / "run"
     timeout = 10
-    processes = launch(bed, run, [KILLPOINTS, "slow", "300", *fit(data, run, "--ddp_timeout", str(timeout))])
+    args = fit(data, run, "--ddp_timeout", str(timeout), "--trainer.devices", "2")
+    processes = launch(bed, run, [KILLPOINTS, "slow", "300", *args], nproc=2)
     wait_for_checkpoint(run, processes)
     bed.nodes[1].cut()  # no reset, no FIN: the other node hears nothing more
     stopped = netns.wait_gone(bed.nodes, timeout + 60)
@@ -169,8 +172,12 @@ def test_a_cut_link_is_noticed_within_the_timeout_and_the_checkpoint_stays_resum
     for i in range(2):
         log = (run / f"node{i}.log").read_text()
         assert processes[i].returncode != 0 and tracebacks_of_workers(log) == 0, log[-3000:]
-        (line,) = worker_errors(log)
-        assert f"no answer from another process of this DDP run within --ddp_timeout {timeout} s" in line, line
+        lines = worker_errors(log)
+        assert len(lines) == 2, log[-3000:]  # one per process
+        # the first to time out ends; its neighbour on the node may see that before its own timeout runs out
+        silent = f"no answer from another process of this DDP run within --ddp_timeout {timeout} s"
+        assert all(silent in line or "another process of this DDP run stopped" in line for line in lines), lines
+        assert any(silent in line for line in lines), lines
     check_resumable("last.ckpt", load_checkpoint(run / "checkpoints" / "last.ckpt"))
 
 
