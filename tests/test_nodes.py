@@ -243,3 +243,30 @@ def test_the_timeout_still_reaches_lightnings_ddp_strategy():
 
     assert "_timeout" in vars(DDPStrategy())
     assert '"timeout": self._timeout' in inspect.getsource(DDPStrategy.setup_distributed)
+
+
+# --- fit --ckpt_path auto: the same command for the first start and every restart (no namespaces needed) -------
+
+
+def test_ckpt_path_auto_starts_a_run_then_resumes_it(tmp_path, mnist_dir, run_main, caplog):
+    args = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--ckpt_path", "auto"]
+    status, _, err = run_main(*args, "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert status == 0 and "Restored" not in caplog.text, err
+    first = weights_step(tmp_path)
+    status, _, err = run_main(*args, "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert status == 0 and f"Restored all states from the checkpoint at {tmp_path / 'checkpoints'}" in caplog.text
+    assert weights_step(tmp_path) == 2 * first
+    status, _, err = run_main(*args, "--trainer.max_epochs", "2", cwd=tmp_path)  # a requeued job that had finished
+    assert status == 0 and "nothing to train" in err, err
+
+
+def test_ckpt_path_auto_is_for_fit_only(tmp_path, run_main):
+    status, _, err = run_main("test", "--ckpt_path", "auto", cwd=tmp_path)
+    assert status != 0 and err.strip().splitlines()[-1].startswith("error: --ckpt_path auto is for fit"), err
+
+
+def test_ddp_timeout_is_an_option_with_its_trade_in_help(tmp_path, run_main):
+    status, out, _ = run_main("fit", "--help", cwd=tmp_path)
+    assert status == 0 and "--ddp_timeout" in out and "default: 120" in re.sub(r"\s+", " ", out)
+    status, _, err = run_main("fit", "--ddp_timeout", "0", cwd=tmp_path)
+    assert status != 0 and "error: --ddp_timeout: 0 is out of range; it must be > 0" in err, err
