@@ -137,7 +137,10 @@ def describe(ckpt_path: str | None) -> dict[str, Any] | None:
     return {"path": ckpt_path, "step": step, "id": checkpoint.get(DIGEST_KEY) or f"step {step}"}
 
 
-PEER_FAILURES = r"Connection closed by peer|Connection reset by peer|Broken pipe|gloo|NCCL|timed out"
+# gloo's and NCCL's words for a peer gone (a timeout in DDP's gradient hook: "Application timeout caused pair closure")
+PEER_FAILURES = (
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|pair closure|gloo|NCCL|timed out|timeout"
+)
 START_FAILURES = r"Connection refused|connectFullMesh|Timed out|timed out|No route to host|waiting for clients"
 
 
@@ -148,9 +151,9 @@ def explain(err: BaseException) -> str | None:
     text = _one_line(str(err))
     cause = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:200]  # gloo's first sentence, its source file off
     if torch.distributed.is_initialized():
-        if not (isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, text)):
+        if not (isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, text, re.I)):
             return None
-        if re.search(r"timed out", text, re.I):
+        if re.search(r"timed out|timeout", text, re.I):
             waited = f" within --ddp_timeout {_timeout:g} s" if _timeout is not None else ""
             return (
                 f"no answer from another process of this DDP run{waited} (a node lost or cut off, or a process"
