@@ -164,6 +164,11 @@ def explain(err: BaseException) -> str | None:
         if len(nodes) == 1 and _node not in nodes:  # an address of one other node only: that node is named
             return f"lost node {next(iter(nodes))} ({peer[1]}) of this DDP run, so this process stops too ({cause})"
         return f"another process of this DDP run stopped, so this one stops too ({cause})"
+    if _timeout is not None and re.search(r"wait timeout|waiting for clients", text, re.I):
+        return (
+            f"not every process of this DDP run joined within --ddp_timeout {_timeout:g} s ({cause}): a node stopped"
+            " before it joined (its own output says why), or was not started"
+        )
     if _timeout is not None and re.search(START_FAILURES, text):  # a DDP run that had not started
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get(
             "TORCHELASTIC_USE_AGENT_STORE"
