@@ -255,6 +255,26 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself_exactly(two_n
     assert codes == [0, 0], logs(run)[-3000:]
     assert (run / ".killpoint-done").exists()
     assert re.search(r"restart|Restarting", logs(run)), logs(run)[-3000:]
+    assert "Restored all states from the checkpoint" in logs(run)  # resumed, not started afresh
+    expected, got = weights(reference), weights(run)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_node_killed_and_started_again_rejoins_and_both_resume_exactly(two_nodes, tmp_path, data, reference):
+    """--max-restarts with a c10d rendezvous: node 1 (torchrun and its worker) SIGKILLed mid-run; node 0's torchrun
+    waits for it, and once it is started again both resume from the newest checkpoint by themselves."""
+    bed = two_nodes("own")
+    run = tmp_path / "run"
+    command = [KILLPOINTS, "slow", "300", *fit(data, run, "--ckpt_path", "auto")]
+    env = {**netns.env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    processes = launch(bed, run, command, env=env, elastic=2)
+    wait_for_checkpoint(run, processes)
+    bed.nodes[1].kill()
+    again = bed.nodes[1].start(netns.torchrun(1, 1, *command, elastic=2), run / "node1-again.log", env)
+    codes = finish([processes[0], again], run)
+    assert codes == [0, 0], logs(run)[-3000:] + (run / "node1-again.log").read_text()[-3000:]
+    assert "Restored all states from the checkpoint" in logs(run)  # resumed, not started afresh
     expected, got = weights(reference), weights(run)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
