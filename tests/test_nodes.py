@@ -312,3 +312,37 @@ def test_ddp_timeout_is_an_option_with_its_trade_in_help(tmp_path, run_main):
     assert status == 0 and "--ddp_timeout" in out and "default: 120" in re.sub(r"\s+", " ", out)
     status, _, err = run_main("fit", "--ddp_timeout", "0", cwd=tmp_path)
     assert status != 0 and "error: --ddp_timeout: 0 is out of range; it must be > 0" in err, err
+
+
+# --- the one line for each way the processes lose each other (gloo's own messages, as seen in the tests above) ---
+
+
+@pytest.mark.parametrize(
+    ("started", "message", "env", "expected"),
+    [
+        (True, "[pair.cc:534] Connection closed by peer [10.213.0.2]:54933", {}, "lost node 1 (10.213.0.2) of this"),
+        (True, "Connection closed by peer [127.0.0.1]:5000", {}, "another process of this DDP run stopped"),
+        (True, "[buffer.cc:81] Timed out waiting 10000ms for recv operation", {}, "within --ddp_timeout 10 s"),
+        (True, "Application timeout caused pair closure", {}, "no answer from another process of this DDP run within"),
+        (False, "wait timeout after 8000ms, keys: /default_pg/0//cpu//0/1", {}, "not every process of this DDP run"),
+        (False, "Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: SO_ERROR: Connection refused",
+         {}, "could not connect to each other"),
+        (False, "Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: SO_ERROR: Connection refused",
+         {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"},
+         "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"),
+        (True, "CUDA error: an illegal memory access", {}, None),
+    ],
+)  # fmt: skip
+def test_each_way_of_losing_the_others_is_one_line(monkeypatch, started, message, env, expected):
+    from mnist_lit import nodes
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: started)
+    monkeypatch.setattr(nodes, "_timeout", 10.0)
+    monkeypatch.setattr(nodes, "_node", 0)
+    monkeypatch.setattr(nodes, "_nodes", {"10.213.0.1": {0}, "10.213.0.2": {1}, "127.0.0.1": {0}})
+    for name in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = nodes.explain(RuntimeError(message))
+    assert (line is None) if expected is None else (expected in line and "\n" not in line), line
