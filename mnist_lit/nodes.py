@@ -104,7 +104,8 @@ class SameStart(Callback):
         mine = {
             "node": trainer.node_rank,
             "host": socket.gethostname(),
-            "address": found[1] if found else advertised_address(),
+            # to name a lost node by the address gloo reports; a run on one machine needs no name (nor a DNS lookup)
+            "address": found[1] if found else "127.0.0.1",
             "start": describe(self.ckpt_path) if stage == "fit" else None,
             "directory": str(self.directory),
         }
