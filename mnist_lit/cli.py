@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import torch
 import yaml
+from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -27,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import USAGE
+from mnist_lit import USAGE, nodes
 from mnist_lit.checkpoint import (
     Checkpoint,
     Diverged,
@@ -39,7 +40,7 @@ from mnist_lit.checkpoint import (
 from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
 from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
-from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
+from mnist_lit.storage import AUTO, CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
 from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -183,6 +184,7 @@ class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"trainer.max_epochs": 10, "model.net": NET_SPEC})  # --print_config shows the Net
+        parser.add_argument("--ddp_timeout", type=PositiveFloat, default=nodes.DEFAULT_TIMEOUT, help=nodes.TIMEOUT_HELP)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
@@ -207,6 +209,9 @@ class MNISTCLI(LightningCLI):
         if self.subcommand == "fit":
             self._check_monitors(trainer)
         share_cores(trainer.num_devices, self.datamodule.num_workers)
+        config = self.config[self.config.subcommand]
+        directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
+        nodes.prepare(trainer, config.ddp_timeout, config.ckpt_path, directory)
         # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
         # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
         # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead; tests/test_faults.py checks that
@@ -282,6 +287,8 @@ class MNISTCLI(LightningCLI):
             self.lock = RunLock(directory)
             self.lock.acquire()
         earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
+        if fitting and config.ckpt_path == AUTO:  # resume if there is a run to resume, else start one
+            config.ckpt_path = None if earlier is None else resolve(AUTO, directory, fitting)
         if config.ckpt_path is None:
             if earlier is not None:
                 raise CheckpointError(
@@ -532,14 +539,12 @@ def _option_names() -> list[str]:
     groups = {"model": LitMNIST, "data": MNISTDataModule, "checkpoint": Checkpoint, "trainer": Trainer}
     names = [f"--{g}.{p}" for g, cls in groups.items() for p in inspect.signature(cls.__init__).parameters]
     optimizer = [f"--model.optimizer.{name}" for name in GUIDE_SGD["init_args"]]  # --lr: --model.optimizer.lr
-    return [*names, *optimizer, "--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only"]
+    general = ["--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only", "--ddp_timeout"]
+    return [*names, *optimizer, *general]
 
 
 class PeerLost(RuntimeError):
     """Another process of a DDP run stopped, so this one cannot go on."""
-
-
-PEER_FAILURES = r"Connection closed by peer|Connection reset by peer|Broken pipe|gloo|NCCL|timed out"
 
 
 def run_lightning(args: list[str] | None) -> None:
@@ -547,12 +552,11 @@ def run_lightning(args: list[str] | None) -> None:
     try:
         _run_lightning(args)
     except RuntimeError as err:
-        # A collective with a process that died or stopped fails here (gloo: "Connection closed by peer").
-        lost = isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, str(err))
-        if not (distributed() and torch.distributed.is_initialized() and lost):
+        # A collective with a process that died, stopped or went silent fails here (gloo: "Connection closed by
+        # peer", "Timed out"), as does a start where the processes cannot reach each other.
+        if (lost := nodes.explain(err)) is None:
             raise
-        cause = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(str(err))).split(". ")[0][:200]  # gloo's first sentence
-        raise PeerLost(f"another process of this DDP run stopped, so this one stops too ({cause})") from None
+        raise PeerLost(lost) from None
     finally:
         # Lightning leaves the DDP process group up; torn down at interpreter exit instead, gloo's threads can
         # abort the process ("terminate called without an active exception") after a successful run.

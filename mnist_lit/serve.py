@@ -5,6 +5,8 @@
 
 import base64
 import binascii
+import contextlib
+import ctypes
 import io
 import json
 import logging
@@ -35,6 +37,26 @@ PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
 MAX_PIXELS = 4096 * 4096  # read from the image's header, before anything is decoded
 USAGE = 'send {"image": "<base64 of a PNG, JPEG or BMP>"} as application/json'
+
+
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process as soon as its parent ends, however it ends (serve's main process
+    SIGKILLed, say, which cannot stop its children itself); and end now if the parent already has."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask for
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent ended before the request above: nobody would stop this one
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_forking = 0  # the process that forks, as its child sees it
+
+
+def _before_fork() -> None:
+    global _forking
+    _forking = os.getpid()
 
 
 class Refused(ValueError):
@@ -120,8 +142,11 @@ class DigitAPI(ls.LitAPI):
     def __init__(self, net: nn.Module, dataset: str, max_batch_size: int, batch_timeout: float) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.net, self.dataset = net, dataset
+        self.server_pid = os.getpid()  # LitServe spawns the model processes from serve's main process
 
     def setup(self, device: str) -> None:
+        # A spawned process (fork and exec) runs no fork hook: it asks for its parent's death signal here.
+        die_with_parent(self.server_pid)
         # Measured on the 2-core machine, busy: a forward pass took 0.25 ms on one thread, 13 ms on two.
         torch.set_num_threads(1)
         Image.MAX_IMAGE_PIXELS = None  # read_image checks the size itself, before decoding, against a lower limit
@@ -279,4 +304,7 @@ def serve(
     logging.getLogger("litserve.server").addFilter(lambda r: not (stopping and r.getMessage().startswith("Monitoring")))
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # Every process LitServer forks (its queue manager, the HTTP servers) dies with the process that forked it;
+    # the model processes, spawned, see to it in DigitAPI.setup.
+    os.register_at_fork(before=_before_fork, after_in_child=lambda: die_with_parent(_forking))
     server.run(host=host, port=port, log_level="warning", generate_client_file=False)

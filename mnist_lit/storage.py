@@ -29,6 +29,9 @@ from lightning.fabric.utilities.types import _PATH
 from mnist_lit.trust import Untrusted, check_model_hparams
 
 LAST, EXTENSION = "last", ".ckpt"
+# fit --ckpt_path auto: resume the run's latest checkpoint if there is one, else start the run. For commands that
+# restart themselves (torchrun's --max-restarts, a requeued SLURM job): the first start and every restart alike.
+AUTO = "auto"
 # The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
 DIGEST_KEY = "mnist_lit_sha256"
 LOCK_NAME = ".lock"
@@ -233,12 +236,15 @@ def load_newest(directory: Path, attempts: int = 5) -> tuple[Path, dict[str, Any
 
 
 def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
-    """The file --ckpt_path names: 'last' is the run's latest checkpoint in directory, which must exist."""
+    """The file --ckpt_path names: 'last' (and fit's 'auto') is the run's latest checkpoint in directory, which must
+    exist."""
     if ckpt_path == "best":
         raise CheckpointError(
             "--ckpt_path best needs a checkpoint that tracks a metric; pass 'last' or a checkpoint file"
         )
-    if ckpt_path != LAST:
+    if ckpt_path == AUTO and not fitting:
+        raise CheckpointError("--ckpt_path auto is for fit (resume if there is a run, else start one): pass 'last'")
+    if ckpt_path not in (LAST, AUTO):
         return ckpt_path
     if (newest := newest_checkpoint(directory)) is None:
         last = directory / f"{LAST}{EXTENSION}"
@@ -258,7 +264,7 @@ def load_ckpt_path(
 ) -> tuple[str, dict[str, Any]]:
     """The file --ckpt_path names ('last': the run's latest in directory) and its verified contents."""
     path = resolve(ckpt_path, directory, fitting, root_option)
-    if ckpt_path != LAST:
+    if ckpt_path not in (LAST, AUTO):
         return path, load_checkpoint(path)
     found, checkpoint = load_newest(directory)
     return str(found), checkpoint

@@ -15,6 +15,8 @@ Or, instead of a SIGKILL of itself:
   sanity-term   the process of rank N sends itself SIGTERM in its first sanity-check step
   rank1-kill    the process of rank 1 is SIGKILLed inside training step N
   rank1-int     the process of rank 1 gets SIGINT (Ctrl-C) inside training step N
+  rank1-once    as rank1-kill, in the first run in the working directory only (it leaves .killpoint-done there):
+                a run that torchrun restarts goes on
   val-int       the process gets SIGINT (Ctrl-C) inside the first step of the N-th validation after an epoch
   batch-int     the process gets SIGINT (Ctrl-C) inside its N-th training batch (under gradient accumulation
                 not every batch is a step)
@@ -112,12 +114,16 @@ def plant(moment: str, n: int) -> None:
             return validation_step(self, batch, batch_idx)
 
         LitMNIST.validation_step = signalled_step
-    elif moment in ("rank1-kill", "rank1-int"):
+    elif moment in ("rank1-kill", "rank1-int", "rank1-once"):
         training_step = LitMNIST.training_step
-        sig = signal.SIGKILL if moment == "rank1-kill" else signal.SIGINT
+        sig = signal.SIGINT if moment == "rank1-int" else signal.SIGKILL
 
         def rank1_step(self, batch, batch_idx):
             if self.global_rank == 1 and self.global_step + 1 == n:
+                if moment == "rank1-once":
+                    if os.path.exists(".killpoint-done"):
+                        return training_step(self, batch, batch_idx)
+                    open(".killpoint-done", "w").close()
                 os.kill(os.getpid(), sig)
             return training_step(self, batch, batch_idx)
 

@@ -78,6 +78,14 @@ def check_model_checkpoint_state() -> None:
     assert checkpoint._last_global_step_saved == 0 and checkpoint._last_checkpoint_saved == ""
 
 
+def check_ddp_timeout() -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert "timeout" in parameters(DDPStrategy.__init__)
+    assert "self._timeout" in inspect.getsource(DDPStrategy.__init__)
+    assert "self._timeout" in inspect.getsource(DDPStrategy.setup_distributed)
+
+
 def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Callable[[], None]:
     def check() -> None:
         function = getattr(owner(), name)
@@ -107,6 +115,7 @@ REGISTER: dict[str, Callable[[], None]] = {
     ),
     "ModelCheckpoint.state": check_model_checkpoint_state,
     "loops": check_loops,
+    "DDPStrategy._timeout": check_ddp_timeout,
     "cloud_io": check_cloud_io,
 }
 

@@ -4,6 +4,7 @@ serving, stops cleanly; and its page, driven in headless Chromium, reads digits 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import gzip
 import http.client
@@ -11,6 +12,7 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -398,3 +400,62 @@ def test_the_page_reads_digits_drawn_with_the_mouse_and_uploaded(reader, browser
     browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
     WebDriverWait(browser, 20).until(lambda b: "not an image" in b.find_element(By.ID, "status").text)
     assert shown() == "?"
+
+
+def process_group(pgid: int) -> list[int]:
+    """The running processes of a process group."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener refuses
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def answers(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def test_sigkill_of_serves_main_process_leaves_no_process_and_frees_the_port(trained):
+    port = free_port()
+    command = [sys.executable, "-m", "mnist_lit", "serve", "--ckpt_path", "last", "--port", str(port)]
+    with (trained / f"serve-{port}.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=trained, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(port):
+            assert process.poll() is None and time.monotonic() < deadline, (trained / f"serve-{port}.log").read_text()
+            time.sleep(0.2)
+        # main, LitServe's queue manager, its model process and its HTTP process
+        assert len(process_group(process.pid)) >= 4, process_group(process.pid)
+        process.kill()
+        process.wait()
+        killed = time.monotonic()
+        while (process_group(process.pid) or port_in_use(port)) and time.monotonic() - killed < 10:
+            time.sleep(0.1)
+        left = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in process_group(process.pid)]
+        assert not left and not port_in_use(port), (left, port_in_use(port))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
