@@ -176,7 +176,7 @@ class LitMNIST(LightningModule):
         check_contract(self.net)
         if unknown := [name for name in freeze if name not in layers(self.net)]:
             raise ValueError(
-                f"--model.freeze: {', '.join(unknown)} is not a layer of the network; it has"
+                f"--model.freeze: {', '.join(unknown)} is not a layer of the {type(self.net).__name__}; it has"
                 f" {', '.join(layers(self.net))}"
             )
         if set(freeze) == set(layers(self.net)):

@@ -160,7 +160,7 @@ def test_log_softmax_is_applied_to_logits_and_never_again_to_the_nets_log_probab
     model = LitMNIST(net={"class_path": "mnist_lit.model.ConvNet", "init_args": {"width": 4}}, freeze=("block1",))
     assert model.hparams["net"]["init_args"] == {"width": 4}
     assert not any(p.requires_grad for p in model.net.block1.parameters())
-    with pytest.raises(ValueError, match="conv1 is not a layer of the network; it has block1, block2, fc"):
+    with pytest.raises(ValueError, match="conv1 is not a layer of the ConvNet; it has block1, block2, fc"):
         LitMNIST(net={"class_path": "mnist_lit.model.ConvNet"}, freeze=("conv1",))
 
 
