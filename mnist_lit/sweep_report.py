@@ -1,0 +1,98 @@
+"""A sweep's answer: the table of trials, best.yaml (the best trial's complete fit config) and figures."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mnist_lit.sweep_space import Space, short, show
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Whole or not at all, and safe when workers on several machines write it at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def rows(study: Any, space: Space, metric: str) -> list[list[str]]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {t.system_attrs.get("failed_trial"): t.number for t in trials if "failed_trial" in t.system_attrs}
+    table = []
+    for t in trials:
+        attrs = t.user_attrs
+        if attrs.get("surplus"):
+            continue  # one asked for at the same moment as the last: never run
+        state = t.state.name.lower()
+        if t.state == TrialState.FAIL:
+            state = (
+                f"failed: {attrs['error']}" if "error" in attrs else f"stopped, resumed as {retried_as.get(t.number)}"
+            )
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            state = f"pruned at epoch {max(t.intermediate_values)}"
+        value = t.value if t.value is not None else (t.user_attrs.get("value"))
+        params = [show(space.value(k, t.params[k])) if k in t.params else "" for k in space.distributions]
+        seconds = attrs.get("seconds")
+        table.append([
+            str(t.number), f"trials/{attrs.get('folder', t.number)}", *params,
+            "" if value is None else f"{value:.4f}", str(attrs.get("steps") or ""),
+            "" if seconds is None else f"{seconds:.1f}", state,
+        ])  # fmt: skip
+    return table
+
+
+def report(study: Any, root: Path, metric: str, space: Space) -> None:
+    """The table on stdout; best.yaml and the figures in root."""
+    from optuna.trial import TrialState
+
+    header = ["trial", "folder", *(short(k) for k in space.distributions), metric, "steps", "wall s", "state"]
+    table = [header, *rows(study, space, metric)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        sys.exit(f"error: no trial of the sweep in {root} has completed, so there is no best.yaml yet")
+    best = study.best_trial
+    folder = root / "trials" / str(best.user_attrs.get("folder", best.number))
+    config = (folder / "config.yaml").read_text()
+    header_line = f"# trial {best.number} of the sweep in {root}: {metric} {best.value:.4f}"
+    _write(root / "best.yaml", f"{header_line}\n# python -m mnist_lit fit --config best.yaml\n{config}".encode())
+    figures = figures_of(study, root)
+    print(f"\nbest: trial {best.number}, {metric} {best.value:.4f} ({len(complete)} completed):"
+          f" {root / 'best.yaml'}; figures: {', '.join(figures) or 'none'}")  # fmt: skip
+
+
+def figures_of(study: Any, root: Path) -> list[str]:
+    """Optuna's matplotlib plots, as PNG files in root; those the trials so far cannot draw are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    written = []
+    for name, plot in (("history.png", plots.plot_optimization_history), ("importances.png",
+                       plots.plot_param_importances), ("slices.png", plots.plot_slice)):  # fmt: skip
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna calls its matplotlib plots experimental
+                axes = plot(study)
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            if hasattr(axes, "flat"):  # one panel per parameter: room for each one's name
+                figure.set_size_inches(5 * len(axes.flat), 4.8)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            _write(root / name, buffer.getvalue())
+            written.append(name)
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few completed trials, or all the same
+            continue
+    return written
