@@ -23,7 +23,12 @@ def _retry(study: Any, trial: Any) -> None:
 
 
 def storage_url(sweep: Any, root: Path) -> str:
-    return sweep.storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{root / 'sweep.db'}"
+    url = sweep.storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{root / 'sweep.db'}"
+    # SQLAlchemy's plain postgresql:// means psycopg2; the extra installs psycopg (3)
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url.removeprefix(plain)
+    return url
 
 
 def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any] | None = None) -> Any:

@@ -232,9 +232,11 @@ class Sweeper:
         trial.set_user_attr("steps", result.get("steps", result.get("step")))
         metric = self.sweep.metric
         if result.get("value") is None:
-            trial.set_user_attr("error", f"the fit logged no {metric}")
+            # Lightning validates at epochs' ends: a max_steps inside an epoch ends the fit before its validation
+            error = f"the fit logged no {metric} (it ended before a validation: see --trainer.val_check_interval)"
+            trial.set_user_attr("error", error)
             self.study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} failed: the fit logged no {metric}", file=sys.stderr, flush=True)
+            print(f"trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
         elif result.get("pruned") is not None:
             self.study.tell(trial, state=TrialState.PRUNED)
             print(f"trial {trial.number} pruned at epoch {result['pruned']}: {metric} {result['value']:.4f}",
