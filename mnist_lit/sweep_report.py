@@ -61,7 +61,9 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
     best = study.best_trial
     folder = root / "trials" / str(best.user_attrs.get("folder", best.number))
     config = (folder / "config.yaml").read_text()
-    header_line = f"# trial {best.number} of the sweep in {root}: {metric} {best.value:.4f}"
+    header_line = (
+        f"# trial {best.number} of the sweep in {root}, in {folder.relative_to(root)}: {metric} {best.value:.4f}"
+    )
     _write(root / "best.yaml", f"{header_line}\n# python -m mnist_lit fit --config best.yaml\n{config}".encode())
     figures = figures_of(study, root)
     print(f"\nbest: trial {best.number}, {metric} {best.value:.4f} ({len(complete)} completed):"

@@ -222,6 +222,7 @@ class Sweeper:
             trial.set_user_attr("seconds", seconds)
             self.study.tell(trial, state=TrialState.FAIL)
             print(f"trial {trial.number} failed: {error} (see {folder / 'fit.log'})", file=sys.stderr, flush=True)
+            self._give_up_if_hopeless(error)
             return
         self._tell(trial, folder, read_result(folder), seconds)
 
@@ -245,6 +246,17 @@ class Sweeper:
             self.study.tell(trial, result["value"])
             print(f"trial {trial.number} finished: {metric} {result['value']:.4f} after {result.get('steps')} steps,"
                   f" {seconds:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+    def _give_up_if_hopeless(self, error: str) -> None:
+        """Two trials failed the same way and none has finished: the recipe, not the parameters, is at fault (the
+        data missing, say); stop rather than fail every trial that is left."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        same = [t.number for t in trials if t.user_attrs.get("error") == error]
+        if len(same) >= 2 and not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+            self.errors.append(f"trials {same[0]} and {same[1]} failed the same way, and none has finished: {error}")
+            self._stop(signal.SIGTERM)
 
     def _heartbeat(self, trial_id: int, stop: threading.Event) -> None:
         while not stop.wait(self.sweep.heartbeat_interval):
