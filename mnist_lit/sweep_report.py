@@ -22,7 +22,8 @@ def rows(study: Any, space: Space, metric: str) -> list[list[str]]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried_as = {t.system_attrs.get("failed_trial"): t.number for t in trials if "failed_trial" in t.system_attrs}
+    # retry_history ends with the trial each one was enqueued for ("failed_trial" is the first of the line)
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
     table = []
     for t in trials:
         attrs = t.user_attrs
@@ -64,7 +65,10 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
     header_line = (
         f"# trial {best.number} of the sweep in {root}, in {folder.relative_to(root)}: {metric} {best.value:.4f}"
     )
-    _write(root / "best.yaml", f"{header_line}\n# python -m mnist_lit fit --config best.yaml\n{config}".encode())
+    # CPU kernels sum in an order that depends on the thread count: with the trial's, a fit repeats it bit for bit
+    threads = f"OMP_NUM_THREADS={best.user_attrs['threads']} " if "threads" in best.user_attrs else ""
+    run = f"# {threads}python -m mnist_lit fit --config best.yaml --trainer.default_root_dir NEW_FOLDER"
+    _write(root / "best.yaml", f"{header_line}\n{run}\n{config}".encode())
     figures = figures_of(study, root)
     print(f"\nbest: trial {best.number}, {metric} {best.value:.4f} ({len(complete)} completed):"
           f" {root / 'best.yaml'}; figures: {', '.join(figures) or 'none'}")  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.storage import CheckpointError, checkpoint_dir, newest_checkpoint
+from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, newest_checkpoint
 from mnist_lit.sweep_study import FINGERPRINT, _difference, _first_line, _retry, counted, open_study, storage_url
 from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
 
@@ -169,6 +169,9 @@ class Sweeper:
     def _run(self, trial: Any) -> None:
         from optuna.trial import TrialState
 
+        if self.stopping.is_set():  # taken just as the sweep was told to stop
+            self._release(trial._trial_id)
+            return
         attrs = self._storage.get_trial(trial._trial_id).user_attrs
         folder = self.root / "trials" / str(attrs["folder"])
         folder.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,15 @@ class Sweeper:
         seconds = float(attrs.get("seconds", 0.0))
         if (result := read_result(folder)).get("pruned") is not None:  # pruned before a kill let it be told
             self._tell(trial, folder, result, seconds)
+            return
+        probe = RunLock(checkpoint_dir(folder, None))
+        try:  # the worker it was taken from may be cut off rather than dead, its fit still running
+            probe.acquire()
+            probe.release()
+        except CheckpointError as err:
+            print(f"trial {trial.number}: {err}; it goes back to the queue", file=sys.stderr, flush=True)
+            self._release(trial._trial_id, seconds)
+            self.stopping.wait(self.sweep.heartbeat_interval)
             return
         resume = newest_checkpoint(checkpoint_dir(folder, None)) is not None
         words = ["resuming" if resume else "starting", f"trial {trial.number}"]
@@ -197,6 +209,7 @@ class Sweeper:
                                      "startup_trials": self.sweep.startup_trials})  # fmt: skip
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.sweep.workers)))
+        trial.set_user_attr("threads", env["OMP_NUM_THREADS"])  # for best.yaml: the same threads, the same sums
         beat = threading.Event()
         threading.Thread(target=self._heartbeat, args=(trial._trial_id, beat), daemon=True).start()
         started = time.monotonic()

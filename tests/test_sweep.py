@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -210,10 +211,45 @@ def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_pat
     assert_same_weights(folder / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.slow  # about 40 s
-def test_a_killed_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir):
+@pytest.mark.slow  # about 35 s
+def test_sigterm_stops_every_trial_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path, mnist_dir):
+    root = tmp_path / "sweep"
+    args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=2)
+    proc = start([*args, "--sweep.workers", "2"], tmp_path)
+    try:
+        folders = [root / "trials" / "0", root / "trials" / "1"]
+        wait_for(lambda: all(periodic(f) for f in folders), 120, "both trials' first checkpoints", (proc,))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: sweep stopped" in err.splitlines()[-1]
+    assert all(t.state.name in ("FAIL", "WAITING") for t in study(root))  # none counted yet: both enqueued again
+    assert all((f / "checkpoints" / "last.ckpt").is_file() for f in folders)  # saved at the signal
+    second = run(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("resuming trial") == 2 and "starting trial" not in second.stderr
+    trials = study(root)
+    assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 1]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow  # about 30 s each
+@pytest.mark.parametrize("how", ["killed", "cut off"])
+def test_a_lost_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir, how):
+    """killed: kill -9 of a worker on this machine, noticed by its process id at once. cut off: a worker frozen
+    (SIGSTOP, as a machine that hangs or drops off the network) and its fit ended, noticed only by its stale
+    heartbeat, as a worker on another machine would be."""
     root = tmp_path / "sweep"
     args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=3)
+    args += ["--sweep.heartbeat_interval", "1", "--sweep.grace_period", "4"]
     first = start(args, tmp_path)
     try:
         wait_for(lambda: (root / "sweep.json").exists(), 60, "the first worker's study", (first,))
@@ -223,7 +259,13 @@ def test_a_killed_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir):
             # kill the worker running trial 1, whichever it is
             owner = int(next(t for t in study(root) if t.number == 1).user_attrs["worker"].rpartition(":")[2])
             victim, survivor = (first, second) if owner == first.pid else (second, first)
-            victim.kill()
+            if how == "killed":
+                victim.kill()  # its fit dies with it
+            else:
+                fits = children(victim.pid)
+                victim.send_signal(signal.SIGSTOP)
+                for fit in fits:
+                    os.kill(fit, signal.SIGKILL)
             _, err = survivor.communicate(timeout=180)
         finally:
             second.kill()
