@@ -32,6 +32,7 @@ class Sweep:
         seed: int = 1,
         pruner: Literal["median", "none"] = "median",
         startup_trials: int = 4,
+        warmup_epochs: int = 0,
         workers: int = 1,
         storage: str | None = None,
         study_name: str = "mnist_lit",
@@ -50,6 +51,8 @@ class Sweep:
             pruner: median: stop a trial at an epoch's end when its metric is worse than the median of the
                 earlier trials at that epoch; none: never.
             startup_trials: Trials that finish before the pruner stops any.
+            warmup_epochs: Epochs every trial trains before the pruner may stop it (a one-cycle schedule's trials
+                look worst at their peak learning rate, mid-run).
             workers: Trials run at once on this machine; the cores are shared out between them.
             storage: Optuna storage URL (default: the MNIST_LIT_SWEEP_STORAGE environment variable, else
                 sqlite:///<root>/sweep.db); postgresql://... to run workers on several machines against one study.
@@ -57,8 +60,9 @@ class Sweep:
             heartbeat_interval: Seconds between a running trial's heartbeats in the storage.
             grace_period: Seconds without a heartbeat after which another worker takes a trial over.
         """
-        for name, value, low in (("trials", trials, 1), ("workers", workers, 1), ("heartbeat_interval",
-                                 heartbeat_interval, 1), ("startup_trials", startup_trials, 0)):  # fmt: skip
+        minimums = {"trials": (trials, 1), "workers": (workers, 1), "heartbeat_interval": (heartbeat_interval, 1),
+                    "startup_trials": (startup_trials, 0), "warmup_epochs": (warmup_epochs, 0)}  # fmt: skip
+        for name, (value, low) in minimums.items():
             if value < low:
                 raise ConfigError(f"--sweep.{name}: {value} is out of range; it must be >= {low}")
         if grace_period <= heartbeat_interval:
@@ -66,7 +70,7 @@ class Sweep:
         self.space = space or {}
         self.trials, self.metric, self.seed, self.workers = trials, metric, seed, workers
         self.direction = direction or ("minimize" if metric == "val/loss" else "maximize")
-        self.pruner, self.startup_trials = pruner, startup_trials
+        self.pruner, self.startup_trials, self.warmup_epochs = pruner, startup_trials, warmup_epochs
         self.storage, self.study_name = storage, study_name
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
 

@@ -56,7 +56,7 @@ def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any]
             heartbeat_stale_trial_callback=_retry,
         )
         sampler = optuna.samplers.TPESampler(seed=sweep.seed)
-        pruner = make_pruner(sweep.pruner, sweep.startup_trials)
+        pruner = make_pruner(sweep.pruner, sweep.startup_trials, sweep.warmup_epochs)
         if not create:
             study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner)
             return study, storage

@@ -30,13 +30,13 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def make_pruner(name: str, startup_trials: int) -> Any:
+def make_pruner(name: str, startup_trials: int, warmup_epochs: int) -> Any:
     import optuna
 
     if name == "none":
         return optuna.pruners.NopPruner()
     # One report per epoch (step = epoch), so a trial is compared with the others at the same epoch.
-    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
 
 
 def read_result(folder: Path) -> dict[str, Any]:
@@ -74,7 +74,7 @@ class Report(Callback):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             url = os.environ[STORAGE_ENV]
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
-            pruner = make_pruner(self.spec["pruner"], self.spec["startup_trials"])
+            pruner = make_pruner(self.spec["pruner"], self.spec["startup_trials"], self.spec["warmup_epochs"])
             study = optuna.load_study(study_name=self.spec["study"], storage=storage, pruner=pruner)
             self._trial = optuna.trial.Trial(study, self.spec["trial_id"])
         return self._trial
@@ -88,7 +88,9 @@ class Report(Callback):
         value, epoch = float(value), trainer.current_epoch
         result = {**read_result(self.folder), "value": value, "epoch": epoch, "step": trainer.global_step}
         pruned = False
-        if not self._broken:
+        # At the run's last validation there is nothing left to save: the trial has finished, not been pruned
+        last = 0 < (trainer.max_epochs or 0) <= epoch + 1 or 0 < trainer.max_steps <= trainer.global_step
+        if not self._broken and not last:
             try:
                 trial = self._connect()
                 with warnings.catch_warnings():  # a resumed trial reports its epochs again: optuna keeps the first

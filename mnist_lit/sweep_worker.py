@@ -206,7 +206,8 @@ class Sweeper:
         env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
         env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial._trial_id, "folder": str(folder),
                                      "metric": self.sweep.metric, "pruner": self.sweep.pruner,
-                                     "startup_trials": self.sweep.startup_trials})  # fmt: skip
+                                     "startup_trials": self.sweep.startup_trials,
+                                     "warmup_epochs": self.sweep.warmup_epochs})  # fmt: skip
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.sweep.workers)))
         trial.set_user_attr("threads", env["OMP_NUM_THREADS"])  # for best.yaml: the same threads, the same sums
