@@ -153,11 +153,16 @@ def run_sweep(args: list[str]) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="mnist_lit_sweep") as scratch:
         fit_args, sweep_args, report = split_args(args, Path(scratch))
+        printing = [a for a in fit_args if a.split("=")[0] == "--print_config"]
+        fit_args = [a for a in fit_args if a not in printing]
         options = _parser().parse_args(sweep_args)
         sweep = Sweep(**options.sweep.as_dict())
         base = parse_fit(fit_args)
         if isinstance(base, str):
             raise ConfigError(base)
+        if printing:  # the whole config, a file for --config: every trial's base and the sweep: section
+            print(yaml.safe_dump({**base, "sweep": options.sweep.as_dict()}, sort_keys=False), end="")
+            return
         root = Path(base["trainer"].get("default_root_dir") or ".").absolute()
         base["trainer"]["default_root_dir"] = None
         if base.get("ckpt_path") is not None:

@@ -136,6 +136,18 @@ def test_bad_sweep_options_are_refused_in_one_line(tmp_path, mnist_dir, run_main
     assert_clean_error(subprocess.CompletedProcess([], status, "", err), needle)
 
 
+def test_help_and_print_config(tmp_path, mnist_dir, run_main):
+    import yaml
+
+    status, out, _ = run_main("sweep", "--help", cwd=tmp_path)
+    assert status == 0 and "--sweep.workers" in out and "--sweep.storage" in out and "MNIST_LIT_SWEEP_STORAGE" in out
+    status, out, err = run_main(*sweep_args(tmp_path / "sweep", mnist_dir, "--print_config"), cwd=tmp_path)
+    assert status == 0, err
+    config = yaml.safe_load(out)  # every trial's base config and the sweep's, a file for --config
+    assert config["sweep"]["space"] == SPACE and config["trainer"]["max_epochs"] == 2
+    assert config["data"]["val_size"] == 64 and not (tmp_path / "sweep").exists()
+
+
 def test_a_second_sweep_with_another_space_is_refused_and_touches_nothing(tmp_path, mnist_dir, run_main):
     root = tmp_path / "sweep"
     first = run(sweep_args(root, mnist_dir, *SHORT, trials=1), cwd=tmp_path)
