@@ -18,7 +18,7 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def rows(study: Any, space: Space, metric: str) -> list[list[str]]:
+def rows(study: Any, space: Space) -> list[list[str]]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -31,12 +31,12 @@ def rows(study: Any, space: Space, metric: str) -> list[list[str]]:
             continue  # one asked for at the same moment as the last: never run
         state = t.state.name.lower()
         if t.state == TrialState.FAIL:
-            state = (
-                f"failed: {attrs['error']}" if "error" in attrs else f"stopped, resumed as {retried_as.get(t.number)}"
-            )
+            state = f"failed: {attrs['error']}" if "error" in attrs else "stopped"
+            if "error" not in attrs and t.number in retried_as:
+                state += f", resumed as {retried_as[t.number]}"
         if t.state == TrialState.PRUNED and t.intermediate_values:
             state = f"pruned at epoch {max(t.intermediate_values)}"
-        value = t.value if t.value is not None else (t.user_attrs.get("value"))
+        value = t.value
         params = [show(space.value(k, t.params[k])) if k in t.params else "" for k in space.distributions]
         seconds = attrs.get("seconds")
         table.append([
@@ -52,7 +52,7 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
     from optuna.trial import TrialState
 
     header = ["trial", "folder", *(short(k) for k in space.distributions), metric, "steps", "wall s", "state"]
-    table = [header, *rows(study, space, metric)]
+    table = [header, *rows(study, space)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
