@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import sqlite3
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,29 +51,47 @@ def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any]
         )
     if create:
         root.mkdir(parents=True, exist_ok=True)  # where SQLite's file goes
-    try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=sweep.heartbeat_interval,
-            grace_period=sweep.grace_period,
-            heartbeat_stale_trial_callback=_retry,
-        )
-        sampler = optuna.samplers.TPESampler(seed=sweep.seed)
-        pruner = make_pruner(sweep.pruner, sweep.startup_trials, sweep.warmup_epochs)
-        if not create:
-            study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner)
-            return study, storage
-        study = optuna.create_study(
-            storage=storage, study_name=sweep.study_name, direction=sweep.direction, sampler=sampler, pruner=pruner,
-            load_if_exists=True,
-        )  # fmt: skip
-    except (SQLAlchemyError, ImportError, ValueError, KeyError) as err:
-        raise ConfigError(f"--sweep.storage: cannot open the study {sweep.study_name!r}: {_first_line(err)}") from None
-    recorded = study.user_attrs.get("fingerprint")
-    if recorded is None:
-        study.set_user_attr("fingerprint", fingerprint)
-    elif recorded != fingerprint:
+    problem: BaseException = RuntimeError()
+    for _ in range(5):
+        try:
+            return _open(sweep, url, create, fingerprint)
+        except SQLAlchemyError as err:  # workers started together on a new database race to create its tables
+            problem = err
+            if not create:
+                break
+            time.sleep(0.5 + random.random())
+        except (ImportError, ValueError, KeyError, sqlite3.Error) as err:
+            problem = err
+            break
+    raise ConfigError(f"--sweep.storage: cannot open the study {sweep.study_name!r}: {_first_line(problem)}")
+
+
+def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None) -> tuple[Any, Any]:
+    import optuna
+
+    if url.startswith("sqlite:///") and create:
+        # Write-ahead logging: a worker reading (or stopped while it reads) never holds the others' writes up
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"), timeout=120)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs(url),
+        heartbeat_interval=sweep.heartbeat_interval,
+        grace_period=sweep.grace_period,
+        heartbeat_stale_trial_callback=_retry,
+    )
+    sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+    pruner = make_pruner(sweep.pruner, sweep.startup_trials, sweep.warmup_epochs)
+    if not create:
+        return optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner), storage
+    study = optuna.create_study(
+        storage=storage, study_name=sweep.study_name, direction=sweep.direction, sampler=sampler, pruner=pruner,
+        load_if_exists=True,
+    )  # fmt: skip
+    if "fingerprint" not in study.user_attrs:
+        study.set_user_attr("fingerprint", fingerprint)  # two workers may both: the same value
+    recorded = study.user_attrs["fingerprint"]
+    if recorded != fingerprint:
         raise CheckpointError(
             f"the study {sweep.study_name!r} in {_safe(url)} was started with {_difference(recorded, fingerprint)}:"
             " run it with its own options, or give this sweep another --sweep.study_name"
