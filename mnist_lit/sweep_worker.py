@@ -78,8 +78,9 @@ class Sweeper:
                 signal.signal(sig, handler)
         if self.signum:
             name = signal.Signals(self.signum).name
-            print(f"\n{name}: sweep stopped; its running trials saved their checkpoints, and the same command"
-                  " resumes them", file=sys.stderr)  # fmt: skip
+            # each fit says in its fit.log what it saved (nothing, if it had not started training)
+            print(f"\n{name}: sweep stopped; the same command resumes its stopped trials from their checkpoints",
+                  file=sys.stderr)  # fmt: skip
             sys.exit(128 + self.signum)
         if self.errors:
             sys.exit(f"error: {self.errors[0]}")
