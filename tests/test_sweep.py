@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
+from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
 
 pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 
@@ -146,6 +146,21 @@ def test_help_and_print_config(tmp_path, mnist_dir, run_main):
     config = yaml.safe_load(out)  # every trial's base config and the sweep's, a file for --config
     assert config["sweep"]["space"] == SPACE and config["trainer"]["max_epochs"] == 2
     assert config["data"]["val_size"] == 64 and not (tmp_path / "sweep").exists()
+
+
+def test_the_shipped_sweep_config_parses_and_its_space_is_valid(tmp_path, mnist_dir, run_main):
+    import yaml
+
+    from mnist_lit.sweep import parse_fit
+    from mnist_lit.sweep_space import Space
+
+    config = ROOT / "configs" / "sweep.yaml"
+    status, out, err = run_main("sweep", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert status == 0, err
+    printed = yaml.safe_load(out)
+    sweep = printed.pop("sweep")
+    assert sweep["trials"] == 16 and sweep["workers"] == 2 and len(sweep["space"]) == 3
+    Space(sweep["space"], printed).validate(parse_fit, tmp_path, sweep["metric"])  # raises on a bad key or value
 
 
 def test_a_second_sweep_with_another_space_is_refused_and_touches_nothing(tmp_path, mnist_dir, run_main):
