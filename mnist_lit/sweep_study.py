@@ -37,7 +37,7 @@ def storage_url(sweep: Any, root: Path) -> str:
 
 def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any] | None = None) -> Any:
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Heartbeats and retries are "experimental" in Optuna: a warning each time, nothing the user can act on.
@@ -57,7 +57,7 @@ def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any]
             return _open(sweep, url, create, fingerprint)
         except SQLAlchemyError as err:  # workers started together on a new database race to create its tables
             problem = err
-            if not create:
+            if not create or not isinstance(err, DBAPIError):  # a bad URL: no use trying again
                 break
             time.sleep(0.5 + random.random())
         except (ImportError, ValueError, KeyError, sqlite3.Error) as err:
