@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # The top-level help, here so that `python -m mnist_lit --help` answers without importing torch.
 USAGE = """\
-usage: python -m mnist_lit {fit,validate,test,predict,export,serve} [options]
+usage: python -m mnist_lit {fit,validate,test,predict,export,serve,sweep} [options]
 
 Train and use the guide's MNIST model (Grokking PyTorch) with PyTorch Lightning.
 
@@ -15,5 +15,6 @@ subcommands (each has its own --help, e.g. python -m mnist_lit fit --help):
   predict    Classify your own digit images: --ckpt_path last --data.predict_path PATH.
   export     Write the trained Net as .pth (the guide's state_dict) or .onnx.
   serve      Serve it over HTTP: a page to draw digits on, POST /predict (--ckpt_path last).
+  sweep      Search fit options with Optuna, each trial a fit of its own: --config configs/sweep.yaml.
 
 Options come from config files and flags: --config configs/smoke.yaml --model.optimizer.lr 0.05 --print_config."""

@@ -473,7 +473,7 @@ def _explain(message: str, classes: bool = True) -> str:
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
     if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
-        names = [*re.findall(r"'(\w+)'", choice[2]), "export", "serve"]  # ours, outside LightningCLI's parser
+        names = [*re.findall(r"'(\w+)'", choice[2]), "export", "serve", "sweep"]  # ours, outside LightningCLI's parser
         close = difflib.get_close_matches(choice[1], names, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
@@ -675,6 +675,14 @@ def run_serve(args: list[str]) -> None:
     print("stopped", file=sys.stderr)
 
 
+def run_sweep(args: list[str]) -> None:
+    try:
+        from mnist_lit.sweep import run_sweep as sweep
+    except ImportError as err:  # optuna is an optional extra
+        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
+    sweep(args)
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the command line; user errors end in one line on stderr and a non-zero exit status."""
     # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
@@ -697,6 +705,8 @@ def main(args: list[str] | None = None) -> None:
             run_export(argv[1:])
         elif argv[:1] == ["serve"]:
             run_serve(argv[1:])
+        elif argv[:1] == ["sweep"]:
+            run_sweep(argv[1:])
         else:
             run_lightning(args)
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access

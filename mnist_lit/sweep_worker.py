@@ -1,0 +1,303 @@
+"""A sweep's workers on this machine: threads that each take a trial from the study and run its fit to the end."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, newest_checkpoint
+from mnist_lit.sweep_study import FINGERPRINT, _difference, _first_line, _retry, counted, open_study, storage_url
+from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
+
+# Started as each trial's parent, this makes the kernel kill the fit when the worker thread that started it dies
+# (a `kill -9` of the sweep), instead of leaving it training, unseen, holding its folder's lock.
+_ORPHAN_GUARD = (
+    "import ctypes,os,signal,sys\n"
+    "if sys.platform == 'linux': ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(137)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+class Sweeper:
+    """This machine's workers: threads that each take a trial from the study and run its fit to the end."""
+
+    def __init__(self, sweep: Any, space: Any, base: dict[str, Any], root: Path) -> None:
+        self.sweep, self.space, self.base, self.root = sweep, space, base, root
+        self.url = storage_url(sweep, root)
+        self.stopping = threading.Event()
+        self.signum = 0
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        from mnist_lit.sweep_report import report
+
+        fingerprint = {"space": self.sweep.space, "base": self.base, "metric": self.sweep.metric,
+                       "direction": self.sweep.direction}  # fmt: skip
+        fingerprint = json.loads(json.dumps(fingerprint))
+        recorded = self.root / FINGERPRINT
+        if recorded.is_file():  # before anything in the root or the storage is touched
+            earlier = json.loads(recorded.read_text())
+            if earlier != fingerprint:
+                raise CheckpointError(
+                    f"{self.root} holds a sweep started with {_difference(earlier, fingerprint)}: resume it with"
+                    " its own options, or start this one in another --trainer.default_root_dir"
+                )
+        # The storage itself for the trial states the study's API has no call for (heartbeats, failing a trial)
+        self.study, self._storage = open_study(self.sweep, self.root, create=True, fingerprint=fingerprint)
+        if not recorded.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = recorded.with_name(f"{FINGERPRINT}.{os.getpid()}.part")
+            tmp.write_text(json.dumps(fingerprint, indent=1))
+            os.replace(tmp, recorded)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.sweep.workers)]
+            for thread in threads:
+                thread.start()
+            while any(thread.is_alive() for thread in threads):
+                for thread in threads:
+                    thread.join(0.2)  # short waits: signals are handled on this thread, between them
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.signum:
+            name = signal.Signals(self.signum).name
+            # each fit says in its fit.log what it saved (nothing, if it had not started training)
+            print(f"\n{name}: sweep stopped; the same command resumes its stopped trials from their checkpoints",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(128 + self.signum)
+        if self.errors:
+            sys.exit(f"error: {self.errors[0]}")
+        report(self.study, self.root, self.sweep.metric, self.space)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        self.stopping.set()
+        with self.lock:
+            for proc in self.procs:  # each fit saves last.ckpt at the batch it is in, and exits
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
+    def _work(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                trial = self._next_trial()
+                if trial is None:
+                    return
+                if trial is not False:
+                    self._run(trial)
+        except Exception as err:  # the storage out of reach, a full disk: stop every trial here, resumable
+            self.errors.append(f"the sweep stopped: {_first_line(err)}")
+            self._stop(signal.SIGTERM)
+
+    def _next_trial(self) -> Any:
+        """A trial to run, None when the sweep has finished, False to look again in a while."""
+        import optuna
+        from optuna.trial import TrialState
+
+        self._take_over_dead()
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if counted(t)]
+        if len(done) >= self.sweep.trials:
+            return None
+        live = [t for t in trials if counted(t) or t.state == TrialState.RUNNING]
+        if not any(t.state == TrialState.WAITING for t in trials) and len(live) >= self.sweep.trials:
+            self.stopping.wait(min(2.0, self.sweep.heartbeat_interval))  # the others' last trials may yet fail
+            return False
+        trial = self.study.ask(self.space.distributions)
+        self._storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("worker", self.worker)
+        frozen = self._storage.get_trial(trial._trial_id)
+        if "failed_trial" not in frozen.system_attrs:  # a new trial, not one taken over: is it one too many?
+            trial.set_user_attr("folder", trial.number)
+            before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
+            if sum(counted(t) or t.state in (TrialState.RUNNING, TrialState.WAITING) for t in before) >= (
+                self.sweep.trials
+            ):
+                trial.set_user_attr("surplus", True)  # another worker took the last one at the same moment
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self.study.tell(trial, state=TrialState.FAIL)
+                return False
+        return trial
+
+    def _take_over_dead(self) -> None:
+        """Fail the running trials whose worker is gone (its heartbeat stale, or, on this machine, its process
+        dead) and enqueue them again: the worker that takes one resumes it from its folder."""
+        import optuna
+        from optuna.trial import TrialState
+
+        optuna.storages.fail_stale_trials(self.study)
+        host = socket.gethostname()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+            if owner_host == host and pid.isdigit() and not _sweep_alive(int(pid)):
+                self._release(trial._trial_id)
+
+    def _release(self, trial_id: int, seconds: float | None = None) -> None:
+        """Fail a running trial and enqueue it again (unless another worker has just done so)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if seconds is not None:
+            self._storage.set_trial_user_attr(trial_id, "seconds", seconds)
+        try:
+            if not self._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        frozen = copy.deepcopy(self._storage.get_trial(trial_id))
+        _retry(self.study, frozen)
+
+    def _run(self, trial: Any) -> None:
+        from optuna.trial import TrialState
+
+        if self.stopping.is_set():  # taken just as the sweep was told to stop
+            self._release(trial._trial_id)
+            return
+        attrs = self._storage.get_trial(trial._trial_id).user_attrs
+        folder = self.root / "trials" / str(attrs["folder"])
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "config.yaml"
+        if not config.is_file():
+            tmp = folder / f"config.yaml.{os.getpid()}.part"
+            tmp.write_text(yaml.safe_dump(self.space.apply(self.base, trial.params), sort_keys=False))
+            os.replace(tmp, config)
+        seconds = float(attrs.get("seconds", 0.0))
+        if (result := read_result(folder)).get("pruned") is not None:  # pruned before a kill let it be told
+            self._tell(trial, folder, result, seconds)
+            return
+        probe = RunLock(checkpoint_dir(folder, None))
+        try:  # the worker it was taken from may be cut off rather than dead, its fit still running
+            probe.acquire()
+            probe.release()
+        except CheckpointError as err:
+            print(f"trial {trial.number}: {err}; it goes back to the queue", file=sys.stderr, flush=True)
+            self._release(trial._trial_id, seconds)
+            self.stopping.wait(self.sweep.heartbeat_interval)
+            return
+        resume = newest_checkpoint(checkpoint_dir(folder, None)) is not None
+        words = ["resuming" if resume else "starting", f"trial {trial.number}"]
+        if attrs["folder"] != trial.number:
+            words.append(f"(in trials/{attrs['folder']}, taken over)")
+        print(f"{' '.join(words)}: {self.space.describe(trial.params)}", file=sys.stderr, flush=True)
+        command = [
+            sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), "-m", "mnist_lit", "fit", "--config", str(config),
+            "--trainer.default_root_dir", str(folder), "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=mnist_lit.sweep_trial.Report", *(["--ckpt_path", "last"] if resume else []),
+        ]  # fmt: skip
+        env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+        env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial._trial_id, "folder": str(folder),
+                                     "metric": self.sweep.metric, "pruner": self.sweep.pruner,
+                                     "startup_trials": self.sweep.startup_trials,
+                                     "warmup_epochs": self.sweep.warmup_epochs})  # fmt: skip
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.sweep.workers)))
+        trial.set_user_attr("threads", env["OMP_NUM_THREADS"])  # for best.yaml: the same threads, the same sums
+        beat = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(trial._trial_id, beat), daemon=True).start()
+        started = time.monotonic()
+        try:
+            with open(folder / "fit.log", "a") as log, self.lock:
+                # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                self.procs.add(proc)
+                if self.stopping.is_set():  # a signal came while it was starting
+                    proc.send_signal(self.signum or signal.SIGTERM)
+            status = proc.wait()
+            with self.lock:
+                self.procs.discard(proc)
+        finally:
+            beat.set()
+        seconds += time.monotonic() - started
+        if status != 0 and self.stopping.is_set():
+            self._release(trial._trial_id, seconds)
+            return
+        if status != 0:
+            error = _last_error(folder / "fit.log") or f"fit exited with status {status}"
+            trial.set_user_attr("error", error)
+            trial.set_user_attr("seconds", seconds)
+            self.study.tell(trial, state=TrialState.FAIL)
+            print(f"trial {trial.number} failed: {error} (see {folder / 'fit.log'})", file=sys.stderr, flush=True)
+            self._give_up_if_hopeless(error)
+            return
+        self._tell(trial, folder, read_result(folder), seconds)
+
+    def _tell(self, trial: Any, folder: Path, result: dict[str, Any], seconds: float) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("steps", result.get("steps", result.get("step")))
+        metric = self.sweep.metric
+        if result.get("value") is None:
+            # Lightning validates at epochs' ends: a max_steps inside an epoch ends the fit before its validation
+            error = f"the fit logged no {metric} (it ended before a validation: see --trainer.val_check_interval)"
+            trial.set_user_attr("error", error)
+            self.study.tell(trial, state=TrialState.FAIL)
+            print(f"trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
+        elif result.get("pruned") is not None:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            print(f"trial {trial.number} pruned at epoch {result['pruned']}: {metric} {result['value']:.4f}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            self.study.tell(trial, result["value"])
+            print(f"trial {trial.number} finished: {metric} {result['value']:.4f} after {result.get('steps')} steps,"
+                  f" {seconds:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+    def _give_up_if_hopeless(self, error: str) -> None:
+        """Two trials failed the same way and none has finished: the recipe, not the parameters, is at fault (the
+        data missing, say); stop rather than fail every trial that is left."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        same = [t.number for t in trials if t.user_attrs.get("error") == error]
+        if len(same) >= 2 and not any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+            self.errors.append(f"trials {same[0]} and {same[1]} failed the same way, and none has finished: {error}")
+            self._stop(signal.SIGTERM)
+
+    def _heartbeat(self, trial_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.sweep.heartbeat_interval):
+            with contextlib.suppress(Exception):  # a missed beat only brings a takeover closer
+                self._storage.record_heartbeat(trial_id)
+
+
+def _sweep_alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc/self").exists()  # no /proc to look in: alive, as far as can be told
+    return b"mnist_lit" in cmdline or b"mnist-lit" in cmdline  # else the id was reused by another program
+
+
+def _last_error(log: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        if errors:
+            return errors[-1].removeprefix("error: ")
+        return lines[-1][:300] if lines else None
+    return None

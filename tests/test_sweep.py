@@ -1,0 +1,383 @@
+"""`sweep`: Optuna trials as ordinary fits; refusals before any trial, resume after kills, workers taken over,
+a study shared through a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
+
+pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
+
+SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]  # a trial in a few seconds
+SPACE = {"model.optimizer.init_args.lr": {"low": 0.01, "high": 0.3, "log": True}, "data.batch_size": [32, 64]}
+
+
+def env() -> dict[str, str]:
+    # One thread per fit: the trials' numbers must match a plain fit's bit for bit (same thread count), and the
+    # machine's cores are shared with whatever else runs.
+    return {**cli_env(), "OMP_NUM_THREADS": "1"}
+
+
+def sweep_args(root: Path, data: Path, *extra: str, space: dict | None = None, trials: int = 6) -> list[str]:
+    return [
+        "sweep", "--sweep.space", json.dumps(SPACE if space is None else space), "--sweep.trials", str(trials),
+        "--data.data_dir", str(data), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "2",
+        "--trainer.default_root_dir", str(root), *extra,
+    ]  # fmt: skip
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_lit", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_lit", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def study(root: Path, url: str | None = None) -> list:
+    import optuna
+
+    storage = optuna.storages.RDBStorage(url or f"sqlite:///{root / 'sweep.db'}")
+    return optuna.load_study(study_name="mnist_lit", storage=storage).get_trials()
+
+
+def counted(trials: list) -> list:
+    from mnist_lit.sweep_study import counted as counts
+
+    return [t for t in trials if counts(t)]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    left, right = weights(a), weights(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def wait_for(condition, timeout: float, what: str, procs: tuple = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in procs:
+            assert proc.poll() is None, f"{what}: the sweep ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def periodic(folder: Path) -> list[Path]:
+    return list((folder / "checkpoints").glob("epoch=*-step=*.ckpt"))
+
+
+# --- default suite: refusals, cheap ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("space", "needle"),
+    [
+        ({"model.optimizer.init_args.lrr": [0.1]}, "model.optimizer.init_args.lrr: not an option of fit"),
+        ({"modle.optimizer.lr": [0.1]}, "modle is not an option group"),
+        ({"data.batch_size": {"low": 64, "high": 32}}, "the range 64 to 32 is empty"),
+        ({"data.batch_size": []}, "an empty list of choices"),
+        ({"data.batch_size": [64, "big"]}, "data.batch_size: big is refused by fit: --data.batch_size"),
+        ({"model.optimizer.momentum": {"low": 0.5, "high": 1.5}}, "1.5 is refused by fit"),
+        ({"model.optimizer.lr": {"low": 0, "high": 1, "log": True}}, "a log range must start above 0"),
+        ({"data.batch_size": 64}, "neither a list of choices nor a range"),
+        ({"trainer.default_root_dir": ["a", "b"]}, "the sweep sets this option itself"),
+        ({}, "--sweep.space is empty"),
+    ],
+)
+def test_a_bad_space_is_refused_before_any_trial(tmp_path, mnist_dir, run_main, space, needle):
+    root = tmp_path / "sweep"
+    status, _, err = run_main(*sweep_args(root, mnist_dir, space=space), cwd=tmp_path)
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), needle)
+    assert not root.exists()  # nothing written: no study, no trial folder
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--sweep.trials", "0"], "--sweep.trials: 0 is out of range"),
+        (["--sweep.workers", "two"], "--sweep.workers"),
+        (["--data.val_size", "0"], "--sweep.metric val/acc needs a validation set"),
+        (["--ckpt_path", "last"], "--ckpt_path: a sweep resumes its trials itself"),
+        (["--report"], "no sweep in"),
+        (["--sweep.storage", "nosuchdb://x"], "--sweep.storage: cannot open the study"),
+    ],
+)
+def test_bad_sweep_options_are_refused_in_one_line(tmp_path, mnist_dir, run_main, extra, needle):
+    root = tmp_path / "sweep"
+    status, _, err = run_main(*sweep_args(root, mnist_dir, *extra), cwd=tmp_path)
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), needle)
+
+
+def test_help_and_print_config(tmp_path, mnist_dir, run_main):
+    import yaml
+
+    status, out, _ = run_main("sweep", "--help", cwd=tmp_path)
+    assert status == 0 and "--sweep.workers" in out and "--sweep.storage" in out and "MNIST_LIT_SWEEP_STORAGE" in out
+    status, out, err = run_main(*sweep_args(tmp_path / "sweep", mnist_dir, "--print_config"), cwd=tmp_path)
+    assert status == 0, err
+    config = yaml.safe_load(out)  # every trial's base config and the sweep's, a file for --config
+    assert config["sweep"]["space"] == SPACE and config["trainer"]["max_epochs"] == 2
+    assert config["data"]["val_size"] == 64 and not (tmp_path / "sweep").exists()
+
+
+def test_the_shipped_sweep_config_parses_and_its_space_is_valid(tmp_path, mnist_dir, run_main):
+    import yaml
+
+    from mnist_lit.sweep import parse_fit
+    from mnist_lit.sweep_space import Space
+
+    config = ROOT / "configs" / "sweep.yaml"
+    status, out, err = run_main("sweep", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert status == 0, err
+    printed = yaml.safe_load(out)
+    sweep = printed.pop("sweep")
+    assert sweep["trials"] == 16 and sweep["workers"] == 2 and len(sweep["space"]) == 3
+    Space(sweep["space"], printed).validate(parse_fit, tmp_path, sweep["metric"])  # raises on a bad key or value
+
+
+def test_a_second_sweep_with_another_space_is_refused_and_touches_nothing(tmp_path, mnist_dir, run_main):
+    root = tmp_path / "sweep"
+    first = run(sweep_args(root, mnist_dir, *SHORT, trials=1), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "best: trial 0" in first.stdout and (root / "best.yaml").is_file()
+    before = snapshot(root)
+    other = {"model.optimizer.init_args.momentum": [0.5, 0.9]}
+    status, _, err = run_main(*sweep_args(root, mnist_dir, *SHORT, space=other, trials=1), cwd=tmp_path)
+    message = f"{root} holds a sweep started with another space"
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), message)
+    assert snapshot(root) == before
+    # the same command again: the sweep is finished; the answer is printed again
+    status, out, err = run_main(*sweep_args(root, mnist_dir, *SHORT, "--report", trials=1), cwd=tmp_path)
+    assert status == 0 and "trials/0" in out and "complete" in out, err
+
+
+# --- slow: whole sweeps, faults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # about 40 s: six trials on two workers, then a fit of best.yaml
+def test_a_sweep_ends_with_a_table_best_yaml_and_figures_that_reproduce(tmp_path, mnist_dir):
+    root = tmp_path / "sweep"
+    result = run(sweep_args(root, mnist_dir, "--sweep.workers", "2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trials = study(root)
+    assert len(counted(trials)) == 6 == len(trials)  # none failed, none repeated
+    rows = [line for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 6 and all(f"trials/{t.number}" in rows[t.number] for t in trials)
+    for name in ("best.yaml", "history.png", "slices.png"):
+        assert (root / name).is_file(), name
+    best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
+    assert f"best: trial {best.number}, val/acc {best.value:.4f}" in result.stdout
+    # best.yaml in a new root: the best trial's run again, weights and metric exactly
+    new = tmp_path / "again"
+    fit = run(["fit", "--config", str(root / "best.yaml"), "--trainer.default_root_dir", str(new)], cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    assert_same_weights(root / "trials" / str(best.number) / "checkpoints" / "last.ckpt", new / "checkpoints/last.ckpt")
+    checked = run(
+        ["validate", "--ckpt_path", "last", "--trainer.default_root_dir", str(new), "--data.data_dir", str(mnist_dir),
+         *SYNTHETIC], cwd=tmp_path,
+    )  # fmt: skip
+    assert printed_metrics(checked.stdout)["val/acc"] == pytest.approx(best.value, abs=1e-6)
+
+
+@pytest.mark.slow  # about 40 s
+def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path, mnist_dir):
+    root = tmp_path / "sweep"
+    args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=2)
+    proc = start(args, tmp_path)
+    try:
+        wait_for(lambda: periodic(root / "trials" / "0"), 120, "trial 0's first checkpoint", (proc,))
+        proc.kill()  # kill -9: its fit dies with it
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert not (root / "trials" / "1").exists()
+    second = run(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    # trial 0 was stopped; enqueued again with its parameters it became trial 1, which resumed in its folder
+    assert "resuming trial 1 (in trials/0, taken over)" in second.stderr
+    trials = study(root)
+    assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 2]
+    assert trials[0].params == trials[1].params and trials[0].state.name == "FAIL"
+    # none ran twice: each folder was started once, the killed one resumed once
+    log = err + second.stderr
+    assert log.count("starting trial 0:") == 1 and log.count("starting trial 2:") == 1
+    assert log.count("resuming trial") == 1
+    # the resumed trial ends bit for bit where an uninterrupted fit with its parameters does
+    folder = root / "trials" / "0"
+    ref = tmp_path / "uninterrupted"
+    fit = run(["fit", "--config", str(folder / "config.yaml"), "--trainer.default_root_dir", str(ref)], cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    assert_same_weights(folder / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow  # about 35 s
+def test_sigterm_stops_every_trial_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path, mnist_dir):
+    root = tmp_path / "sweep"
+    args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=2)
+    proc = start([*args, "--sweep.workers", "2"], tmp_path)
+    try:
+        folders = [root / "trials" / "0", root / "trials" / "1"]
+        wait_for(lambda: all(periodic(f) for f in folders), 120, "both trials' first checkpoints", (proc,))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: sweep stopped" in err.splitlines()[-1]
+    assert all(t.state.name in ("FAIL", "WAITING") for t in study(root))  # none counted yet: both enqueued again
+    assert all((f / "checkpoints" / "last.ckpt").is_file() for f in folders)  # saved at the signal
+    second = run(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("resuming trial") == 2 and "starting trial" not in second.stderr
+    trials = study(root)
+    assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 1]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow  # about 30 s each
+@pytest.mark.parametrize("how", ["killed", "cut off"])
+def test_a_lost_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir, how):
+    """killed: kill -9 of a worker on this machine, noticed by its process id at once. cut off: a worker frozen
+    (SIGSTOP, as a machine that hangs or drops off the network) and its fit ended, noticed only by its stale
+    heartbeat, as a worker on another machine would be."""
+    root = tmp_path / "sweep"
+    args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=3)
+    args += ["--sweep.heartbeat_interval", "1", "--sweep.grace_period", "4"]
+    first = start(args, tmp_path)
+    try:
+        wait_for(lambda: (root / "sweep.json").exists(), 60, "the first worker's study", (first,))
+        second = start(args, tmp_path)
+        try:
+            wait_for(lambda: periodic(root / "trials" / "1"), 120, "the second trial's checkpoint", (first, second))
+            # kill the worker running trial 1, whichever it is
+            owner = int(next(t for t in study(root) if t.number == 1).user_attrs["worker"].rpartition(":")[2])
+            victim, survivor = (first, second) if owner == first.pid else (second, first)
+            if how == "killed":
+                victim.kill()  # its fit dies with it
+            else:
+                fits = children(victim.pid)
+                victim.send_signal(signal.SIGSTOP)
+                for fit in fits:
+                    os.kill(fit, signal.SIGKILL)
+            _, err = survivor.communicate(timeout=180)
+        finally:
+            second.kill()
+    finally:
+        first.kill()
+    assert survivor.returncode == 0, err
+    assert "(in trials/1, taken over)" in err
+    trials = study(root)
+    assert len(counted(trials)) == 3
+    folders = sorted(t.user_attrs["folder"] for t in counted(trials))
+    assert len(set(folders)) == 3 and 1 in folders
+    assert next(t for t in trials if t.number == 1).state.name == "FAIL"  # stopped, then resumed as another number
+
+
+# --- slow: a real PostgreSQL server ---------------------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of its own, on a Unix socket in a temporary folder (no TCP), stopped and removed after
+    the test, whatever happens: yields the storage URL of an empty database."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[sweep]'")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
+    as_user: list[str] = []
+    user = getpass.getuser()
+    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        as_user, user = ["runuser", "-u", "postgres", "--"], "postgres"
+    folder = Path(tempfile.mkdtemp(prefix="mnist_lit_pg"))
+    folder.chmod(0o755)
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+
+    def pg(*command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=timeout, check=True)
+
+    try:
+        pg(str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", user, timeout=120)
+        options = f"-c listen_addresses='' -k {folder} -p {port}"
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
+        pg(str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "-U", user, "sweep")
+        yield f"postgresql://{user}@/sweep?host={folder}&port={port}"
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow  # about 40 s
+def test_two_workers_started_separately_share_one_study_in_postgresql(tmp_path, mnist_dir, postgres, monkeypatch):
+    root = tmp_path / "sweep"
+    monkeypatch.setenv("MNIST_LIT_SWEEP_STORAGE", postgres)  # as a user keeps a password off the command line
+    args = sweep_args(root, mnist_dir, trials=4)
+    workers = [start(args, tmp_path), start(args, tmp_path)]
+    try:
+        results = [proc.communicate(timeout=240) for proc in workers]
+    finally:
+        for proc in workers:
+            proc.kill()
+    for proc, (_, err) in zip(workers, results, strict=True):
+        assert proc.returncode == 0, err
+    assert not (root / "sweep.db").exists()  # the study is in PostgreSQL
+    trials = study(root, postgres.replace("postgresql://", "postgresql+psycopg://"))
+    assert len(trials) == 4 == len(counted(trials))
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == [0, 1, 2, 3]
+    assert sorted(t.user_attrs["folder"] for t in trials) == numbers  # every trial recorded, and run, once
+    starts = "".join(err for _, err in results)
+    assert all(starts.count(f"starting trial {n}:") == 1 for n in numbers)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
