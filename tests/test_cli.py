@@ -48,6 +48,7 @@ def test_checkpoints_and_logs_go_where_the_readme_says(trained):
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_without_last_ckpt_the_final_weights_are_a_periodic_file_that_test_last_finds(tmp_path, mnist_dir):
     # 9 steps, saves every 4: steps 4 and 8 are periodic, step 9 is the end of training
     fit = fit_args(mnist_dir, "--checkpoint.save_last", "false")
@@ -58,6 +59,7 @@ def test_without_last_ckpt_the_final_weights_are_a_periodic_file_that_test_last_
     assert result.returncode == 0 and "epoch=1-step=9.ckpt" in result.stdout + result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_resume_continues_the_step_counter(tmp_path, mnist_dir):
     assert run_cli(*fit_args(mnist_dir), cwd=tmp_path).returncode == 0
     result = run_cli(*fit_args(mnist_dir, "--ckpt_path", "last", "--trainer.max_epochs", "2"), cwd=tmp_path)
@@ -88,6 +90,7 @@ def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained, mnist_dir):
     assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_with_logging_off_the_users_own_files_in_the_root_are_kept(tmp_path, mnist_dir, run_main):
     """Without a logger the run's folder is the root itself: nothing already there may be replaced."""
     off = ["--trainer.logger", "false"]

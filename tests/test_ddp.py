@@ -19,6 +19,7 @@ def big_mnist(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("big"), train=6464, test=200)
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_ddp_test_metrics_equal_a_single_process_exactly(tmp_path, mnist_dir, run_main):
     fit = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1"]
     assert run_main(*fit, "--model.lr", "0.05", cwd=tmp_path)[0] == 0
@@ -33,7 +34,7 @@ def test_ddp_test_metrics_equal_a_single_process_exactly(tmp_path, mnist_dir, ru
     assert 0.1 < one["test/acc"] < 1  # a real, imperfect model: every image counts
 
 
-@pytest.mark.slow  # two DDP runs; the metrics test above runs DDP in the default suite
+@pytest.mark.slow  # two DDP runs (the default suite starts DDP in test_nodes.py)
 def test_ddp_fit_shards_are_disjoint_one_process_writes_and_one_process_resumes(tmp_path, big_mnist):
     probe = tmp_path / "probe"
     fit = ["fit", "--data.data_dir", str(big_mnist), *SYNTHETIC, *QUIET, "--trainer.log_every_n_steps", "10"]
@@ -76,6 +77,7 @@ def test_mid_epoch_resume_with_another_number_of_processes_finishes_the_epoch(tm
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 70 + 80 + 100
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_every_config_parses_and_runs(tmp_path, mnist_dir, run_main):
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         if config.name == "sweep.yaml":  # a sweep's config, not a fit's: test_sweep.py parses and checks it

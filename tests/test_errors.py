@@ -379,6 +379,7 @@ def test_bad_input_is_one_clear_line_and_harms_nothing(case, run_root, mnist_dir
     assert (run_root / "bad" / "pipe.pth").is_fifo()
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_errors_reach_the_shell_as_one_line_and_a_failure_status(run_root, mnist_dir):
     assert_clean_error(run_cli("fit", "--model.lr", "-1", cwd=run_root), "--model.optimizer")
     assert_clean_error(run_cli("test", "--ckpt_path", "bad/evil.ckpt", *data(mnist_dir), cwd=run_root), "refusing")

@@ -136,6 +136,7 @@ def flip(path: Path, tensor: torch.Tensor, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_bit_rot_in_the_weights_is_refused_and_the_intact_copy_named(tmp_path, mnist_dir, trained):
     root = tmp_path / "run"
     shutil.copytree(trained, root)

@@ -55,7 +55,7 @@ def adam_run(tmp_path_factory, mnist_dir):
     return root
 
 
-@pytest.mark.slow  # five whole runs; test_resume.py covers the default recipe's exact resume in the default suite
+@pytest.mark.slow  # five whole runs; test_resume.py covers the default recipe's exact resume (limits, Ctrl-C)
 def test_adam_and_one_cycle_resume_bit_for_bit_after_a_kill_mid_epoch(tmp_path, mnist_dir, adam_run):
     killed = run_cli("step", "14", *args(mnist_dir), *ADAM_ONE_CYCLE, cwd=tmp_path, script=KILLPOINTS)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -100,6 +100,7 @@ def test_print_config_shows_the_guides_sgd_and_no_schedule(tmp_path, run_main):
     assert "nesterov: false" in model and "lr_scheduler: null" in model
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_new_optimizer_numbers_on_a_resume_apply_from_there_on_and_are_said(tmp_path, mnist_dir):
     fit = ["fit", *data(mnist_dir), "--trainer.log_every_n_steps", "1"]
     assert run_cli(*fit, "--trainer.max_epochs", "1", cwd=tmp_path).returncode == 0

@@ -56,6 +56,7 @@ def reference(tmp_path_factory, mnist_dir):
     return root
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(tmp_path, mnist_dir, reference):
     # each entry: where the process kills itself; each run resumes the one before
     plan = [
@@ -197,6 +198,7 @@ def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, r
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_dir, reference):
     """last.ckpt written at the end of fit (step 18, between the every-3-step saves... and off the grid of 10)
     resumes as exactly as one written mid-run."""
@@ -209,6 +211,7 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_a_step_limit_at_an_epochs_end_resumes_with_the_next_epoch(tmp_path, mnist_dir, reference):
     # with max_steps, Lightning 2.6 alone resumes a checkpoint taken between two epochs into a skipped epoch
     assert run_cli(*args(mnist_dir), "--trainer.max_steps", "9", cwd=tmp_path).returncode == 0
@@ -265,6 +268,7 @@ PLATEAU = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
            "--model.lr_scheduler.mode", "max", "--model.lr_scheduler.patience", "0"]  # fmt: skip
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_stops_around_an_epochs_end_resume_with_its_validation_and_its_plateau_step(tmp_path, mnist_dir):
     """Step 9 ends epoch 0 and is due a checkpoint: it is taken after the epoch's validation and schedule step (at
     epoch 1's start), never before them, so whichever way a run stops there, the resume skips neither."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, cli_env, run_cli
+from conftest import QUIET, cli_env, run_cli
 from PIL import Image
 
 pytest.importorskip("litserve")
@@ -100,12 +100,10 @@ def mnist_digits(folder: Path, count: int) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    result = run_cli(
-        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", cwd=root
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def trained(tmp_path_factory, trained_run) -> Path:
+    """A copy of the session's trained run (conftest), for the server's log and predict's files."""
+    root = tmp_path_factory.mktemp("served") / "run"
+    shutil.copytree(trained_run, root)
     return root
 
 

@@ -163,6 +163,7 @@ def test_the_shipped_sweep_config_parses_and_its_space_is_valid(tmp_path, mnist_
     Space(sweep["space"], printed).validate(parse_fit, tmp_path, sweep["metric"])  # raises on a bad key or value
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_a_second_sweep_with_another_space_is_refused_and_touches_nothing(tmp_path, mnist_dir, run_main):
     root = tmp_path / "sweep"
     first = run(sweep_args(root, mnist_dir, *SHORT, trials=1), cwd=tmp_path)
