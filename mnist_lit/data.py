@@ -115,9 +115,7 @@ def find_files(data_dir: Path, dataset: str = DEFAULT) -> dict[str, Path]:
     known = DATASETS[dataset]
     found = {}
     for name in FILE_NAMES:
-        # The dataset's own folders first: another dataset's files put directly in data_dir (MNIST's, in the default
-        # folder) must not shadow this one's in its torchvision folder or where a system package put them.
-        for folder in (data_dir / known.torchvision / "raw", *map(Path, known.system_dirs), data_dir):
+        for folder in (data_dir, data_dir / known.torchvision / "raw", *map(Path, known.system_dirs)):
             candidates = [folder / name, folder / f"{name}.gz"]
             if hit := next((p for p in candidates if p.is_file()), None):
                 found[name] = hit

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import idx_bytes, write_mnist
 
-from mnist_lit.data import FILE_NAMES, BatchLoader, DataError, EpochBatches, MNISTDataModule, find_files, normalize
+from mnist_lit.data import FILE_NAMES, BatchLoader, DataError, EpochBatches, MNISTDataModule, normalize
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -250,12 +250,3 @@ def test_datamodule_loaders_follow_the_trainer(tmp_path):
     assert [len(y) for _, y in test] == [20, 20, 10]
     shutil.rmtree(folder)  # the data stays in memory once loaded
     assert sum(len(y) for _, y in dm.train_dataloader()) == 236
-
-
-def test_another_datasets_files_in_data_dir_do_not_shadow_this_ones_own_folder(tmp_path):
-    # MNIST's four files put directly in the default folder (the Offline advice), Fashion-MNIST's in its own
-    write_mnist(tmp_path, gz=False)
-    write_mnist(tmp_path / "FashionMNIST" / "raw", gz=False, seed=1)
-    found = find_files(tmp_path, "fashion_mnist")
-    assert set(found.values()) == {tmp_path / "FashionMNIST" / "raw" / name for name in FILE_NAMES}
-    assert set(find_files(tmp_path, "mnist").values()) == {tmp_path / name for name in FILE_NAMES}
