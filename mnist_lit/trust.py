@@ -2,10 +2,12 @@
 they are checked here, as data, before anything they name is imported, built or called.
 
 The rule for a class path that comes from a file: it names a class (never a function) of the kind its option takes
-(an optimizer, a learning-rate scheduler), in a module of torch or one the user trusts; its arguments are plain
-values (numbers, strings, booleans, None, lists of them) of the types the class's signature declares for them, and
-never an argument whose type is a callable or an object. The user trusts a module by naming a class of it on the
-command line (`--model.optimizer my_pkg.MyOpt`) or in MNIST_LIT_TRUST (comma-separated module names).
+(an optimizer of torch.optim, a scheduler of torch.optim.lr_scheduler, a network of torch.nn, torchvision.models or
+mnist_lit), or of a module the user trusts, and no other module is imported; its arguments are plain values
+(numbers, strings, booleans, None, lists of them) of the types the class's signature declares for them, never an
+argument whose type is a callable or an object; a network's size is counted on the meta device before it is built.
+The user trusts a module by naming a class of it on the command line (`--model.net my_pkg.MyNet`) or in
+MNIST_LIT_TRUST (comma-separated module names).
 """
 
 from __future__ import annotations
