@@ -186,3 +186,17 @@ def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnis
     resumed = run_cli(fit[0], *fit[5:], "--ckpt_path", "last", cwd=tmp_path / "killed")  # no --model.net
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+@pytest.mark.slow  # 8 epochs of the ConvNet on the real files: about 1.5 minutes here
+def test_the_built_in_convnet_with_its_config_reaches_99_5_percent(tmp_path, real_mnist):
+    from conftest import printed_metrics
+
+    data = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", "--config", str(ROOT / "configs" / "convnet.yaml"), *data, cwd=tmp_path, timeout=1200)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)  # the network comes with the checkpoint
+    assert test.returncode == 0, test.stderr[-2000:]
+    accuracy = printed_metrics(test.stdout)["test/acc"]
+    print(f"ConvNet, configs/convnet.yaml: test/acc {accuracy:.4f}")
+    assert accuracy >= 0.995, test.stdout[-2000:]
