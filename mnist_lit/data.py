@@ -91,6 +91,7 @@ DATASETS = {
 }
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # the table's names, for --help and parsing
 DEFAULT = "mnist"
+DEFAULT_DATA_DIR = "~/.torch/datasets/mnist"
 FILE_NAMES = tuple(DATASETS[DEFAULT].files)
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 # The validation hold-out never depends on the run's seed, so every run and resume sees the same split.
@@ -111,11 +112,17 @@ def recorded_dataset(checkpoint: dict[str, Any]) -> str:
 
 def find_files(data_dir: Path, dataset: str = DEFAULT) -> dict[str, Path]:
     """Where each of the four files is: raw or .gz, directly in data_dir, in torchvision's <data_dir>/MNIST/raw/
-    (FashionMNIST/raw/, ...), or in the folder a system package puts them in."""
+    (FashionMNIST/raw/, ...), or in the folder a system package puts them in.
+
+    The default folder is shared by the datasets, and the Offline advice puts MNIST's four files directly in it:
+    there, another dataset looks in its own folders first, so MNIST's files never shadow its own. A data_dir the
+    user gives is looked in first: files there that are another dataset's are named as such."""
     known = DATASETS[dataset]
+    own = (data_dir / known.torchvision / "raw", *map(Path, known.system_dirs))
+    shared = dataset != DEFAULT and data_dir.expanduser().absolute() == Path(DEFAULT_DATA_DIR).expanduser().absolute()
     found = {}
     for name in FILE_NAMES:
-        for folder in (data_dir, data_dir / known.torchvision / "raw", *map(Path, known.system_dirs)):
+        for folder in (*own, data_dir) if shared else (data_dir, *own):
             candidates = [folder / name, folder / f"{name}.gz"]
             if hit := next((p for p in candidates if p.is_file()), None):
                 found[name] = hit
@@ -376,7 +383,7 @@ class MNISTDataModule(LightningDataModule):
     def __init__(
         self,
         dataset: DatasetName | None = None,
-        data_dir: str = "~/.torch/datasets/mnist",
+        data_dir: str = DEFAULT_DATA_DIR,
         image_dir: str | None = None,
         batch_size: PositiveInt = 64,
         test_batch_size: PositiveInt = 1000,

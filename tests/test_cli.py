@@ -127,6 +127,7 @@ def test_print_config_shows_the_guides_defaults(tmp_path):
         assert line in config, line
 
 
+@pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_overrides_and_config_files_stack(tmp_path):
     (tmp_path / "a.yaml").write_text(
         "model:\n  optimizer:\n    init_args:\n      momentum: 0.8\ndata:\n  batch_size: 32\n"

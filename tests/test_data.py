@@ -250,3 +250,17 @@ def test_datamodule_loaders_follow_the_trainer(tmp_path):
     assert [len(y) for _, y in test] == [20, 20, 10]
     shutil.rmtree(folder)  # the data stays in memory once loaded
     assert sum(len(y) for _, y in dm.train_dataloader()) == 236
+
+
+def test_mnists_files_in_the_default_folder_do_not_shadow_another_datasets_own(tmp_path, monkeypatch):
+    # The Offline advice puts MNIST's four files directly in the default folder; Fashion-MNIST's own folder wins there
+    from mnist_lit import data
+
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path))
+    write_mnist(tmp_path, gz=False)
+    write_mnist(tmp_path / "FashionMNIST" / "raw", gz=False, seed=1)
+    own = {tmp_path / "FashionMNIST" / "raw" / name for name in FILE_NAMES}
+    assert set(data.find_files(tmp_path, "fashion_mnist").values()) == own
+    assert set(data.find_files(tmp_path, "mnist").values()) == {tmp_path / name for name in FILE_NAMES}
+    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path / "elsewhere"))  # a data_dir the user gave: first
+    assert set(data.find_files(tmp_path, "fashion_mnist").values()) == {tmp_path / name for name in FILE_NAMES}

@@ -181,7 +181,10 @@ def test_sigterm_during_the_sanity_check_is_a_failure_status_not_success(tmp_pat
 
 @pytest.mark.parametrize(
     "stop",
-    [["--trainer.max_steps", "13"], pytest.param(["--trainer.max_time", "00:00:00:02"], marks=pytest.mark.slow)],
+    [  # both in the slow suite (whole runs); test_ctrl_c_saves_... keeps a bit-exact resume in the default one
+        pytest.param(["--trainer.max_steps", "13"], marks=pytest.mark.slow),
+        pytest.param(["--trainer.max_time", "00:00:00:02"], marks=pytest.mark.slow),
+    ],
 )
 def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, reference, stop):
     """max_steps or max_time stop a run in the middle of an epoch (step 13 of 27 lies in epoch 1, batch 4 of 9):
