@@ -1,21 +1,28 @@
-"""Per-epoch cost of the default `fit` against hand-written loops, measured from outside.
+"""Per-epoch cost of `fit` against hand-written loops of the same recipe, measured from outside.
 
 Each side runs as whole processes for 1 and for 3 epochs; (3-epoch time - 1-epoch time) / 2 is its cost per
 epoch, with start-up, data loading and the final test cancelled out. Sides alternate A B C A B C so that a
-slow spell on this shared machine hits all of them alike. Prints per-epoch seconds and the ratios.
+slow spell on this shared machine hits all of them alike. Prints per-epoch seconds and, per side, the median
+over rounds of its ratio to the first side.
 
-    python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3]
+    python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
     python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
 
-Sides:
-  fit      python -m mnist_lit fit, defaults (55k train + 5k val each epoch, progress bar, TensorBoard,
-           checkpoint every 10 steps)
-  fit60k   the same with --data.val_size 0 (all 60k, no validation), as the loops below train
-  plain    the guide's recipe as a plain loop fed from one pre-normalised tensor in memory (NCHW), 2 threads,
-           no checkpoints: the strictest baseline
-  plain_ckpt  the same, saving model, optimiser and losses every 10 batches as the guide does
-  guide    the guide's loop as written: torchvision MNIST, per-sample ToTensor + Normalize, DataLoader with
-           4 workers and pinned memory, saves every 10 batches
+Sides (default: best, fit60k and fit60k with each piece of per-step work turned off in turn):
+  best       the best hand-written loop of the recipe: all 60k images as one normalised tensor in memory,
+             channels_last, fused SGD, batch 64, 2 threads, nothing else (no checkpoints, no logging)
+  fit60k     python -m mnist_lit fit --data.val_size 0, as shipped: all 60k, no validation, progress bar,
+             TensorBoard, a checkpoint every 10 steps (digest, writer thread, last.ckpt copy)
+  -bar -log -ckpt   fit60k without the progress bar / the logger / checkpoints (--trainer.* switches)
+  -digest    fit60k with checkpoints written unsealed (the digest replaced by a constant; benchmark only)
+  -thread    fit60k with checkpoint files written on the training thread (no writer thread; benchmark only)
+  bare       fit60k with bar, logger and checkpoints all off: Lightning's loop and hooks alone
+  fit        python -m mnist_lit fit, defaults (55k train + 5k val each epoch)
+  plain      the guide's recipe as a plain loop fed from one normalised tensor in memory (NCHW, the
+             guide's per-parameter SGD), no checkpoints
+  plain_ckpt the same, saving model, optimiser and losses every 10 batches as the guide does
+  guide      the guide's loop as written: torchvision MNIST, per-sample ToTensor + Normalize, DataLoader with
+             4 workers and pinned memory, saves every 10 batches
 """
 
 from __future__ import annotations
@@ -46,7 +53,13 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
 
     model = Net().to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-    if kind.startswith("plain"):
+    if kind == "best":
+        from mnist_lit.model import Net as FlatNet  # the guide's Net with torch.flatten: takes channels_last
+
+        torch.manual_seed(1)
+        model = FlatNet().to(device, memory_format=torch.channels_last)
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, fused=True)
+    if kind in ("best", "plain", "plain_ckpt"):
         from mnist_lit.data import find_files, load_split
 
         files = find_files(Path(data_dir))
@@ -78,13 +91,16 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
         model.train()
         for i, (data, target) in enumerate(batches()):
             data = data.to(device=device, non_blocking=True)
+            if kind == "best":
+                data = data.contiguous(memory_format=torch.channels_last)
             target = target.to(device=device, non_blocking=True)
             optimiser.zero_grad()
             loss = F.nll_loss(model(data), target)
             loss.backward()
-            train_losses.append(loss.item())
+            if kind != "best":
+                train_losses.append(loss.item())
             optimiser.step()
-            if i % 10 == 0 and kind != "plain":
+            if i % 10 == 0 and kind not in ("plain", "best"):
                 torch.save(model.state_dict(), "model.pth")
                 torch.save(optimiser.state_dict(), "optimiser.pth")
                 torch.save(train_losses, "train_losses.pth")
@@ -98,12 +114,25 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
     return correct / 10000
 
 
+FIT_SWITCHES = {
+    "fit": [],
+    "fit60k": ["--data.val_size", "0"],
+    "-bar": ["--data.val_size", "0", "--trainer.enable_progress_bar", "false"],
+    "-log": ["--data.val_size", "0", "--trainer.logger", "false"],
+    "-ckpt": ["--data.val_size", "0", "--trainer.enable_checkpointing", "false"],
+    "-digest": ["--data.val_size", "0"],
+    "-thread": ["--data.val_size", "0"],
+    "bare": ["--data.val_size", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+             "--trainer.enable_checkpointing", "false"],
+}  # fmt: skip
+
+
 def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir: str) -> list[str]:
-    if side in ("fit", "fit60k"):
-        cmd = [sys.executable, "-m", "mnist_lit", "fit", "--data.data_dir", data_dir]
+    if side in FIT_SWITCHES:
+        cmd = [sys.executable, __file__, "--fit", side, "--", "fit", "--data.data_dir", data_dir]
         cmd += ["--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", workdir]
-        return cmd + (["--data.val_size", "0"] if side == "fit60k" else [])
-    source = data_dir if side.startswith("plain") else torchvision_dir
+        return cmd + FIT_SWITCHES[side]
+    source = data_dir if side in ("best", "plain", "plain_ckpt") else torchvision_dir
     return [
         sys.executable,
         __file__,
@@ -116,6 +145,30 @@ def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir
         "--workdir",
         workdir,
     ]
+
+
+def run_fit(side: str, args: list[str]) -> None:
+    """python -m mnist_lit with args, in this process, with the side's piece of checkpoint work taken out."""
+    from concurrent.futures import Future
+
+    from mnist_lit import storage
+
+    if side == "-digest":
+        storage.digest = lambda checkpoint: "0" * 64  # type: ignore[assignment]
+    if side == "-thread":
+
+        def inline(self: storage.AtomicCheckpointIO, fn: object, *args: object) -> Future:
+            self._raise_error()
+            self._run(fn, *args)
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+        storage.AtomicCheckpointIO._submit = inline  # type: ignore[method-assign]
+    from mnist_lit.__main__ import main as mnist_lit
+
+    sys.argv = ["mnist_lit", *args]
+    mnist_lit()
 
 
 def torchvision_layout(data_dir: str, into: str) -> str:
@@ -179,13 +232,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(default_data if default_data.is_dir() else "~/.torch/datasets/mnist"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sides", default="fit,fit60k,plain,plain_ckpt,guide")
+    parser.add_argument("--sides", default="best,fit60k,-bar,-log,-ckpt,-digest,-thread,bare")
     parser.add_argument("--recipe", action="store_true", help="configs/fast.yaml against the default: fit + test")
     parser.add_argument("--seeds", default="1,2,3", help="with --recipe: the seeds, each run by both sides")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--fit", help=argparse.SUPPRESS)
+    if "--fit" in sys.argv:  # a fit side: the rest of the line is mnist_lit's
+        at = sys.argv.index("--")
+        run_fit(sys.argv[sys.argv.index("--fit") + 1], sys.argv[at + 1 :])
+        return
     args = parser.parse_args()
     if args.run:
         run_loop(args.run, args.epochs, args.data_dir, args.workdir, args.device)
@@ -226,12 +284,20 @@ def main() -> None:
     for side in sides:
         values = " ".join(f"{v:5.2f}" for v in per_epoch[side])
         print(f"  {side:10s} {statistics.median(per_epoch[side]):5.2f}   (rounds: {values})")
-    print("ratios per epoch: median over rounds of each round's ratio")
-    for side, other in (("fit", "plain"), ("fit", "plain_ckpt"), ("fit60k", "plain"), ("guide", "fit")):
-        if side in per_epoch and other in per_epoch:
-            ratios = [a / b for a, b in zip(per_epoch[side], per_epoch[other], strict=True)]
-            values = " ".join(f"{v:.2f}" for v in ratios)
-            print(f"  {side} / {other}: {statistics.median(ratios):.2f}x   (rounds: {values})")
+    first = sides[0]
+    print(f"ratios per epoch to {first}: median over rounds of each round's ratio")
+    for side in sides[1:]:
+        ratios = [a / b for a, b in zip(per_epoch[side], per_epoch[first], strict=True)]
+        values = " ".join(f"{v:.2f}" for v in ratios)
+        print(f"  {side:10s} / {first}: {statistics.median(ratios):.2f}x   (rounds: {values})")
+    if "fit60k" in sides:
+        print("what each piece costs per epoch: fit60k minus the side without it, median over rounds, s")
+        for side in sides:
+            if side.startswith("-") or side == "bare":
+                saved = [a - b for a, b in zip(per_epoch["fit60k"], per_epoch[side], strict=True)]
+                print(
+                    f"  {side:10s} {statistics.median(saved):+5.2f}   (rounds: {' '.join(f'{v:+.2f}' for v in saved)})"
+                )
 
 
 if __name__ == "__main__":
