@@ -7,6 +7,7 @@ over rounds of its ratio to the first side.
 
     python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
     python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
+    python tests/benchmark.py --loaders                  # mnist_lit's in-memory loader against DataLoader
 
 Sides (default: best, fit60k and fit60k with each piece of per-step work turned off in turn):
   best       the best hand-written loop of the recipe: all 60k images as one normalised tensor in memory,
@@ -16,6 +17,7 @@ Sides (default: best, fit60k and fit60k with each piece of per-step work turned 
   -bar -log -ckpt   fit60k without the progress bar / the logger / checkpoints (--trainer.* switches)
   -digest    fit60k with checkpoints written unsealed (the digest replaced by a constant; benchmark only)
   -thread    fit60k with checkpoint files written on the training thread (no writer thread; benchmark only)
+  tqdm       fit60k with Lightning's own TQDMProgressBar (redrawn every batch) in place of mnist_lit's
   bare       fit60k with bar, logger and checkpoints all off: Lightning's loop and hooks alone
   fit        python -m mnist_lit fit, defaults (55k train + 5k val each epoch)
   plain      the guide's recipe as a plain loop fed from one normalised tensor in memory (NCHW, the
@@ -122,12 +124,14 @@ FIT_SWITCHES = {
     "-ckpt": ["--data.val_size", "0", "--trainer.enable_checkpointing", "false"],
     "-digest": ["--data.val_size", "0"],
     "-thread": ["--data.val_size", "0"],
+    "tqdm": ["--data.val_size", "0", "--trainer.callbacks", "TQDMProgressBar"],  # Lightning's bar, every batch
     "bare": ["--data.val_size", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
              "--trainer.enable_checkpointing", "false"],
 }  # fmt: skip
 
 
 def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir: str) -> list[str]:
+    side = side.partition("@")[0]  # fit60k@before: the same side on another checkout (--before)
     if side in FIT_SWITCHES:
         cmd = [sys.executable, __file__, "--fit", side, "--", "fit", "--data.data_dir", data_dir]
         cmd += ["--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", workdir]
@@ -190,6 +194,32 @@ def torchvision_layout(data_dir: str, into: str) -> str:
     return into
 
 
+def loader_benchmark(data_dir: str, rounds: int) -> None:
+    """One epoch of batches (60k images, batch 64, shuffled) from mnist_lit's in-memory BatchLoader against torch's
+    DataLoader over a TensorDataset, the library way to batch tensors in memory; no training, one thread."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mnist_lit.data import BatchLoader, EpochBatches, find_files, load_split
+
+    torch.set_num_threads(1)
+    x, y = load_split(find_files(Path(data_dir)), train=True, verify=False)
+    loaders = {
+        "BatchLoader": lambda: BatchLoader(x, y, EpochBatches(len(x), 64, shuffle=True, seed=1)),
+        "DataLoader(TensorDataset)": lambda: DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, make in loaders.items():
+            start = time.perf_counter()
+            for _batch in make():
+                pass
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        per_batch = statistics.median(values) / 938 * 1e3
+        print(f"  {name:26s} {statistics.median(values):6.3f} s an epoch, {per_batch:.3f} ms a batch (median)")
+
+
 def recipe_benchmark(data_dir: str, seeds: list[int], env: dict[str, str]) -> None:
     """configs/fast.yaml against the default recipe: `fit` then `test`, whole processes, alternated per seed."""
     fit_times: dict[str, list[float]] = {"default": [], "fast": []}
@@ -239,7 +269,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--loaders", action="store_true", help="the in-memory loader against DataLoader")
     parser.add_argument("--fit", help=argparse.SUPPRESS)
+    parser.add_argument("--before", help="another checkout of mnist_lit, for sides named SIDE@before")
     if "--fit" in sys.argv:  # a fit side: the rest of the line is mnist_lit's
         at = sys.argv.index("--")
         run_fit(sys.argv[sys.argv.index("--fit") + 1], sys.argv[at + 1 :])
@@ -251,6 +283,9 @@ def main() -> None:
     data_dir = str(Path(args.data_dir).expanduser())
     sides = args.sides.split(",")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if args.loaders:
+        loader_benchmark(data_dir, args.rounds)
+        return
     if args.recipe:
         recipe_benchmark(data_dir, [int(s) for s in args.seeds.split(",")], env)
         return
@@ -264,7 +299,7 @@ def main() -> None:
                     start = time.perf_counter()
                     done = subprocess.run(
                         command(side, epochs, data_dir, tv_dir, workdir),
-                        env=env,
+                        env={**env, "PYTHONPATH": args.before} if side.endswith("@before") else env,
                         cwd=workdir,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT,
