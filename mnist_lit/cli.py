@@ -37,7 +37,8 @@ from mnist_lit.checkpoint import (
     install_signal_handlers,
     run_seed,
 )
-from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import AUTO, CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve

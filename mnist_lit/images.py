@@ -1,6 +1,6 @@
 """A person's own images (files for predict, class folders for training), prepared the way MNIST's were.
 
-Nothing here knows a dataset: the normalisation and the item's size come from the caller (data.py's table).
+Nothing here knows a dataset: the normalisation and the item's size come from the caller (datasets.py's table).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 
-from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
-from mnist_lit.images import skipped_line
+from mnist_lit.datasets import DATASETS, DEFAULT, Known
+from mnist_lit.images import DataError, skipped_line
 from mnist_lit.storage import write_atomically
 
 MAX_MISTAKES_SHOWN = 100

@@ -47,7 +47,8 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
     model = Net().to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
     if kind.startswith("plain"):
-        from mnist_lit.data import find_files, load_split
+        from mnist_lit.datasets import find_files
+        from mnist_lit.idx import load_split
 
         files = find_files(Path(data_dir))
         x, y = load_split(files, train=True, verify=True)

@@ -11,7 +11,9 @@ import torch
 from conftest import QUIET, REAL_MNIST, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
 from PIL import Image
 
-from mnist_lit.data import DATASETS, DataError, MNISTDataModule, parse_idx, read_idx
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.datasets import DATASETS
+from mnist_lit.idx import parse_idx, read_idx
 from mnist_lit.images import read
 from mnist_lit.model import LitMNIST
 from mnist_lit.storage import load_checkpoint

@@ -14,7 +14,8 @@ from conftest import QUIET, SYNTHETIC, run_cli
 from guide import Net as GuideNet
 from PIL import Image
 
-from mnist_lit.data import DATASETS, DataError
+from mnist_lit.data import DataError
+from mnist_lit.datasets import DATASETS
 from mnist_lit.images import expand
 from mnist_lit.images import prepare as prepare_as
 
