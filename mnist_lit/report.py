@@ -9,12 +9,14 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from mnist_lit.datasets import DATASETS, DEFAULT, Known
@@ -197,6 +199,64 @@ class TrainingCurves(Callback):
         print(f"Training curves: {path}")
 
 
+class ResultsTable(Callback):
+    """After test or validate: the results table on stdout, in Lightning's layout, its numbers rounded.
+
+    Lightning's own table prints each number as Python's repr of a float32 widened to a float64
+    (0.9857000112533569): this table stands in for it. Accuracies (fractions of the images, named acc...) show 4
+    decimals, a hundredth of a per cent, one image in 10,000; other numbers (the loss) 6 significant digits, what
+    a float32 holds without noise. --verbose false prints neither table.
+    """
+
+    def __init__(self) -> None:
+        self._verbose = False
+
+    def _take_over(self, loop: Any) -> None:
+        # private-lightning[EvaluationLoop.verbose]: trainer.test/validate's verbose, read where the loop prints
+        self._verbose, loop.verbose = loop.verbose, False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not fit's validation, which prints no table
+            self._take_over(trainer.validate_loop)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_over(trainer.test_loop)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._print(trainer, "Validate")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, "Test")
+
+    def _print(self, trainer: Trainer, stage: str) -> None:
+        if self._verbose and trainer.is_global_zero:
+            print(results_table(trainer.logged_metrics, stage))
+
+
+def rounded(name: str, value: float) -> str:
+    """A result as the table shows it: an accuracy to 4 decimals, anything else to 6 significant digits."""
+    return f"{value:.4f}" if name.rpartition("/")[2].startswith("acc") else f"{value:.6g}"
+
+
+def results_table(metrics: dict[str, Any], stage: str) -> str:
+    """Lightning's plain results table (a rule, "<Stage> metric" and the value's column, a rule, a row per
+    metric in name order, a rule), with rounded numbers."""
+    width = max(25, *(len(name) for name in metrics))
+    line = "─"
+    try:  # as Lightning's: a terminal that cannot show the box-drawing line gets dashes
+        line.encode(sys.stdout.encoding or "utf-8")
+    except UnicodeEncodeError:
+        line = "-"
+    rule = line * 2 * width
+    rows = [
+        f"{name:^{width}}{rounded(name, float(value)):^{width}}".rstrip()
+        for name, value in sorted(metrics.items())
+        if name not in ("epoch", "step")
+    ]
+    return "\n".join([rule, f"{stage + ' metric':^{width}}{'DataLoader 0':^{width}}".rstrip(), rule, *rows, rule])
+
+
 class TestReport(Callback):
     """After test: confusion.png (the confusion matrix) and mistakes.png (misclassified test digits)."""
 
@@ -302,26 +362,33 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
-class PredictionWriter(Callback):
-    """After predict: one line per image on stdout, and predictions.csv in the run's log directory."""
+class PredictionWriter(BasePredictionWriter):
+    """After predict: one line per image on stdout, and predictions.csv in the run's log directory.
+
+    Lightning's writer with write_interval "batch": each batch's rows are collected as it ends, and written once,
+    whole and sorted by path, when predict ends (a CSV written batch by batch would be half a file after a crash,
+    and under DDP the processes' shards must be gathered first).
+    """
 
     def __init__(self) -> None:
+        super().__init__(write_interval="batch")
         self.rows: list[tuple[str, list[float]]] = []
         self.skipped: list[tuple[str, str]] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows, self.skipped = [], []
 
-    def on_predict_batch_end(
+    def write_on_batch_end(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
+        dataloader_idx: int,
     ) -> None:
-        paths, probabilities = outputs
+        paths, probabilities = prediction
         self.rows.extend(zip(paths, probabilities.float().cpu().tolist(), strict=True))
         self.skipped.extend(batch[2])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, run_cli
+from conftest import QUIET, SYNTHETIC, printed_metrics, run_cli
 from guide import Net as GuideNet
 from PIL import Image
 
@@ -18,6 +19,7 @@ from mnist_lit.data import DataError
 from mnist_lit.datasets import DATASETS
 from mnist_lit.images import expand
 from mnist_lit.images import prepare as prepare_as
+from mnist_lit.report import results_table
 
 MNIST = DATASETS["mnist"]
 
@@ -181,8 +183,30 @@ def test_figures_are_png_files_after_fit_and_test(trained, mnist_dir):
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
     assert result.returncode == 0, result.stderr[-2000:]
     version = max(trained.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert re.search(r"^\s*test/acc\s+\d\.\d{4}$", result.stdout, re.M), result.stdout  # rounded, not float32 noise
+    assert not re.search(r"\.\d{10}", result.stdout), result.stdout
     for path in (curves, version / "confusion.png", version / "mistakes.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
         with Image.open(path) as image:
             assert image.width > 300 and image.height > 150
     assert str(version / "confusion.png") in result.stdout
+
+
+def test_result_tables_round_accuracies_to_4_decimals_and_losses_to_6_digits():
+    metrics = {"test/loss": torch.tensor(0.045123456), "test/acc": torch.tensor(0.9857), "test/acc_3": 0.913043478}
+    table = results_table(metrics, "Test")
+    assert "0.9857000112533569" == f"{torch.tensor(0.9857).item()}"  # what Lightning's own table would print
+    assert printed_metrics(table) == {"test/acc": 0.9857, "test/acc_3": 0.9130, "test/loss": 0.0451235}
+    lines = table.splitlines()
+    assert lines[0] == lines[2] == lines[-1] and set(lines[0]) == {"─"} and "Test metric" in lines[1]
+    assert [line.split()[0] for line in lines[3:-1]] == ["test/acc", "test/acc_3", "test/loss"]  # name order
+
+
+def test_validate_prints_the_rounded_table_once(trained, mnist_dir, run_main):
+    args = ["--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+    status, out, err = run_main("validate", *args, cwd=trained)
+    assert status == 0, err[-2000:]
+    assert out.count("Validate metric") == 1 and re.search(r"^\s*val/acc\s+\d\.\d{4}$", out, re.M), out
+    assert not re.search(r"\.\d{10}", out), out
+    status, out, err = run_main("validate", *args, "--verbose", "false", cwd=trained)
+    assert status == 0 and "val/acc" not in out, out
