@@ -130,6 +130,10 @@ class TrainingCurves(Callback):
         self._loss_sum: torch.Tensor | float = 0.0
         self._batches = 0
         self._step = 0
+        self._trained = False  # whether this run trained a batch (a resumed finished run trains none)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
@@ -137,6 +141,7 @@ class TrainingCurves(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._trained = True
         if not isinstance(outputs, dict):
             return
         self._loss_sum = self._loss_sum + step_loss(trainer, outputs)  # no .item(): that would wait for a GPU
@@ -175,7 +180,9 @@ class TrainingCurves(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: under DDP it is a collective call
-        if not self.train or log_dir is None or not trainer.is_global_zero:
+        # Only a run that trained draws: a resumed run that had nothing left to train keeps the curves its earlier
+        # folder holds, and its own version folder is discarded (no line may name it).
+        if not self._trained or not self.train or log_dir is None or not trainer.is_global_zero:
             return
         plt = _pyplot()
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))

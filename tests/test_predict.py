@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -210,3 +211,16 @@ def test_validate_prints_the_rounded_table_once(trained, mnist_dir, run_main):
     assert not re.search(r"\.\d{10}", out), out
     status, out, err = run_main("validate", *args, "--verbose", "false", cwd=trained)
     assert status == 0 and "val/acc" not in out, out
+
+
+def test_a_resumed_finished_run_names_no_curves_file(trained, mnist_dir, tmp_path, run_main):
+    # its version folder is discarded: no line may name a file in it
+    shutil.copytree(trained, tmp_path / "run")
+    args = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "2"]
+    status, out, err = run_main("fit", *args, "--ckpt_path", "last", cwd=tmp_path / "run")
+    assert status == 0 and "nothing to train" in err, err[-2000:]
+    assert "Training curves" not in out + err
+    status, out, err = run_main("fit", *args[:-1], "3", "--ckpt_path", "last", cwd=tmp_path / "run")
+    assert status == 0, err[-2000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("Training curves: ")]
+    assert Path(line.removeprefix("Training curves: ")).is_file()
