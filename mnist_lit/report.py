@@ -35,6 +35,12 @@ class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with the step's loss and images/s, redrawn at most every `interval` seconds.
 
     Lightning's bar redraws after every batch: at 200 batches/s that alone costs a twentieth of the run.
+
+    How the numbers count (Lightning's conventions, kept): the bar names the epoch running, from 0 ("Epoch 9" is
+    the tenth of --trainer.max_epochs 10); a checkpoint's name counts what is done, so the file saved after that
+    tenth epoch is epoch=10-step=8600.ckpt (10 epochs, 8600 optimizer steps: where a resume starts). curves.png
+    plots against steps done too; TensorBoard puts a step's numbers at the steps done before it (Lightning logs
+    them before it counts the step), so the 8600th step's loss is at 8599 there.
     """
 
     def __init__(self, interval: float = 0.25) -> None:
@@ -121,7 +127,8 @@ def _pyplot() -> Any:
 class TrainingCurves(Callback):
     """After fit: loss and accuracy curves as curves.png in the run's log directory.
 
-    The history rides in the checkpoint, so the curves of a resumed run start at its first step.
+    The history rides in the checkpoint, so the curves of a resumed run start at its first step. The x axis is
+    the optimizer steps done (trainer.global_step), as in the checkpoints' names; TensorBoard's is one less.
     """
 
     def __init__(self) -> None:
@@ -192,13 +199,13 @@ class TrainingCurves(Callback):
             val_steps, val_losses, val_accs = zip(*self.val, strict=True)
             ax_loss.plot(val_steps, val_losses, "o-", label="validation")
             ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2")
-            ax_acc.set(xlabel="step", ylabel="accuracy (%)")
+            ax_acc.set(xlabel="steps done", ylabel="accuracy (%)")
             ax_acc.grid(alpha=0.3)
         else:
             ax_acc.axis("off")
             ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
         ax_acc.set_title("Validation accuracy")
-        ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
+        ax_loss.set(xlabel="steps done", ylabel="NLL loss", yscale="log", title="Loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
         path = _output_path(trainer, log_dir, "curves.png")

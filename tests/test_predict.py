@@ -179,6 +179,24 @@ def test_tensorboard_reads_the_logged_scalars(trained):
     assert events.Scalars("train/lr")[0].value == pytest.approx(0.1)
 
 
+def test_checkpoint_names_and_curves_count_what_is_done_tensorboard_the_steps_before(trained):
+    # 2 epochs of 9 steps. A checkpoint's name and curves.png count what is done (epoch=2-step=18 after both
+    # epochs); the bar names the epoch running from 0 (Epoch 0, Epoch 1); TensorBoard puts a step's loss at the
+    # number of steps done before it (Lightning logs it before counting the step): step 18's loss at 17.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (trained / "checkpoints" / "epoch=1-step=10.ckpt").is_file()  # saved in the second epoch, one done
+    last = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 18)
+    curves = last["callbacks"]["TrainingCurves"]
+    assert curves["train"][:, 0].tolist() == [2, 4, 6, 8, 9, 10, 12, 14, 16, 18]  # and each epoch's end
+    assert curves["val"][:, 0].tolist() == [9, 18]
+    events = EventAccumulator(str(next(trained.glob("lightning_logs/version_0"))))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 3, 5, 7, 9, 11, 13, 15, 17]
+    assert [e.step for e in events.Scalars("val/acc")] == [8, 17]
+
+
 def test_figures_are_png_files_after_fit_and_test(trained, mnist_dir):
     curves = trained / "lightning_logs" / "version_0" / "curves.png"
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
