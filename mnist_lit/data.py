@@ -28,7 +28,7 @@ from mnist_lit.datasets import (
     missing_message,
 )
 from mnist_lit.idx import load_split
-from mnist_lit.images import DataError, ImageFiles, read_class_folders, skipped_line
+from mnist_lit.images import DataError, ImageFiles, loose_images, loose_line, read_class_folders, skipped_line
 
 # The validation hold-out never depends on the run's seed, so every run and resume sees the same split.
 SPLIT_SEED = 0
@@ -148,8 +148,11 @@ class MNISTDataModule(LightningDataModule):
             return
         known = self.known
         images, labels, skipped = read_class_folders(self.image_dir, self.classes, known.mean, known.std, known.box)
-        if skipped and (self.trainer is None or self.trainer.is_global_zero):
-            print(skipped_line(skipped, len(skipped) + len(labels), f"under {self.image_dir}"), file=sys.stderr)
+        if self.trainer is None or self.trainer.is_global_zero:
+            if skipped:
+                print(skipped_line(skipped, len(skipped) + len(labels), f"under {self.image_dir}"), file=sys.stderr)
+            if loose := loose_images(self.image_dir):
+                print(loose_line(self.image_dir, loose), file=sys.stderr)
         parts: dict[str, list[Tensor]] = {"train": [], "val": [], "test": []}
         generator = torch.Generator().manual_seed(SPLIT_SEED)
         for label in labels.unique().tolist():

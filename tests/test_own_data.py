@@ -158,6 +158,25 @@ def test_image_dir_is_decoded_once_as_predict_prepares_and_split_per_class(tmp_p
     assert dm.splits is before and dm.test_dataloader() is not None
 
 
+def test_images_outside_the_class_folders_are_named_in_one_line(tmp_path, capsys):
+    folder = image_folder(tmp_path / "mine", per_class=5)
+    drawn(3, 0).save(folder / "a3.png")
+    drawn(4, 0).save(folder / "b4.jpg")
+    (folder / "README").write_text("not an image: no need to say so")
+    datamodule(folder).setup("fit")
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "directly in it" in line]
+    assert "ignored 2 images directly in it (first: a3.png)" in line and "folder per class" in line
+    assert f"{folder / '3' / 'a3.png'}" in line and "predict's layout (--data.predict_path)" in line
+
+
+def test_a_flat_folder_given_as_image_dir_points_to_predict(tmp_path):
+    folder = tmp_path / "my_digits"
+    folder.mkdir()
+    drawn(3, 0).save(folder / "a.png")
+    with pytest.raises(DataError, match=r"no class folders in it, only 1 image directly in it .*--data.predict_path"):
+        datamodule(folder).setup("fit")
+
+
 def test_image_dir_folders_may_name_classes_in_any_spelling(tmp_path):
     names = ["t-shirt_top", "Trouser", "2", "dress", "COAT", "Sandal", "shirt", "Sneaker", "bag", "Ankle boot"]
     folder = image_folder(tmp_path / "clothes", per_class=5, names=names)

@@ -110,6 +110,15 @@ def trained(tmp_path_factory, mnist_dir):
     return root
 
 
+def test_class_folders_given_as_predict_path_point_to_image_dir(tmp_path):
+    for label in ("3", "7"):
+        (tmp_path / "my_digits" / label).mkdir(parents=True)
+        digit().save(tmp_path / "my_digits" / label / "a.png")
+    with pytest.raises(DataError, match=r"no files directly in it, only folders \(3, 7\).*--data.image_dir's layout"):
+        expand(str(tmp_path / "my_digits"))
+    assert len(expand(str(tmp_path / "my_digits" / "*" / "*.png"))) == 2  # the glob the message suggests
+
+
 def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_image(trained, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
