@@ -191,26 +191,32 @@ class TrainingCurves(Callback):
         # folder holds, and its own version folder is discarded (no line may name it).
         if not self._trained or not self.train or log_dir is None or not trainer.is_global_zero:
             return
-        plt = _pyplot()
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-        steps, losses = zip(*self.train, strict=True)
-        ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
-        if self.val:
-            val_steps, val_losses, val_accs = zip(*self.val, strict=True)
-            ax_loss.plot(val_steps, val_losses, "o-", label="validation")
-            ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2")
-            ax_acc.set(xlabel="steps done", ylabel="accuracy (%)")
-            ax_acc.grid(alpha=0.3)
-        else:
-            ax_acc.axis("off")
-            ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
-        ax_acc.set_title("Validation accuracy")
-        ax_loss.set(xlabel="steps done", ylabel="NLL loss", yscale="log", title="Loss")
-        ax_loss.grid(alpha=0.3)
-        ax_loss.legend()
+        fig = _curves_figure(_pyplot(), self.train, self.val)
         path = _output_path(trainer, log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")
+
+
+def _curves_figure(plt: Any, train: list[tuple[int, float]], val: list[tuple[int, float, float]]) -> Any:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, losses = zip(*train, strict=True)
+    ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
+    if val:
+        val_steps, val_losses, val_accs = zip(*val, strict=True)
+        ax_loss.plot(val_steps, val_losses, "o-", label="validation")
+        ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2", clip_on=False)  # a point at 100% whole
+        bottom, top = ax_acc.get_ylim()
+        ax_acc.set_ylim(max(bottom, 0), min(top, 100))  # autoscale's margin would run past 100%
+        ax_acc.set(xlabel="steps done", ylabel="accuracy (%)")
+        ax_acc.grid(alpha=0.3)
+    else:
+        ax_acc.axis("off")
+        ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
+    ax_acc.set_title("Validation accuracy")
+    ax_loss.set(xlabel="steps done", ylabel="NLL loss", yscale="log", title="Loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    return fig
 
 
 class ResultsTable(Callback):
@@ -330,7 +336,11 @@ def _confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> 
 def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int, known: Known) -> Any:
     columns = 10
     rows = max(1, -(-len(mistakes) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False)
+    # constrained layout makes room for the figure's title above the first row's titles (tight_layout would not)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False, layout="constrained"
+    )
+    fig.get_layout_engine().set(h_pad=0.1)  # inches between rows, and between the title and the first row
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
@@ -355,7 +365,8 @@ def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
 
 
 def _save(fig: Any, path: str) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure built with its own layout keeps it
+        fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format=os.path.splitext(path)[1][1:])
     fig.clf()

@@ -127,6 +127,32 @@ def test_figures_name_the_classes():
     plt.close("all")
 
 
+def test_the_accuracy_axis_stops_at_100_percent():
+    from mnist_lit.report import _curves_figure, _pyplot
+
+    plt = _pyplot()
+    fig = _curves_figure(plt, [(1, 2.0), (10, 0.1)], [(5, 0.5, 0.9), (10, 0.1, 1.0)])
+    accuracy = fig.axes[1]
+    bottom, top = accuracy.get_ylim()
+    assert top == 100 and 0 <= bottom < 90  # the 100% point on the top edge, drawn whole (not clipped)
+    assert not accuracy.lines[0].get_clip_on()
+    plt.close("all")
+
+
+@pytest.mark.parametrize(("known", "count"), [(DATASETS["mnist"], 3), (FASHION, 3), (FASHION, 100)])
+def test_the_mistakes_grid_title_clears_its_first_row(known, count):
+    from mnist_lit.report import _mistakes_figure, _pyplot
+
+    plt = _pyplot()
+    fig = _mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)] * count, 200, known)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig.get_suptitle() and fig._suptitle.get_window_extent(renderer)
+    firsts = [ax.title.get_window_extent(renderer) for ax in fig.axes[:10] if ax.get_title()]
+    assert title and all(title.y0 - box.y1 >= 8 for box in firsts), (title, firsts)  # 8 pixels at least
+    plt.close("all")
+
+
 # --- a folder of your own images -------------------------------------------------------------------------------
 
 
