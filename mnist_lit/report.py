@@ -1,4 +1,5 @@
-"""What a run leaves to look at: curves after fit, confusion matrix and mistakes after test, predictions."""
+"""What a run leaves to look at, as callbacks: the progress bar, curves after fit, the results table, confusion
+matrix and mistakes after test (drawn by figures.py), predictions."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from mnist_lit.datasets import DATASETS, DEFAULT, Known
+from mnist_lit.figures import confusion_figure, curves_figure, image_bytes, mistakes_figure, pyplot
 from mnist_lit.images import DataError, skipped_line
 from mnist_lit.storage import write_atomically
 
@@ -115,15 +117,6 @@ def _gather(trainer: Trainer, items: list) -> list:
     return [item for part in gathered for item in part]
 
 
-def _pyplot() -> Any:
-    import matplotlib  # only when a figure is drawn: slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 class TrainingCurves(Callback):
     """After fit: loss and accuracy curves as curves.png in the run's log directory.
 
@@ -191,32 +184,10 @@ class TrainingCurves(Callback):
         # folder holds, and its own version folder is discarded (no line may name it).
         if not self._trained or not self.train or log_dir is None or not trainer.is_global_zero:
             return
-        fig = _curves_figure(_pyplot(), self.train, self.val)
+        fig = curves_figure(pyplot(), self.train, self.val)
         path = _output_path(trainer, log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")
-
-
-def _curves_figure(plt: Any, train: list[tuple[int, float]], val: list[tuple[int, float, float]]) -> Any:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    steps, losses = zip(*train, strict=True)
-    ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
-    if val:
-        val_steps, val_losses, val_accs = zip(*val, strict=True)
-        ax_loss.plot(val_steps, val_losses, "o-", label="validation")
-        ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2", clip_on=False)  # a point at 100% whole
-        bottom, top = ax_acc.get_ylim()
-        ax_acc.set_ylim(max(bottom, 0), min(top, 100))  # autoscale's margin would run past 100%
-        ax_acc.set(xlabel="steps done", ylabel="accuracy (%)")
-        ax_acc.grid(alpha=0.3)
-    else:
-        ax_acc.axis("off")
-        ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
-    ax_acc.set_title("Validation accuracy")
-    ax_loss.set(xlabel="steps done", ylabel="NLL loss", yscale="log", title="Loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-    return fig
 
 
 class ResultsTable(Callback):
@@ -307,49 +278,11 @@ class TestReport(Callback):
         if not trainer.is_global_zero or log_dir is None:
             return
         confusion, known = pl_module.confusion, _dataset(trainer)
-        plt = _pyplot()
+        plt = pyplot()
         paths = [_output_path(trainer, log_dir, name) for name in ("confusion.png", "mistakes.png")]
-        _save(_confusion_figure(plt, confusion, known.classes), paths[0])
-        _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
+        _save(confusion_figure(plt, confusion, known.classes), paths[0])
+        _save(mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
         print(f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}")
-
-
-def _confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> Any:
-    named = any(not name.isdigit() for name in classes)
-    fig, ax = plt.subplots(figsize=(8, 7) if named else (6.5, 5.5))
-    shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    ax.imshow(shown.sqrt().numpy(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
-    for true in range(10):
-        for pred in range(10):
-            count = int(confusion[true, pred])
-            if count:
-                color = "white" if true == pred else "black"
-                ax.text(pred, true, str(count), ha="center", va="center", fontsize=8, color=color)
-    accuracy = confusion.trace() / confusion.sum().clamp(min=1)
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true")
-    ax.set_xticklabels(classes, rotation=45 if named else 0, ha="right" if named else "center")
-    ax.set_yticklabels(classes)
-    ax.set_title(f"Test confusion matrix (accuracy {100 * accuracy:.2f}%)")
-    return fig
-
-
-def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int, known: Known) -> Any:
-    columns = 10
-    rows = max(1, -(-len(mistakes) // columns))
-    # constrained layout makes room for the figure's title above the first row's titles (tight_layout would not)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False, layout="constrained"
-    )
-    fig.get_layout_engine().set(h_pad=0.1)  # inches between rows, and between the title and the first row
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
-        ax.imshow((image * known.std + known.mean).numpy(), cmap="gray_r", vmin=0, vmax=1)
-        title = f"{known.classes[true]} → {known.classes[pred]}"
-        ax.set_title(title.replace(" → ", " →\n") if len(title) > 10 else title, fontsize=8, color="C3")
-    shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
-    fig.suptitle(f"Misclassified test images, true → predicted ({shown})")
-    return fig
 
 
 def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
@@ -365,12 +298,7 @@ def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
 
 
 def _save(fig: Any, path: str) -> None:
-    if fig.get_layout_engine() is None:  # a figure built with its own layout keeps it
-        fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, format=os.path.splitext(path)[1][1:])
-    fig.clf()
-    write_file(path, buffer.getvalue())
+    write_file(path, image_bytes(fig, os.path.splitext(path)[1][1:]))
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -114,24 +114,24 @@ def test_predict_prepares_images_with_the_datasets_normalisation(tmp_path):
 
 
 def test_figures_name_the_classes():
-    from mnist_lit.report import _confusion_figure, _mistakes_figure, _pyplot
+    from mnist_lit.figures import confusion_figure, mistakes_figure, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     confusion = torch.eye(10, dtype=torch.long) * 5
     confusion[6, 0] = 2
-    fig = _confusion_figure(plt, confusion, FASHION.classes)
+    fig = confusion_figure(plt, confusion, FASHION.classes)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(FASHION.classes)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(FASHION.classes)
-    fig = _mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)], 2, FASHION)
+    fig = mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)], 2, FASHION)
     assert fig.axes[0].get_title() == "Shirt →\nT-shirt/top"
     plt.close("all")
 
 
 def test_the_accuracy_axis_stops_at_100_percent():
-    from mnist_lit.report import _curves_figure, _pyplot
+    from mnist_lit.figures import curves_figure, pyplot
 
-    plt = _pyplot()
-    fig = _curves_figure(plt, [(1, 2.0), (10, 0.1)], [(5, 0.5, 0.9), (10, 0.1, 1.0)])
+    plt = pyplot()
+    fig = curves_figure(plt, [(1, 2.0), (10, 0.1)], [(5, 0.5, 0.9), (10, 0.1, 1.0)])
     accuracy = fig.axes[1]
     bottom, top = accuracy.get_ylim()
     assert top == 100 and 0 <= bottom < 90  # the 100% point on the top edge, drawn whole (not clipped)
@@ -141,10 +141,10 @@ def test_the_accuracy_axis_stops_at_100_percent():
 
 @pytest.mark.parametrize(("known", "count"), [(DATASETS["mnist"], 3), (FASHION, 3), (FASHION, 100)])
 def test_the_mistakes_grid_title_clears_its_first_row(known, count):
-    from mnist_lit.report import _mistakes_figure, _pyplot
+    from mnist_lit.figures import mistakes_figure, pyplot
 
-    plt = _pyplot()
-    fig = _mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)] * count, 200, known)
+    plt = pyplot()
+    fig = mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)] * count, 200, known)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     title = fig.get_suptitle() and fig._suptitle.get_window_extent(renderer)
