@@ -204,6 +204,7 @@ class ResultsTable(Callback):
 
     def __init__(self) -> None:
         self._verbose = False
+        self._table: str | None = None
 
     def _take_over(self, loop: Any) -> None:
         # private-lightning[EvaluationLoop.verbose]: trainer.test/validate's verbose, read where the loop prints
@@ -217,15 +218,19 @@ class ResultsTable(Callback):
         self._take_over(trainer.test_loop)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING:
-            self._print(trainer, "Validate")
+        if trainer.state.fn == TrainerFn.VALIDATING and self._verbose and trainer.is_global_zero:
+            self._table = results_table(trainer.logged_metrics, "Validate")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._print(trainer, "Test")
-
-    def _print(self, trainer: Trainer, stage: str) -> None:
         if self._verbose and trainer.is_global_zero:
-            print(results_table(trainer.logged_metrics, stage))
+            self._table = results_table(trainer.logged_metrics, "Test")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # printed here, where Lightning prints its table: after the bar has closed (in its own on_test_end, which
+        # may come after ours), so that no line lands in the middle of the bar's
+        if self._table is not None:
+            print(self._table)
+        self._table = None
 
 
 def rounded(name: str, value: float) -> str:
@@ -256,6 +261,7 @@ class TestReport(Callback):
 
     def __init__(self) -> None:
         self.mistakes: list[tuple[Tensor, int, int]] = []
+        self._lines = ""
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.mistakes = []
@@ -285,7 +291,13 @@ class TestReport(Callback):
         paths = [_output_path(trainer, log_dir, name) for name in ("confusion.png", "mistakes.png")]
         _save(confusion_figure(plt, confusion, known.classes), paths[0])
         _save(mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
-        print(f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}")
+        self._lines = f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}"
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # after the test bar has closed, as ResultsTable's table (see there)
+        if self._lines:
+            print(self._lines)
+        self._lines = ""
 
 
 def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
