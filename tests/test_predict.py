@@ -240,6 +240,7 @@ def test_validate_prints_the_rounded_table_once(trained, mnist_dir, run_main):
     assert status == 0 and "val/acc" not in out, out
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the run was copied: expected
 def test_a_resumed_finished_run_names_no_curves_file(trained, mnist_dir, tmp_path, run_main):
     # its version folder is discarded: no line may name a file in it
     shutil.copytree(trained, tmp_path / "run")
