@@ -37,9 +37,10 @@ from mnist_lit.checkpoint import (
     install_signal_handlers,
     run_seed,
 )
-from mnist_lit.data import DATASETS, DataError, MNISTDataModule, recorded_dataset
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
-from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
+from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
 from mnist_lit.storage import AUTO, CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
 from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
 
@@ -48,7 +49,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def reports(subcommand: str | None) -> list[Callback]:
     """What a subcommand leaves to look at: only its own, as Lightning calls every callback at every step."""
-    return {"fit": [TrainingCurves()], "test": [TestReport()], "predict": [PredictionWriter()]}.get(subcommand, [])
+    return {"fit": [TrainingCurves()], "validate": [ResultsTable()], "test": [TestReport(), ResultsTable()],
+            "predict": [PredictionWriter()]}.get(subcommand, [])  # fmt: skip
 
 
 def share_cores(processes: int, workers: int) -> None:

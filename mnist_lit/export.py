@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mnist_lit.data import DATASETS, recorded_dataset
+from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.model import NET_SPEC, Net, hparams_from, log_probabilities, net_from
 from mnist_lit.storage import load_checkpoint, write_atomically
 

@@ -1,6 +1,6 @@
 """A person's own images (files for predict, class folders for training), prepared the way MNIST's were.
 
-Nothing here knows a dataset: the normalisation and the item's size come from the caller (data.py's table).
+Nothing here knows a dataset: the normalisation and the item's size come from the caller (datasets.py's table).
 """
 
 from __future__ import annotations
@@ -52,9 +52,37 @@ def expand(path: str) -> list[Path]:
         files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if regular(Path(p))]
     else:
         raise DataError(f"--data.predict_path {path}: no such file, folder or matching glob")
+    if not files and Path(path).is_dir() and (folders := [p.name for p in Path(path).iterdir() if p.is_dir()]):
+        raise DataError(
+            f"--data.predict_path {path}: no files directly in it, only folders ({', '.join(sorted(folders)[:3])}):"
+            f" predict reads a flat folder of images, a file or a glob (e.g. '{Path(path) / '*' / '*.png'}'); a"
+            " folder per class is --data.image_dir's layout, for fit and test"
+        )
     if not files:
         raise DataError(f"--data.predict_path {path}: no files there")
     return files
+
+
+def looks_like_image(path: Path) -> bool:
+    """A name with an image format's extension (Pillow's list), judged without opening the file."""
+    Image.init()
+    return path.suffix.lower() in Image.registered_extensions()
+
+
+def loose_images(directory: Path) -> list[Path]:
+    """The image files directly in an image_dir, beside its class folders: they belong to no class."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if not p.name.startswith(".") and regular(p) and looks_like_image(p))
+
+
+def loose_line(directory: Path, loose: Sequence[Path]) -> str:
+    """One line for the images outside any class folder: how many, the first, and where images go."""
+    return (
+        f"--data.image_dir {directory}: ignored {len(loose)} image{'s' if len(loose) > 1 else ''} directly in it"
+        f" (first: {loose[0].name}), outside any class folder: images to train on go in a folder per class"
+        f" ({directory / '3' / loose[0].name}); a flat folder of images is predict's layout (--data.predict_path)"
+    )
 
 
 def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tensor:
@@ -177,7 +205,12 @@ def class_folders(directory: Path, classes: Sequence[str]) -> dict[Path, int]:
     if links := [p.name for p in folders if p.is_symlink()]:
         raise DataError(f"{option}: the class folder {links[0]} is a symbolic link, and links are not followed")
     if not folders:
-        raise DataError(f"{option}: no class folders in it (it needs one folder per class, e.g. {directory}/3/)")
+        n = len(loose_images(directory))
+        loose = f", only {n} image{'s' if n > 1 else ''} directly in it" if n else ""
+        raise DataError(
+            f"{option}: no class folders in it{loose} (it needs one folder per class, e.g. {directory / '3'}/; a"
+            " flat folder of images is predict's layout, --data.predict_path)"
+        )
     index = {_key(name): i for i, name in enumerate(classes)} | {str(i): i for i in range(len(classes))}
     if unknown := [p.name for p in folders if _key(p.name) not in index]:
         raise DataError(

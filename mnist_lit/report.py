@@ -1,4 +1,5 @@
-"""What a run leaves to look at: curves after fit, confusion matrix and mistakes after test, predictions."""
+"""What a run leaves to look at, as callbacks: the progress bar, curves after fit, the results table, confusion
+matrix and mistakes after test (drawn by figures.py), predictions."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from mnist_lit.data import DATASETS, DEFAULT, DataError, Known
-from mnist_lit.images import skipped_line
+from mnist_lit.datasets import DATASETS, DEFAULT, Known
+from mnist_lit.figures import confusion_figure, curves_figure, image_bytes, mistakes_figure, pyplot
+from mnist_lit.images import DataError, skipped_line
 from mnist_lit.storage import write_atomically
 
 MAX_MISTAKES_SHOWN = 100
@@ -33,6 +37,15 @@ class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with the step's loss and images/s, redrawn at most every `interval` seconds.
 
     Lightning's bar redraws after every batch: at 200 batches/s that alone costs a twentieth of the run.
+    Hand-written throttle, not TQDMProgressBar(refresh_rate=N): that counts batches, and no one N suits every
+    machine (N=50 redraws every 2.5 s at 20 batches/s, 40 times a second at 2,000); a time interval redraws 4
+    times a second on both. Its cost against refresh_rate: # measured: TODO(lead)
+
+    How the numbers count (Lightning's conventions, kept): the bar names the epoch running, from 0 ("Epoch 9" is
+    the tenth of --trainer.max_epochs 10); a checkpoint's name counts what is done, so the file saved after that
+    tenth epoch is epoch=10-step=8600.ckpt (10 epochs, 8600 optimizer steps: where a resume starts). curves.png
+    plots against steps done too; TensorBoard puts a step's numbers at the steps done before it (Lightning logs
+    them before it counts the step), so the 8600th step's loss is at 8599 there.
     """
 
     def __init__(self, interval: float = 0.25) -> None:
@@ -107,19 +120,11 @@ def _gather(trainer: Trainer, items: list) -> list:
     return [item for part in gathered for item in part]
 
 
-def _pyplot() -> Any:
-    import matplotlib  # only when a figure is drawn: slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 class TrainingCurves(Callback):
     """After fit: loss and accuracy curves as curves.png in the run's log directory.
 
-    The history rides in the checkpoint, so the curves of a resumed run start at its first step.
+    The history rides in the checkpoint, so the curves of a resumed run start at its first step. The x axis is
+    the optimizer steps done (trainer.global_step), as in the checkpoints' names; TensorBoard's is one less.
     """
 
     def __init__(self) -> None:
@@ -128,6 +133,10 @@ class TrainingCurves(Callback):
         self._loss_sum: torch.Tensor | float = 0.0
         self._batches = 0
         self._step = 0
+        self._trained = False  # whether this run trained a batch (a resumed finished run trains none)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step = trainer.global_step
@@ -135,6 +144,7 @@ class TrainingCurves(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._trained = True
         if not isinstance(outputs, dict):
             return
         self._loss_sum = self._loss_sum + step_loss(trainer, outputs)  # no .item(): that would wait for a GPU
@@ -173,28 +183,77 @@ class TrainingCurves(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # on every process: under DDP it is a collective call
-        if not self.train or log_dir is None or not trainer.is_global_zero:
+        # Only a run that trained draws: a resumed run that had nothing left to train keeps the curves its earlier
+        # folder holds, and its own version folder is discarded (no line may name it).
+        if not self._trained or not self.train or log_dir is None or not trainer.is_global_zero:
             return
-        plt = _pyplot()
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-        steps, losses = zip(*self.train, strict=True)
-        ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
-        if self.val:
-            val_steps, val_losses, val_accs = zip(*self.val, strict=True)
-            ax_loss.plot(val_steps, val_losses, "o-", label="validation")
-            ax_acc.plot(val_steps, [100 * a for a in val_accs], "o-", color="C2")
-            ax_acc.set(xlabel="step", ylabel="accuracy (%)")
-            ax_acc.grid(alpha=0.3)
-        else:
-            ax_acc.axis("off")
-            ax_acc.text(0.5, 0.5, "no validation set\n(--data.val_size 0)", ha="center", va="center")
-        ax_acc.set_title("Validation accuracy")
-        ax_loss.set(xlabel="step", ylabel="NLL loss", yscale="log", title="Loss")
-        ax_loss.grid(alpha=0.3)
-        ax_loss.legend()
+        fig = curves_figure(pyplot(), self.train, self.val)
         path = _output_path(trainer, log_dir, "curves.png")
         _save(fig, path)
         print(f"Training curves: {path}")
+
+
+class ResultsTable(Callback):
+    """After test or validate: the results table on stdout, in Lightning's layout, its numbers rounded.
+
+    Lightning's own table prints each number as Python's repr of a float32 widened to a float64
+    (0.9857000112533569): this table stands in for it. Accuracies (fractions of the images, named acc...) show 4
+    decimals, a hundredth of a per cent, one image in 10,000; other numbers (the loss) 6 significant digits, what
+    a float32 holds without noise. --verbose false prints neither table.
+    """
+
+    def __init__(self) -> None:
+        self._verbose = False
+        self._table: str | None = None
+
+    def _take_over(self, loop: Any) -> None:
+        # private-lightning[EvaluationLoop.verbose]: trainer.test/validate's verbose, read where the loop prints
+        self._verbose, loop.verbose = loop.verbose, False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not fit's validation, which prints no table
+            self._take_over(trainer.validate_loop)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_over(trainer.test_loop)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and self._verbose and trainer.is_global_zero:
+            self._table = results_table(trainer.logged_metrics, "Validate")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._verbose and trainer.is_global_zero:
+            self._table = results_table(trainer.logged_metrics, "Test")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # printed here, where Lightning prints its table: after the bar has closed (in its own on_test_end, which
+        # may come after ours), so that no line lands in the middle of the bar's
+        if self._table is not None:
+            print(self._table)
+        self._table = None
+
+
+def rounded(name: str, value: float) -> str:
+    """A result as the table shows it: an accuracy to 4 decimals, anything else to 6 significant digits."""
+    return f"{value:.4f}" if name.rpartition("/")[2].startswith("acc") else f"{value:.6g}"
+
+
+def results_table(metrics: dict[str, Any], stage: str) -> str:
+    """Lightning's plain results table (a rule, "<Stage> metric" and the value's column, a rule, a row per
+    metric in name order, a rule), with rounded numbers."""
+    width = max(25, *(len(name) for name in metrics))
+    line = "─"
+    try:  # as Lightning's: a terminal that cannot show the box-drawing line gets dashes
+        line.encode(sys.stdout.encoding or "utf-8")
+    except UnicodeEncodeError:
+        line = "-"
+    rule = line * 2 * width
+    rows = [
+        f"{name:^{width}}{rounded(name, float(value)):^{width}}".rstrip()
+        for name, value in sorted(metrics.items())
+        if name not in ("epoch", "step")
+    ]
+    return "\n".join([rule, f"{stage + ' metric':^{width}}{'DataLoader 0':^{width}}".rstrip(), rule, *rows, rule])
 
 
 class TestReport(Callback):
@@ -202,6 +261,7 @@ class TestReport(Callback):
 
     def __init__(self) -> None:
         self.mistakes: list[tuple[Tensor, int, int]] = []
+        self._lines = ""
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.mistakes = []
@@ -227,45 +287,17 @@ class TestReport(Callback):
         if not trainer.is_global_zero or log_dir is None:
             return
         confusion, known = pl_module.confusion, _dataset(trainer)
-        plt = _pyplot()
+        plt = pyplot()
         paths = [_output_path(trainer, log_dir, name) for name in ("confusion.png", "mistakes.png")]
-        _save(_confusion_figure(plt, confusion, known.classes), paths[0])
-        _save(_mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
-        print(f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}")
+        _save(confusion_figure(plt, confusion, known.classes), paths[0])
+        _save(mistakes_figure(plt, mistakes, int(confusion.sum() - confusion.trace()), known), paths[1])
+        self._lines = f"Confusion matrix: {paths[0]}\nMisclassified images: {paths[1]}"
 
-
-def _confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> Any:
-    named = any(not name.isdigit() for name in classes)
-    fig, ax = plt.subplots(figsize=(8, 7) if named else (6.5, 5.5))
-    shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    ax.imshow(shown.sqrt().numpy(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
-    for true in range(10):
-        for pred in range(10):
-            count = int(confusion[true, pred])
-            if count:
-                color = "white" if true == pred else "black"
-                ax.text(pred, true, str(count), ha="center", va="center", fontsize=8, color=color)
-    accuracy = confusion.trace() / confusion.sum().clamp(min=1)
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true")
-    ax.set_xticklabels(classes, rotation=45 if named else 0, ha="right" if named else "center")
-    ax.set_yticklabels(classes)
-    ax.set_title(f"Test confusion matrix (accuracy {100 * accuracy:.2f}%)")
-    return fig
-
-
-def _mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int, known: Known) -> Any:
-    columns = 10
-    rows = max(1, -(-len(mistakes) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
-        ax.imshow((image * known.std + known.mean).numpy(), cmap="gray_r", vmin=0, vmax=1)
-        title = f"{known.classes[true]} → {known.classes[pred]}"
-        ax.set_title(title.replace(" → ", " →\n") if len(title) > 10 else title, fontsize=8, color="C3")
-    shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
-    fig.suptitle(f"Misclassified test images, true → predicted ({shown})")
-    return fig
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # after the test bar has closed, as ResultsTable's table (see there)
+        if self._lines:
+            print(self._lines)
+        self._lines = ""
 
 
 def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
@@ -281,11 +313,7 @@ def _output_path(trainer: Trainer, log_dir: str, name: str) -> str:
 
 
 def _save(fig: Any, path: str) -> None:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, format=os.path.splitext(path)[1][1:])
-    fig.clf()
-    write_file(path, buffer.getvalue())
+    write_file(path, image_bytes(fig, os.path.splitext(path)[1][1:]))
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -302,26 +330,33 @@ def printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
-class PredictionWriter(Callback):
-    """After predict: one line per image on stdout, and predictions.csv in the run's log directory."""
+class PredictionWriter(BasePredictionWriter):
+    """After predict: one line per image on stdout, and predictions.csv in the run's log directory.
+
+    Lightning's writer with write_interval "batch": each batch's rows are collected as it ends, and written once,
+    whole and sorted by path, when predict ends (a CSV written batch by batch would be half a file after a crash,
+    and under DDP the processes' shards must be gathered first).
+    """
 
     def __init__(self) -> None:
+        super().__init__(write_interval="batch")
         self.rows: list[tuple[str, list[float]]] = []
         self.skipped: list[tuple[str, str]] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.rows, self.skipped = [], []
 
-    def on_predict_batch_end(
+    def write_on_batch_end(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
+        dataloader_idx: int,
     ) -> None:
-        paths, probabilities = outputs
+        paths, probabilities = prediction
         self.rows.extend(zip(paths, probabilities.float().cpu().tolist(), strict=True))
         self.skipped.extend(batch[2])
 

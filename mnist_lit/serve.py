@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
 from mnist_lit.checkpoint import check_weights
-from mnist_lit.data import DATASETS, DEFAULT
+from mnist_lit.datasets import DATASETS, DEFAULT
 from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
 from mnist_lit.model import Net, build_net, log_probabilities

@@ -62,7 +62,8 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
         model = FlatNet().to(device, memory_format=torch.channels_last)
         optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, fused=True)
     if kind in ("best", "plain", "plain_ckpt"):
-        from mnist_lit.data import find_files, load_split
+        from mnist_lit.datasets import find_files
+        from mnist_lit.idx import load_split
 
         files = find_files(Path(data_dir))
         x, y = load_split(files, train=True, verify=True)
@@ -200,7 +201,9 @@ def loader_benchmark(data_dir: str, rounds: int) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mnist_lit.data import BatchLoader, EpochBatches, find_files, load_split
+    from mnist_lit.batches import BatchLoader, EpochBatches
+    from mnist_lit.datasets import find_files
+    from mnist_lit.idx import load_split
 
     torch.set_num_threads(1)
     x, y = load_split(find_files(Path(data_dir)), train=True, verify=False)

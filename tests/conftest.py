@@ -85,7 +85,8 @@ def guide_evaluation(checkpoint: Path, data_dir: Path, verify: bool) -> tuple[fl
     code on the test set: (accuracy, summed NLL / N)."""
     from guide import Net, evaluate
 
-    from mnist_lit.data import find_files, load_split
+    from mnist_lit.datasets import find_files
+    from mnist_lit.idx import load_split
 
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     net = Net()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit import data, storage
+from mnist_lit import batches, storage
 from mnist_lit.cli import main
 
 
@@ -24,9 +24,9 @@ def rank() -> int:
 
 def probe(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    indices = data.EpochBatches.indices
+    indices = batches.EpochBatches.indices
 
-    def recorded_indices(self: data.EpochBatches) -> torch.Tensor:
+    def recorded_indices(self: batches.EpochBatches) -> torch.Tensor:
         result = indices(self)
         (out / f"threads-rank{rank()}.txt").write_text(str(torch.get_num_threads()))
         if self.shuffle:
@@ -41,7 +41,7 @@ def probe(out: Path) -> None:
             f.write(f"{path}\n")
         return save(self, ckpt, path, storage_options)
 
-    data.EpochBatches.indices = recorded_indices
+    batches.EpochBatches.indices = recorded_indices
     storage.AtomicCheckpointIO.save_checkpoint = recorded_save
 
 

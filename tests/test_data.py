@@ -12,7 +12,10 @@ import pytest
 import torch
 from conftest import idx_bytes, write_mnist
 
-from mnist_lit.data import FILE_NAMES, BatchLoader, DataError, EpochBatches, MNISTDataModule, normalize
+from mnist_lit.batches import BatchLoader, EpochBatches
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.datasets import FILE_NAMES
+from mnist_lit.idx import normalize
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -254,13 +257,13 @@ def test_datamodule_loaders_follow_the_trainer(tmp_path):
 
 def test_mnists_files_in_the_default_folder_do_not_shadow_another_datasets_own(tmp_path, monkeypatch):
     # The Offline advice puts MNIST's four files directly in the default folder; Fashion-MNIST's own folder wins there
-    from mnist_lit import data
+    from mnist_lit import datasets
 
-    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "DEFAULT_DATA_DIR", str(tmp_path))
     write_mnist(tmp_path, gz=False)
     write_mnist(tmp_path / "FashionMNIST" / "raw", gz=False, seed=1)
     own = {tmp_path / "FashionMNIST" / "raw" / name for name in FILE_NAMES}
-    assert set(data.find_files(tmp_path, "fashion_mnist").values()) == own
-    assert set(data.find_files(tmp_path, "mnist").values()) == {tmp_path / name for name in FILE_NAMES}
-    monkeypatch.setattr(data, "DEFAULT_DATA_DIR", str(tmp_path / "elsewhere"))  # a data_dir the user gave: first
-    assert set(data.find_files(tmp_path, "fashion_mnist").values()) == {tmp_path / name for name in FILE_NAMES}
+    assert set(datasets.find_files(tmp_path, "fashion_mnist").values()) == own
+    assert set(datasets.find_files(tmp_path, "mnist").values()) == {tmp_path / name for name in FILE_NAMES}
+    monkeypatch.setattr(datasets, "DEFAULT_DATA_DIR", str(tmp_path / "elsewhere"))  # a data_dir the user gave: first
+    assert set(datasets.find_files(tmp_path, "fashion_mnist").values()) == {tmp_path / name for name in FILE_NAMES}

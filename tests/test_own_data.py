@@ -11,7 +11,9 @@ import torch
 from conftest import QUIET, REAL_MNIST, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
 from PIL import Image
 
-from mnist_lit.data import DATASETS, DataError, MNISTDataModule, parse_idx, read_idx
+from mnist_lit.data import DataError, MNISTDataModule
+from mnist_lit.datasets import DATASETS
+from mnist_lit.idx import parse_idx, read_idx
 from mnist_lit.images import read
 from mnist_lit.model import LitMNIST
 from mnist_lit.storage import load_checkpoint
@@ -112,16 +114,42 @@ def test_predict_prepares_images_with_the_datasets_normalisation(tmp_path):
 
 
 def test_figures_name_the_classes():
-    from mnist_lit.report import _confusion_figure, _mistakes_figure, _pyplot
+    from mnist_lit.figures import confusion_figure, mistakes_figure, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     confusion = torch.eye(10, dtype=torch.long) * 5
     confusion[6, 0] = 2
-    fig = _confusion_figure(plt, confusion, FASHION.classes)
+    fig = confusion_figure(plt, confusion, FASHION.classes)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(FASHION.classes)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(FASHION.classes)
-    fig = _mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)], 2, FASHION)
+    fig = mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)], 2, FASHION)
     assert fig.axes[0].get_title() == "Shirt →\nT-shirt/top"
+    plt.close("all")
+
+
+def test_the_accuracy_axis_stops_at_100_percent():
+    from mnist_lit.figures import curves_figure, pyplot
+
+    plt = pyplot()
+    fig = curves_figure(plt, [(1, 2.0), (10, 0.1)], [(5, 0.5, 0.9), (10, 0.1, 1.0)])
+    accuracy = fig.axes[1]
+    bottom, top = accuracy.get_ylim()
+    assert top == 100 and 0 <= bottom < 90  # the 100% point on the top edge, drawn whole (not clipped)
+    assert not accuracy.lines[0].get_clip_on()
+    plt.close("all")
+
+
+@pytest.mark.parametrize(("known", "count"), [(DATASETS["mnist"], 3), (FASHION, 3), (FASHION, 100)])
+def test_the_mistakes_grid_title_clears_its_first_row(known, count):
+    from mnist_lit.figures import mistakes_figure, pyplot
+
+    plt = pyplot()
+    fig = mistakes_figure(plt, [(torch.zeros(28, 28), 6, 0)] * count, 200, known)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig.get_suptitle() and fig._suptitle.get_window_extent(renderer)
+    firsts = [ax.title.get_window_extent(renderer) for ax in fig.axes[:10] if ax.get_title()]
+    assert title and all(title.y0 - box.y1 >= 8 for box in firsts), (title, firsts)  # 8 pixels at least
     plt.close("all")
 
 
@@ -154,6 +182,25 @@ def test_image_dir_is_decoded_once_as_predict_prepares_and_split_per_class(tmp_p
     before = dm.splits
     dm.setup("test")  # decoded once: the same tensors
     assert dm.splits is before and dm.test_dataloader() is not None
+
+
+def test_images_outside_the_class_folders_are_named_in_one_line(tmp_path, capsys):
+    folder = image_folder(tmp_path / "mine", per_class=5)
+    drawn(3, 0).save(folder / "a3.png")
+    drawn(4, 0).save(folder / "b4.jpg")
+    (folder / "README").write_text("not an image: no need to say so")
+    datamodule(folder).setup("fit")
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "directly in it" in line]
+    assert "ignored 2 images directly in it (first: a3.png)" in line and "folder per class" in line
+    assert f"{folder / '3' / 'a3.png'}" in line and "predict's layout (--data.predict_path)" in line
+
+
+def test_a_flat_folder_given_as_image_dir_points_to_predict(tmp_path):
+    folder = tmp_path / "my_digits"
+    folder.mkdir()
+    drawn(3, 0).save(folder / "a.png")
+    with pytest.raises(DataError, match=r"no class folders in it, only 1 image directly in it .*--data.predict_path"):
+        datamodule(folder).setup("fit")
 
 
 def test_image_dir_folders_may_name_classes_in_any_spelling(tmp_path):

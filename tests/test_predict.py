@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -10,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, run_cli
+from conftest import QUIET, SYNTHETIC, printed_metrics, run_cli
 from guide import Net as GuideNet
 from PIL import Image
 
-from mnist_lit.data import DATASETS, DataError
+from mnist_lit.data import DataError
+from mnist_lit.datasets import DATASETS
 from mnist_lit.images import expand
 from mnist_lit.images import prepare as prepare_as
+from mnist_lit.report import results_table
 
 MNIST = DATASETS["mnist"]
 
@@ -106,6 +110,15 @@ def trained(tmp_path_factory, mnist_dir):
     return root
 
 
+def test_class_folders_given_as_predict_path_point_to_image_dir(tmp_path):
+    for label in ("3", "7"):
+        (tmp_path / "my_digits" / label).mkdir(parents=True)
+        digit().save(tmp_path / "my_digits" / label / "a.png")
+    with pytest.raises(DataError, match=r"no files directly in it, only folders \(3, 7\).*--data.image_dir's layout"):
+        expand(str(tmp_path / "my_digits"))
+    assert len(expand(str(tmp_path / "my_digits" / "*" / "*.png"))) == 2  # the glob the message suggests
+
+
 def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_image(trained, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -175,13 +188,67 @@ def test_tensorboard_reads_the_logged_scalars(trained):
     assert events.Scalars("train/lr")[0].value == pytest.approx(0.1)
 
 
+def test_checkpoint_names_and_curves_count_what_is_done_tensorboard_the_steps_before(trained):
+    # 2 epochs of 9 steps. A checkpoint's name and curves.png count what is done (epoch=2-step=18 after both
+    # epochs); the bar names the epoch running from 0 (Epoch 0, Epoch 1); TensorBoard puts a step's loss at the
+    # number of steps done before it (Lightning logs it before counting the step): step 18's loss at 17.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (trained / "checkpoints" / "epoch=1-step=10.ckpt").is_file()  # saved in the second epoch, one done
+    last = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 18)
+    curves = last["callbacks"]["TrainingCurves"]
+    assert curves["train"][:, 0].tolist() == [2, 4, 6, 8, 9, 10, 12, 14, 16, 18]  # and each epoch's end
+    assert curves["val"][:, 0].tolist() == [9, 18]
+    events = EventAccumulator(str(next(trained.glob("lightning_logs/version_0"))))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 3, 5, 7, 9, 11, 13, 15, 17]
+    assert [e.step for e in events.Scalars("val/acc")] == [8, 17]
+
+
 def test_figures_are_png_files_after_fit_and_test(trained, mnist_dir):
     curves = trained / "lightning_logs" / "version_0" / "curves.png"
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
     assert result.returncode == 0, result.stderr[-2000:]
     version = max(trained.glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert re.search(r"^\s*test/acc\s+\d\.\d{4}$", result.stdout, re.M), result.stdout  # rounded, not float32 noise
+    assert not re.search(r"\.\d{10}", result.stdout), result.stdout
     for path in (curves, version / "confusion.png", version / "mistakes.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
         with Image.open(path) as image:
             assert image.width > 300 and image.height > 150
     assert str(version / "confusion.png") in result.stdout
+
+
+def test_result_tables_round_accuracies_to_4_decimals_and_losses_to_6_digits():
+    metrics = {"test/loss": torch.tensor(0.045123456), "test/acc": torch.tensor(0.9857), "test/acc_3": 0.913043478}
+    table = results_table(metrics, "Test")
+    assert "0.9857000112533569" == f"{torch.tensor(0.9857).item()}"  # what Lightning's own table would print
+    assert printed_metrics(table) == {"test/acc": 0.9857, "test/acc_3": 0.9130, "test/loss": 0.0451235}
+    lines = table.splitlines()
+    assert lines[0] == lines[2] == lines[-1] and set(lines[0]) == {"─"} and "Test metric" in lines[1]
+    assert [line.split()[0] for line in lines[3:-1]] == ["test/acc", "test/acc_3", "test/loss"]  # name order
+
+
+def test_validate_prints_the_rounded_table_once(trained, mnist_dir, run_main):
+    args = ["--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+    status, out, err = run_main("validate", *args, cwd=trained)
+    assert status == 0, err[-2000:]
+    assert out.count("Validate metric") == 1 and re.search(r"^\s*val/acc\s+\d\.\d{4}$", out, re.M), out
+    assert not re.search(r"\.\d{10}", out), out
+    status, out, err = run_main("validate", *args, "--verbose", "false", cwd=trained)
+    assert status == 0 and "val/acc" not in out, out
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the run was copied: expected
+def test_a_resumed_finished_run_names_no_curves_file(trained, mnist_dir, tmp_path, run_main):
+    # its version folder is discarded: no line may name a file in it
+    shutil.copytree(trained, tmp_path / "run")
+    args = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "2"]
+    status, out, err = run_main("fit", *args, "--ckpt_path", "last", cwd=tmp_path / "run")
+    assert status == 0 and "nothing to train" in err, err[-2000:]
+    assert "Training curves" not in out + err
+    status, out, err = run_main("fit", *args[:-1], "3", "--ckpt_path", "last", cwd=tmp_path / "run")
+    assert status == 0, err[-2000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("Training curves: ")]
+    assert Path(line.removeprefix("Training curves: ")).is_file()

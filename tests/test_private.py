@@ -86,6 +86,18 @@ def check_ddp_timeout() -> None:
     assert "self._timeout" in inspect.getsource(DDPStrategy.setup_distributed)
 
 
+def check_evaluation_verbose() -> None:
+    # ResultsTable takes the loop's verbose (set by trainer.test/validate) and prints the table in its place
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+
+    assert "self.test_loop.verbose = verbose" in inspect.getsource(Trainer._test_impl)
+    assert "self.validate_loop.verbose = verbose" in inspect.getsource(Trainer._validate_impl)
+    run_end = inspect.getsource(_EvaluationLoop.on_run_end)
+    assert "self._on_evaluation_end()" in run_end and "if self.verbose" in run_end
+    assert run_end.index("self._on_evaluation_end()") < run_end.index("self._print_results(")
+
+
 def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Callable[[], None]:
     def check() -> None:
         function = getattr(owner(), name)
@@ -117,6 +129,7 @@ REGISTER: dict[str, Callable[[], None]] = {
     "loops": check_loops,
     "DDPStrategy._timeout": check_ddp_timeout,
     "cloud_io": check_cloud_io,
+    "EvaluationLoop.verbose": check_evaluation_verbose,
 }
 
 

@@ -359,7 +359,8 @@ def test_state_a_resume_restores_is_checked_as_data_before_lightning_sees_it(cha
 
 
 def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
-    from mnist_lit.data import DataError, EpochBatches
+    from mnist_lit.batches import EpochBatches
+    from mnist_lit.data import DataError
 
     sampler = EpochBatches(100, 10, shuffle=True)
     sampler.load_state_dict({"seed": 1, "epoch": 2, "seen": 30, "position": 30})
