@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
+from mnist_lit import runs
 from mnist_lit.checkpoint import check_weights
 from mnist_lit.data import DATASETS, DEFAULT
-from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
 from mnist_lit.model import Net, build_net, log_probabilities
 from mnist_lit.storage import CheckpointError
@@ -72,8 +72,8 @@ def load_net(ckpt_path: str) -> tuple[nn.Module, str]:
     network's spec and weights), and the dataset it was trained on: the checkpoint's; a .pth records none, and is
     taken for MNIST."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        net, dataset, _ = net_from_checkpoint(ckpt_path)
-        return net, dataset
+        trained = runs.load(ckpt_path)
+        return trained.net, trained.dataset
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
