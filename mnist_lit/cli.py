@@ -9,11 +9,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from jsonargparse.typing import PositiveFloat
@@ -25,16 +24,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import USAGE, nodes, options, runs
+from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs
 from mnist_lit.checkpoint import Checkpoint, Diverged, Interrupted, install_signal_handlers
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.errors import ConfigError, explain, explain_class_option, one_line
+from mnist_lit.export import ExportError
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
-from mnist_lit.storage import CheckpointError, checkpoint_dir, resolve
+from mnist_lit.storage import CheckpointError, checkpoint_dir
 from mnist_lit.trust import check_spec
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def reports(subcommand: str | None) -> list[Callback]:
@@ -329,111 +327,9 @@ def _run_lightning(args: list[str] | None) -> None:
         auto_configure_optimizers=False,
         save_config_callback=SaveConfig,
         save_config_kwargs={"overwrite": True},  # a version folder is the run's own
-        parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in SUBCOMMANDS}},
+        parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in LIGHTNING_COMMANDS}},
         args=args,
     )
-
-
-class _ExportParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, like every other error, not usage + error
-        raise ConfigError(message)
-
-
-def run_export(args: list[str]) -> None:
-    from mnist_lit.export import ExportError, export  # onnx only when exporting
-
-    parser = _ExportParser(
-        prog="python -m mnist_lit export",
-        description="Write a trained Net for deployment: .pth (the guide's plain state_dict) or .onnx.",
-    )
-    parser.add_argument("--ckpt_path", required=True, help="A checkpoint file, or 'last'.")
-    parser.add_argument("--output", required=True, help="File to write; its extension picks the format.")
-    parser.add_argument(
-        "--trainer.default_root_dir",
-        dest="default_root_dir",
-        default=".",
-        help="The run's folder, as in fit: 'last' is <this>/checkpoints/last.ckpt.",
-    )
-    options = parser.parse_args(args)
-    directory = checkpoint_dir(options.default_root_dir, None)
-    ckpt_path = resolve(options.ckpt_path, directory, fitting=False)
-    try:
-        print(export(ckpt_path, Path(options.output)))
-    except ExportError as err:
-        sys.exit(f"error: {err}")
-
-
-def run_serve(args: list[str]) -> None:
-    parser = _ExportParser(
-        prog="python -m mnist_lit serve",
-        description="Serve a trained Net with LitServe: a page to draw digits on at /, POST /predict, GET /health.",
-    )
-    parser.add_argument("--ckpt_path", help="A checkpoint file, 'last', or a .pth that export wrote.")
-    parser.add_argument(
-        "--trainer.default_root_dir", dest="root", default=".", help="Where 'last' is: <this>/checkpoints/last.ckpt."
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
-        help="Interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 or :: let any machine in).",
-    )  # fmt: skip
-    parser.add_argument("--port", type=int, default=8000, help="1024 to 65535 (default: 8000).")
-    parser.add_argument(
-        "--max_batch_size", type=int, default=1,
-        help="Run up to this many waiting requests as one batch (default: 1, no batching: it was not consistently"
-        " faster on a 2-core CPU, and a batching worker polls its queue even when idle).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch_timeout", type=float, default=0.005, help="Seconds a batch waits to fill (default: 0.005)."
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="Model processes per device, and as many HTTP server processes (default: 1).",
-    )
-    parser.add_argument(
-        "--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-        help="Where the model runs (default: auto, a GPU if there is one).",
-    )  # fmt: skip
-    options = parser.parse_args(args)
-    if options.ckpt_path is None:
-        raise CheckpointError("serve needs trained weights: pass --ckpt_path last or a checkpoint file")
-    if not 1024 <= options.port <= 65535:
-        raise ConfigError(f"--port: {options.port} is out of range; it must be >= 1024 and <= 65535")
-    for name in ("max_batch_size", "workers"):
-        if (value := getattr(options, name)) < 1:
-            raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
-    if not 0 <= options.batch_timeout < 1:
-        raise ConfigError(f"--batch_timeout: {options.batch_timeout} is out of range; it must be >= 0 and < 1")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(options.accelerator, True):  # LitServe would fail later, with a traceback
-        raise ConfigError(f"--accelerator {options.accelerator}: this machine has no such device")
-    ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.root, None), fitting=False)
-    try:
-        from mnist_lit.serve import load_net, serve
-    except ImportError as err:  # litserve is an optional extra
-        raise ConfigError(f"serve needs {err.name}: pip install -e '.[serve]' in the project's folder") from None
-    net, dataset = load_net(ckpt_path)
-    # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
-    with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind((options.host, options.port))
-        except OSError as err:
-            raise ConfigError(f"--port: cannot listen on {options.host} port {options.port}: {err.strerror}") from None
-    url = f"http://{f'[{options.host}]' if ':' in options.host else options.host}:{options.port}/"
-    print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
-    serve(net, dataset, options.host, options.port, options.max_batch_size, options.batch_timeout, options.workers,
-          options.accelerator)  # fmt: skip
-    print("stopped", file=sys.stderr)
-
-
-def run_sweep(args: list[str]) -> None:
-    try:
-        from mnist_lit.sweep import run_sweep as sweep
-    except ImportError as err:  # optuna is an optional extra
-        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
-    sweep(args)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -456,18 +352,14 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     previous = install_signal_handlers()
     try:
-        if argv[:1] == ["export"]:
-            run_export(argv[1:])
-        elif argv[:1] == ["serve"]:
-            run_serve(argv[1:])
-        elif argv[:1] == ["sweep"]:
-            run_sweep(argv[1:])
+        if argv[:1] and argv[0] in COMMANDS and argv[0] not in LIGHTNING_COMMANDS:
+            commands.run(argv[0], argv[1:])
         else:
             run_lightning(args)
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         where = f"{err.filename}: " if err.filename else ""
         sys.exit(f"error: {where}{err.strerror or one_line(str(err))}")
-    except (DataError, CheckpointError, Diverged, PeerLost, MisconfigurationException) as err:
+    except (DataError, CheckpointError, ExportError, Diverged, PeerLost, MisconfigurationException) as err:
         sys.exit(f"error: {one_line(str(err))}")
     except argparse.ArgumentError as err:
         sys.exit(f"error: {explain(str(err))} (see --help)")

@@ -37,6 +37,12 @@ def explain(message: str, classes: bool = True) -> str:
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
+    if typed := re.search(r"(--\S+): Expected a <class '(\w+)'>\. Got value: (.*)$", message):
+        return f"{typed[1]}: {typed[3]!r} is not valid; it takes {typed[2]}"
+    if literal := re.search(r"(--\S+): Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", message):
+        return f"{literal[1]}: {literal[3]!r} is not valid; it takes one of {literal[2]}"
+    if required := re.fullmatch(r"the following arguments are required: (.*)", message):
+        return f"the following options are required: {', '.join('--' + n.lstrip('-') for n in required[1].split(', '))}"
     if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
         names = list(COMMANDS)
         close = difflib.get_close_matches(choice[1], names, n=1)

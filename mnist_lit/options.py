@@ -109,8 +109,9 @@ def warn_overridden(args: list[str]) -> None:
             if any(name == n or name.startswith(f"{n}.") or n.startswith(f"{name}.") for n in in_file)
         ]  # fmt: skip
         if overridden:
+            them, s = ("it", "") if len(overridden) == 1 else ("them", "s")
             print(
-                f"warning: --config {path} comes after {', '.join(overridden)} and sets it again, so the file's"
-                " value is used: put --config first for the option to win",
+                f"warning: --config {path} comes after {', '.join(overridden)} and sets {them} again, so the file's"
+                f" value{s} {'is' if not s else 'are'} used: put --config first for the option{s} to win",
                 file=sys.stderr,
             )
