@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +23,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs
-from mnist_lit.checkpoint import Checkpoint, Diverged, Interrupted, install_signal_handlers
+from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs, signals
+from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.errors import ConfigError, explain, explain_class_option, one_line
 from mnist_lit.export import ExportError
@@ -188,12 +187,7 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         nodes.prepare(trainer, config.ddp_timeout, config.ckpt_path, directory)
-        # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
-        # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
-        # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead; tests/test_faults.py checks that
-        # the attribute is still there.
-        # private-lightning[Trainer._signal_connector]: no public switch for Lightning's own SIGTERM handler
-        trainer._signal_connector.register_signal_handlers = lambda: None
+        signals.silence_lightning(trainer)  # mnist_lit.signals owns SIGINT and SIGTERM
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
             new = claimed or not os.path.exists(trainer.logger.log_dir)
@@ -350,12 +344,12 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     argv = sys.argv[1:] if args is None else list(args)
-    previous = install_signal_handlers()
     try:
-        if argv[:1] and argv[0] in COMMANDS and argv[0] not in LIGHTNING_COMMANDS:
-            commands.run(argv[0], argv[1:])
-        else:
-            run_lightning(args)
+        with signals.handling():  # Ctrl-C and SIGTERM: see mnist_lit.signals
+            if argv[:1] and argv[0] in COMMANDS and argv[0] not in LIGHTNING_COMMANDS:
+                commands.run(argv[0], argv[1:])
+            else:
+                run_lightning(args)
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         where = f"{err.filename}: " if err.filename else ""
         sys.exit(f"error: {where}{err.strerror or one_line(str(err))}")
@@ -370,9 +364,6 @@ def main(args: list[str] | None = None) -> None:
         if "`val_check_interval`" not in str(err):
             raise
         sys.exit(f"error: --trainer.{one_line(str(err)).replace('`', '')}")
-    except Interrupted as err:
+    except signals.Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
