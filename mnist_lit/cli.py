@@ -1,4 +1,6 @@
-"""The command line: LightningCLI's fit, validate, test and predict, plus export and serve; errors as one line."""
+"""The command line: LightningCLI's fit, validate, test and predict, which open a run's checkpoints through
+mnist_lit.runs; mnist_lit's own subcommands are in mnist_lit.commands; every user error ends here, in main, as one
+line."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,9 +17,9 @@ import torch
 from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -28,6 +28,7 @@ from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.errors import ConfigError, explain, explain_class_option, one_line
 from mnist_lit.export import ExportError
+from mnist_lit.logfolder import SaveConfig, claim_version
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, TestReport, TrainingCurves
 from mnist_lit.storage import CheckpointError, checkpoint_dir
@@ -50,56 +51,6 @@ def share_cores(processes: int, workers: int) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // processes - workers))
-
-
-class SaveConfig(SaveConfigCallback):
-    """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
-    itself, where a config.yaml may well be the user's own."""
-
-    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
-    _start_step: int | None = None  # the step training started from, once it has
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.logger is None:
-            return
-        try:
-            super().setup(trainer, pl_module, stage)
-        except OSError as err:  # a full disk: name the file, which the error itself does not
-            path = err.filename or os.path.join(trainer.log_dir or ".", self.config_filename)
-            raise OSError(err.errno, err.strerror, path) from None
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start_step = trainer.global_step
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # A run that failed before it trained a step (any failed validate, test or predict) leaves nothing worth
-        # a version folder: its config.yaml would only describe a run that never was.
-        if self._start_step is None or trainer.global_step == self._start_step:
-            self.discard(trainer)
-
-    def discard(self, trainer: Trainer) -> None:
-        """Remove the version folder this run created (and lightning_logs/ if that leaves it empty)."""
-        if not self.own_folder or trainer.logger is None or trainer.logger.log_dir is None:
-            return
-        if trainer.is_global_zero:
-            folder = trainer.logger.log_dir
-            shutil.rmtree(folder, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(folder))
-        self.own_folder = False
-
-
-def claim_version(folder: Path) -> int:
-    """The next free version_N in folder, created here: the first run to create it owns it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            (folder / f"version_{version}").mkdir()
-            return version
-        except FileExistsError:
-            version += 1
 
 
 class MNISTCLI(LightningCLI):

@@ -26,7 +26,8 @@ from mnist_lit.checkpoint import check_resumable, run_seed
 from mnist_lit.data import DATASETS, DataError, recorded_dataset
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
-from mnist_lit.storage import AUTO, LAST, CheckpointError, RunLock, load_ckpt_path, newest_checkpoint, resolve
+from mnist_lit.runlock import RunLock
+from mnist_lit.storage import AUTO, LAST, CheckpointError, load_ckpt_path, newest_checkpoint, resolve
 
 
 @dataclass(eq=False)

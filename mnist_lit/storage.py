@@ -4,9 +4,6 @@ and one fit at a time per folder."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import io
 import os
 import pickle
@@ -26,15 +23,13 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
+from mnist_lit.digest import DIGEST_KEY, digest
 from mnist_lit.trust import Untrusted, check_model_hparams
 
 LAST, EXTENSION = "last", ".ckpt"
 # fit --ckpt_path auto: resume the run's latest checkpoint if there is one, else start the run. For commands that
 # restart themselves (torchrun's --max-restarts, a requeued SLURM job): the first start and every restart alike.
 AUTO = "auto"
-# The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
-DIGEST_KEY = "mnist_lit_sha256"
-LOCK_NAME = ".lock"
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # read whole into memory: a file from elsewhere must not exhaust it
 PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
 UMASK = os.umask(0o22)  # read once, at import, while one thread runs: os.umask can only be read by setting it
@@ -50,36 +45,6 @@ def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os
     if dirpath is not None:
         return Path(dirpath).expanduser()
     return Path(default_root_dir or os.getcwd()).expanduser() / "checkpoints"
-
-
-# --- the digest -------------------------------------------------------------------------------------------------
-
-
-def digest(checkpoint: dict[str, Any]) -> str:
-    """sha256 of everything a checkpoint holds (tensors by dtype, shape and bytes; keys, numbers and strings by
-    value), whatever the digest key already holds. The same for the dict saved and the dict loaded back."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
-    return h.hexdigest()
-
-
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        # contiguous: one layout whatever the memory format (channels_last); bytes as they are, whatever the dtype
-        tensor = value.detach().cpu().contiguous()
-        h.update(tensor.view(torch.uint8).numpy() if tensor.dim() else tensor.reshape(1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        h.update(b"D%d" % len(value))
-        for key, item in value.items():
-            _feed(h, key)
-            _feed(h, item)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"L%d" % len(value))
-        for item in value:
-            _feed(h, item)
-    else:
-        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -423,77 +388,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if self._writer is not None:
                 self._writer.shutdown()
                 self._writer = None
-
-
-# --- one fit per folder -----------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive lock on a checkpoint folder, held while a fit writes there.
-
-    flock on <folder>/.lock: the OS releases it when the process ends, however it ends, so a killed run never
-    leaves a stale lock behind. The file holds the holder's PID, for the refusal message only.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / LOCK_NAME
-        self._created = not directory.exists()
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:  # O_NOFOLLOW: a link planted as the lock file must not make us write our PID elsewhere
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            except OSError as err:
-                self._clean_up()
-                if err.errno == errno.ELOOP:
-                    raise CheckpointError(
-                        f"refusing to lock {self.path}: it is a symbolic link, and links are not followed"
-                    ) from None
-                raise
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                self._clean_up()
-                raise CheckpointError(f"refusing to lock {self.path}: it exists and is not a regular file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                os.close(fd)
-                self._clean_up()
-                who = f"PID {holder}" if holder.isdigit() else "another process"
-                raise CheckpointError(
-                    f"{self.directory} is in use by another fit ({who}): wait for it to end, or give this run its own"
-                    " --trainer.default_root_dir"
-                ) from None
-            # The holder before us may have removed the file between our open and our lock: lock the file that is
-            # there now, not an orphan.
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        # Torn temporary files of a killed run: ours to remove, now that no other fit writes here.
-        for torn in self.directory.glob(f".*{EXTENSION}{PART}"):
-            with contextlib.suppress(OSError):
-                if stat.S_ISREG(torn.lstat().st_mode):
-                    torn.unlink()
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still holding the lock: see acquire
-        os.close(self._fd)
-        self._fd = None
-        self._clean_up()
-
-    def _clean_up(self) -> None:
-        """A folder this run created and left empty goes again: a refused or failed run leaves nothing."""
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()

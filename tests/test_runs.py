@@ -135,3 +135,24 @@ def test_a_resume_takes_a_new_learning_rate_but_not_a_new_optimizer_or_network()
     with pytest.raises(ConfigError, match=r"its --model.lr_scheduler sets it"):
         runs.check_resume_changes("x.ckpt", {**sgd, "lr_scheduler": {"class_path": "S"}},
                                   {**faster, "lr_scheduler": {"class_path": "S"}})  # fmt: skip
+
+
+def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_files(tmp_path):
+    from mnist_lit.runlock import RunLock
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".lock").write_text("99999\n")  # left by a killed fit: its flock went with it
+    lock = RunLock(folder)
+    lock.acquire()
+    assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert not (folder / ".lock").exists()
+    os.mkfifo(folder / ".lock")
+    with pytest.raises(CheckpointError, match="it exists and is not a regular file"):
+        RunLock(folder).acquire()
+    (folder / ".lock").unlink()
+    (folder / ".lock").symlink_to(tmp_path / "precious")
+    with pytest.raises(CheckpointError, match="it is a symbolic link, and links are not followed"):
+        RunLock(folder).acquire()
+    assert not (tmp_path / "precious").exists()
