@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs, signals
 from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.errors import ConfigError, explain, explain_class_option, one_line
+from mnist_lit.errors import ConfigError, explain, explain_accelerator, explain_class_option, one_line
 from mnist_lit.export import ExportError
 from mnist_lit.logfolder import SaveConfig, claim_version
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
@@ -74,7 +74,8 @@ class MNISTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
-            raise ConfigError(explain_class_option(str(err)) or one_line(str(err))) from None
+            device = explain_accelerator(str(err), options.origin(self.args, "trainer.accelerator"))
+            raise ConfigError(device or explain_class_option(str(err)) or one_line(str(err))) from None
 
     def check_trainer_options(self) -> None:
         # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError

@@ -58,6 +58,25 @@ def explain(message: str, classes: bool = True) -> str:
     return message
 
 
+def explain_accelerator(message: str, origin: str | None) -> str | None:
+    """Lightning's "No supported gpu backend found!" (and its like for cuda, mps) as one line naming the option or
+    the config file that asked for a device this machine lacks, and the fix. origin: where the command line set
+    --trainer.accelerator (mnist_lit.options.origin)."""
+    if found := re.search(r"No supported (\w+) backend found", message):
+        wanted = found[1].lower()
+    elif found := re.search(r"`(\w+)Accelerator` can not run on your system", message):
+        wanted = found[1].lower()
+    else:
+        return None
+    device = {"gpu": "a GPU (CUDA or Apple MPS)", "cuda": "a CUDA GPU", "mps": "an Apple MPS GPU"}.get(wanted, wanted)
+    if origin is None or origin.startswith("--config"):
+        where = origin.removeprefix("--config ") if origin else f"--trainer.accelerator {wanted}"
+        fix = "use configs/cpu.yaml instead, or add --trainer.accelerator cpu after it"
+    else:
+        where, fix = origin, "drop it, or pass --trainer.accelerator cpu"
+    return f"{where} needs {device}; this machine has none: {fix}"
+
+
 def explain_class_option(message: str) -> str | None:
     """The real cause of a bad class-typed option (a logger, a callback, the optimizer, the scheduler), which
     jsonargparse buries under the other types the option would also take: a missing argument of the class, its

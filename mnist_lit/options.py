@@ -115,3 +115,17 @@ def warn_overridden(args: list[str]) -> None:
                 f" value{s} {'is' if not s else 'are'} used: put --config first for the option{s} to win",
                 file=sys.stderr,
             )
+
+
+def origin(args: list[str], name: str) -> str | None:
+    """Where the command line sets an option (name: trainer.accelerator): "--trainer.accelerator gpu", or "--config
+    FILE" for a file that sets it; the last of them, the one that wins. None: its default."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            found = f"--{name} {args[i + 1]}"
+        elif arg.startswith(f"--{name}="):
+            found = f"--{name} {arg.partition('=')[2]}"
+        elif (path := dict(_configs(args)).get(i)) is not None and name in _names(read_yaml(path)):
+            found = f"--config {path}"
+    return found

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
+from conftest import ROOT
 
 from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, options
 from mnist_lit.errors import ConfigError
@@ -58,3 +60,28 @@ def test_a_config_that_is_not_yaml_is_named_by_file_and_line(tmp_path):
     config.write_text("trainer:\n  max_epochs: [5\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: line 3, column 1: not valid YAML"):
         options.prepare(["fit", "--config", str(config)])
+
+
+def test_where_an_option_was_set_is_the_last_word_that_sets_it(tmp_path):
+    config = tmp_path / "gpu.yaml"
+    config.write_text("trainer:\n  accelerator: gpu\n")
+    assert options.origin(["fit"], "trainer.accelerator") is None
+    assert options.origin(["fit", "--config", str(config)], "trainer.accelerator") == f"--config {config}"
+    given = ["fit", "--config", str(config), "--trainer.accelerator=cuda"]
+    assert options.origin(given, "trainer.accelerator") == "--trainer.accelerator cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_the_gpu_config_without_a_gpu_is_one_line_naming_the_file_and_the_fix(tmp_path, mnist_dir, run_main):
+    gpu = ROOT / "configs" / "gpu.yaml"
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), "--config", str(gpu), cwd=tmp_path)
+    assert status != 0 and err.strip().splitlines() == [
+        f"error: {gpu} needs a GPU (CUDA or Apple MPS); this machine has none: use configs/cpu.yaml instead, or add"
+        " --trainer.accelerator cpu after it (see --help)"
+    ], err
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), "--trainer.accelerator", "cuda", cwd=tmp_path)
+    assert err.strip().endswith(
+        "error: --trainer.accelerator cuda needs a CUDA GPU; this machine has none: drop it, or pass"
+        " --trainer.accelerator cpu (see --help)"
+    ), err
