@@ -200,6 +200,8 @@ class MNISTCLI(LightningCLI):
             self._take_init_from(self.run.init)
         if self.run.resume is not None:
             self._take_checkpoint(self.run.resume)
+        else:
+            self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
         seed = self.config[subcommand].seed_everything
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
             raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")

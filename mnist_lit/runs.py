@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from mnist_lit.checkpoint import check_resumable, run_seed
+from mnist_lit.checkpoint_io import hand_over
 from mnist_lit.data import DATASETS, DataError, recorded_dataset
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
@@ -67,6 +68,7 @@ class Run:
     lock: RunLock | None = field(default=None, repr=False)  # fit's, held until close()
 
     def close(self) -> None:
+        hand_over(None)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -128,6 +130,7 @@ def open_run(
                 f" {DATASETS[dataset].title}: drop --data.dataset {dataset} (the checkpoint's dataset is used)"
             )
         run.resume = trained
+        hand_over(path, checkpoint)  # Lightning's own load of it (a resume, test's weights) takes this one
         return run
     except BaseException:
         run.close()

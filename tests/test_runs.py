@@ -156,3 +156,17 @@ def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_fi
     with pytest.raises(CheckpointError, match="it is a symbolic link, and links are not followed"):
         RunLock(folder).acquire()
     assert not (tmp_path / "precious").exists()
+
+
+def test_lightnings_own_load_of_the_checkpoint_takes_the_one_already_verified(tmp_path):
+    from mnist_lit.checkpoint_io import AtomicCheckpointIO
+
+    path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    run = runs.open_run("test", "last", path.parent)
+    assert AtomicCheckpointIO().load_checkpoint(path) is run.resume.checkpoint  # no second read
+    again = AtomicCheckpointIO().load_checkpoint(path)  # handed over once only: from the file
+    assert again is not run.resume.checkpoint and again["global_step"] == 9
+    run = runs.open_run("test", "last", path.parent)
+    write_checkpoint(path, step=12)  # the file changed since it was verified: read anew
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 12
+    run.close()
