@@ -21,34 +21,6 @@ from lightning.fabric.utilities.types import _PATH
 from mnist_lit.digest import DIGEST_KEY, digest
 from mnist_lit.storage import CheckpointError, load_checkpoint, newest_intact, write_atomically
 
-# A checkpoint mnist_lit.runs has read and verified, kept for Lightning's own load of the same unchanged file (a
-# resume, test's weights): one read and one digest check per command. Taken once; keyed by the file's identity.
-_handed: tuple[tuple[int, ...], dict[str, Any]] | None = None
-
-
-def _identity(path: str | os.PathLike) -> tuple[int, ...]:
-    info = os.stat(path)
-    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
-
-
-def hand_over(path: str | os.PathLike | None, checkpoint: dict[str, Any] | None = None) -> None:
-    """Keep checkpoint for the next AtomicCheckpointIO.load_checkpoint of path while the file is unchanged (None:
-    keep nothing)."""
-    global _handed
-    _handed = None
-    if path is not None and checkpoint is not None:
-        with contextlib.suppress(OSError):
-            _handed = (_identity(path), checkpoint)
-
-
-def _take_handed(path: str | os.PathLike) -> dict[str, Any] | None:
-    global _handed
-    handed, _handed = _handed, None
-    with contextlib.suppress(OSError):
-        if handed is not None and handed[0] == _identity(path):
-            return handed[1]
-    return None
-
 
 def _copy_file(target: str, source: str) -> None:
     write_atomically(target, io.BytesIO(Path(source).read_bytes()))
@@ -130,8 +102,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Every checkpoint Lightning reads (a resume, test's weights) verified as mnist_lit reads one."""
         if not _is_local_file_protocol(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        handed = _take_handed(path)  # read and verified already, by mnist_lit.runs
-        return handed if handed is not None else load_checkpoint(path)
+        return load_checkpoint(path)
 
     def remove_checkpoint(self, path: _PATH) -> None:
         if not _is_local_file_protocol(path):

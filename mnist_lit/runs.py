@@ -23,12 +23,11 @@ from typing import Any
 from torch import nn
 
 from mnist_lit.checkpoint import check_resumable, run_seed
-from mnist_lit.checkpoint_io import hand_over
 from mnist_lit.data import DATASETS, DataError, recorded_dataset
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
 from mnist_lit.runlock import RunLock
-from mnist_lit.storage import AUTO, LAST, CheckpointError, load_ckpt_path, newest_checkpoint, resolve
+from mnist_lit.storage import AUTO, LAST, CheckpointError, hand_over, load_ckpt_path, newest_checkpoint, resolve
 
 
 @dataclass(eq=False)
@@ -96,6 +95,7 @@ def open_run(
     run = Run()
     if init_from is not None:
         run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)
+        hand_over(run.init.path, run.init.checkpoint)  # LitMNIST's load of it takes this one
     try:
         if fitting and main_process:
             # Before the look for an earlier run: two fits started together must not both find none.
@@ -130,7 +130,7 @@ def open_run(
                 f" {DATASETS[dataset].title}: drop --data.dataset {dataset} (the checkpoint's dataset is used)"
             )
         run.resume = trained
-        hand_over(path, checkpoint)  # Lightning's own load of it (a resume, test's weights) takes this one
+        hand_over(path, checkpoint)  # Lightning's load of it (a resume, test's weights) takes this one
         return run
     except BaseException:
         run.close()

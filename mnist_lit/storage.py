@@ -132,9 +132,40 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     return checkpoint
 
 
+# A checkpoint mnist_lit.runs has read and verified, kept for the next load of the same unchanged file (Lightning's
+# resume or test, LitMNIST's init_from): one read and one digest check per command. Taken once; keyed by the file.
+_handed: tuple[tuple[int, ...], dict[str, Any]] | None = None
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, ...]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def hand_over(path: str | os.PathLike | None, checkpoint: dict[str, Any] | None = None) -> None:
+    """Keep checkpoint for the next load_checkpoint of path while the file is unchanged (None:
+    keep nothing)."""
+    global _handed
+    _handed = None
+    if path is not None and checkpoint is not None:
+        with contextlib.suppress(OSError):
+            _handed = (_identity(path), checkpoint)
+
+
+def _take_handed(path: str | os.PathLike) -> dict[str, Any] | None:
+    global _handed
+    with contextlib.suppress(OSError):
+        if _handed is not None and _handed[0] == _identity(path):
+            checkpoint, _handed = _handed[1], None
+            return checkpoint
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     """A checkpoint's verified contents (from data, the file's bytes, if given). A damaged one is refused, naming
     the newest intact one beside it."""
+    if data is None and (handed := _take_handed(path)) is not None:  # read and verified already (mnist_lit.runs)
+        return handed
     try:
         return _load(path, data)
     except CheckpointError as err:

@@ -13,7 +13,7 @@ from mnist_lit import runs
 from mnist_lit.data import DataError
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import GUIDE_SGD, Net
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint
 
 
 def write_checkpoint(path: Path, step: int = 9, dataset: str = "mnist", resumable: bool = True, seed: int = 7) -> Path:
@@ -158,7 +158,7 @@ def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_fi
     assert not (tmp_path / "precious").exists()
 
 
-def test_lightnings_own_load_of_the_checkpoint_takes_the_one_already_verified(tmp_path):
+def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path):
     from mnist_lit.checkpoint_io import AtomicCheckpointIO
 
     path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -169,4 +169,7 @@ def test_lightnings_own_load_of_the_checkpoint_takes_the_one_already_verified(tm
     run = runs.open_run("test", "last", path.parent)
     write_checkpoint(path, step=12)  # the file changed since it was verified: read anew
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 12
+    run.close()
+    run = runs.open_run("fit", None, tmp_path / "new", init_from="last", init_directory=path.parent)
+    assert load_checkpoint(str(path)) is run.init.checkpoint  # LitMNIST's load of --model.init_from: the same
     run.close()
