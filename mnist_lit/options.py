@@ -4,6 +4,7 @@ given before it."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -100,7 +101,9 @@ def _names(config: Any, prefix: str = "") -> list[str]:
 
 def warn_overridden(args: list[str]) -> None:
     """One line on stderr for each --config that sets options given before it on the command line, naming them:
-    the file wins there, which is seldom what was meant."""
+    the file wins there, which is seldom what was meant. Said once: not again by each process of a DDP run."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
     for position, path in _configs(args):
         in_file = set(_names(read_yaml(path)))
         before = [m[1] for a in args[:position] if (m := re.match(r"--([\w.]+)(?:=|$)", a)) and m[1] != "config"]
