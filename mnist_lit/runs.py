@@ -52,9 +52,12 @@ class Trained:
 def load(ckpt_path: str | os.PathLike, directory: Path | None = None, fitting: bool = False) -> Trained:
     """The checkpoint ckpt_path names ('last': the newest in directory), verified, with a network its weights fit."""
     path, checkpoint = load_ckpt_path(os.fspath(ckpt_path), directory or Path("checkpoints"), fitting)
-    trained = Trained(path, checkpoint, hparams_from(checkpoint), "")
+    return _trained(path, checkpoint)
+
+
+def _trained(path: str, checkpoint: dict[str, Any]) -> Trained:
+    trained = Trained(path, checkpoint, hparams_from(checkpoint), recorded_dataset(checkpoint))
     trained.net  # noqa: B018  (built now: a checkpoint whose weights do not fit its own network is refused here)
-    trained.dataset = recorded_dataset(checkpoint)
     return trained
 
 
@@ -114,8 +117,7 @@ def open_run(
                 raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
             return run
         path, checkpoint = load_ckpt_path(ckpt_path, directory, fitting)
-        trained = Trained(path, checkpoint, hparams_from(checkpoint), "")
-        trained.net  # noqa: B018  (the checkpoint's network, with weights that fit it)
+        trained = _trained(path, checkpoint)
         if fitting:
             check_resumable(path, checkpoint)
             if earlier is not None and Path(path).resolve().parent != directory.resolve():
@@ -123,7 +125,6 @@ def open_run(
                     f"{earlier} holds another run, which resuming {path} here would overwrite: resume"
                     " it in its own --trainer.default_root_dir, or here in an empty one"
                 )
-        trained.dataset = recorded_dataset(checkpoint)
         if dataset not in (None, trained.dataset):
             raise DataError(
                 f"{path} was trained on {DATASETS[trained.dataset].title} ({trained.dataset}), not on"
