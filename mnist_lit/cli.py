@@ -310,7 +310,7 @@ def main(args: list[str] | None = None) -> None:
     except (DataError, CheckpointError, ExportError, Diverged, PeerLost, MisconfigurationException) as err:
         sys.exit(f"error: {one_line(str(err))}")
     except argparse.ArgumentError as err:
-        sys.exit(f"error: {explain(str(err))} (see --help)")
+        sys.exit(f"error: {explain(str(err), names=getattr(err, 'option_names', None))} (see --help)")
     except ConfigError as err:
         sys.exit(f"error: {err} (see --help)")
     except ValueError as err:

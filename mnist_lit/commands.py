@@ -4,9 +4,11 @@ one. Their errors are raised, and reported as one line by cli.main with every ot
 
 from __future__ import annotations
 
+import inspect
 import re
 import socket
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -109,6 +111,11 @@ def run(command: str, args: list[str]) -> None:
     # The run's folder under the name fit gives it, its help from the function's docstring
     folder = re.search(r"default_root_dir: (.*)", doc)
     parser.add_argument("--trainer.default_root_dir", default=".", help=folder[1] if folder else None)
-    options = parser.parse_args(args).as_dict()
+    try:
+        options = parser.parse_args(args).as_dict()
+    except ArgumentError as err:  # reported by cli.main, with a "did you mean" among this command's own options
+        names = [f"--{name}" for name in inspect.signature(function).parameters if name != "default_root_dir"]
+        err.option_names = [*names, "--trainer.default_root_dir"]  # type: ignore[attr-defined]
+        raise
     options["default_root_dir"] = options.pop("trainer")["default_root_dir"]
     function(**options)

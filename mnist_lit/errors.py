@@ -23,8 +23,9 @@ def one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
-def explain(message: str, classes: bool = True) -> str:
-    """jsonargparse's parse error as one line naming the option, the value given and what would fit."""
+def explain(message: str, classes: bool = True, names: list[str] | None = None) -> str:
+    """jsonargparse's parse error as one line naming the option, the value given and what would fit (names: the
+    options the command takes, for a "did you mean"; default: the Lightning subcommands')."""
     if classes and (classy := explain_class_option(message)) is not None:
         return classy
     message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
@@ -49,7 +50,7 @@ def explain(message: str, classes: bool = True) -> str:
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
     if unknown := re.search(r"unrecognized arguments: (--[\w.-]+)", message):
-        names = _option_names()
+        names = names or _option_names()
         given = unknown[1].replace("-", "_").replace("__", "--", 1)  # --ckpt-path: the option is --ckpt_path
         tail = given.rpartition(".")[2].lstrip("-")  # --lr: an option that ends in .lr
         close = [n for n in names if n == given] or [n for n in names if n.endswith(f".{tail}")][:1]
