@@ -7,10 +7,7 @@ import signal
 import sys
 
 from mnist_lit import USAGE
-
-
-def _stop_at_once(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signum)
+from mnist_lit.signals import stop_at_once
 
 
 def main() -> None:
@@ -30,8 +27,9 @@ def _main() -> None:
         return
     if not args:
         sys.exit(f"{USAGE}\n\nerror: choose a subcommand")
-    # Until the command line installs its own handler (after the imports), a signal stops at once, in one line.
-    signal.signal(signal.SIGTERM, _stop_at_once)
+    # Until the command line installs its own handler (after the imports), a signal stops at once, in one line
+    # (mnist_lit.signals lists every place a signal is handled).
+    signal.signal(signal.SIGTERM, stop_at_once)
     try:
         from mnist_lit.cli import main as run
 

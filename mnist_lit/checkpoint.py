@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import sys
-from types import FrameType
 from typing import Any
 
 import torch
@@ -15,19 +14,14 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
-from mnist_lit.storage import AtomicCheckpointIO, CheckpointError, checkpoint_dir
+from mnist_lit import signals
+from mnist_lit.checkpoint_io import AtomicCheckpointIO
+from mnist_lit.signals import Interrupted
+from mnist_lit.storage import CheckpointError, checkpoint_dir
 
 
 class Diverged(RuntimeError):
     """Training produced weights that are not finite numbers; they were not saved."""
-
-
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C or SIGTERM after saving a resumable checkpoint."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
@@ -100,38 +94,10 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
         raise CheckpointError(f"{path} holds no usable weights: {broken[0]} is not a tensor of finite numbers")
 
 
-# --- Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
-#
-# One handler owns both signals for the whole process, from the moment the command line starts. While a fit's
-# training loop runs, a Checkpoint callback takes the first signal and stops at the next batch boundary with a
-# checkpoint (under DDP every process stops at the same batch); before and after that, or at a second signal, the
-# handler stops at once. Either way the command ends with one line and the shell's status for the signal.
-
-_catcher: Any = None  # the Checkpoint whose training loop takes the next signal, if any
-
-
-def install_signal_handlers() -> dict[int, Any]:
-    """Take over SIGINT and SIGTERM; return the handlers they had."""
-    global _saver
-    _saver = None  # a new command: nothing of its own saved yet
-    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-_saver: Any = None  # the Checkpoint of this process's fit, armed or not: what it saved, for the stop's message
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if _catcher is not None and _catcher.catch(signum):
-        return
-    newest = _saver.newest_saved() if _saver is not None else None  # also after training, while figures are drawn
-    done = f"the newest checkpoint is {newest}" if newest else "nothing new was saved"
-    raise Interrupted(f"{signal.Signals(signum).name}: stopped at once; {done}", signum)
-
-
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint whose files are never half-written, never silently damaged, and resume a run exactly.
 
-    - Every file is written through AtomicCheckpointIO (mnist_lit.storage): sealed with a digest, written to a
+    - Every file is written through AtomicCheckpointIO (mnist_lit.checkpoint_io): sealed with a digest, written to a
       temporary name, fsynced and renamed; an older file is removed only after its successor is on disk.
     - last.ckpt is a second copy of the newest periodic file (its own inode): one damaged file never takes the
       run's only checkpoint with it.
@@ -331,15 +297,14 @@ class Checkpoint(ModelCheckpoint):
 
     # --- stopping early: a signal or a limit, with a checkpoint of the step reached ----------------------------
 
+    # Ctrl-C and SIGTERM while the training loop runs: mnist_lit.signals hands them to catch()
+
     def _arm(self) -> None:
-        global _catcher, _saver
         self._stop_signal = None
-        _catcher = _saver = self
+        signals.arm(self)
 
     def _disarm(self) -> None:
-        global _catcher
-        if _catcher is self:
-            _catcher = None
+        signals.disarm(self)
 
     def catch(self, signum: int) -> bool:
         """Take a signal during training: True for the first (stop at the next batch), False for a second."""

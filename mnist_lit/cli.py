@@ -1,50 +1,38 @@
-"""The command line: LightningCLI's fit, validate, test and predict, plus export and serve; errors as one line."""
+"""The command line: LightningCLI's fit, validate, test and predict, which open a run's checkpoints through
+mnist_lit.runs; mnist_lit's own subcommands are in mnist_lit.commands; every user error ends here, in main, as one
+line."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
-import inspect
 import logging
 import os
-import re
-import shutil
-import signal
-import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import yaml
 from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import USAGE, nodes
-from mnist_lit.checkpoint import (
-    Checkpoint,
-    Diverged,
-    Interrupted,
-    check_resumable,
-    install_signal_handlers,
-    run_seed,
-)
+from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs, signals
+from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.datasets import DATASETS, recorded_dataset
-from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_optimizer, hparams_from, net_from, tunable
+from mnist_lit.errors import ConfigError, explain, explain_accelerator, explain_class_option, one_line
+from mnist_lit.export import ExportError
+from mnist_lit.logfolder import SaveConfig, claim_version
+from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
-from mnist_lit.storage import AUTO, CheckpointError, RunLock, checkpoint_dir, load_ckpt_path, newest_checkpoint, resolve
-from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+from mnist_lit.storage import CheckpointError, checkpoint_dir
+from mnist_lit.trust import check_spec
 
 
 def reports(subcommand: str | None) -> list[Callback]:
@@ -66,70 +54,16 @@ def share_cores(processes: int, workers: int) -> None:
     torch.set_num_threads(max(1, cores // processes - workers))
 
 
-class SaveConfig(SaveConfigCallback):
-    """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
-    itself, where a config.yaml may well be the user's own."""
-
-    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
-    _start_step: int | None = None  # the step training started from, once it has
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.logger is None:
-            return
-        try:
-            super().setup(trainer, pl_module, stage)
-        except OSError as err:  # a full disk: name the file, which the error itself does not
-            path = err.filename or os.path.join(trainer.log_dir or ".", self.config_filename)
-            raise OSError(err.errno, err.strerror, path) from None
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start_step = trainer.global_step
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # A run that failed before it trained a step (any failed validate, test or predict) leaves nothing worth
-        # a version folder: its config.yaml would only describe a run that never was.
-        if self._start_step is None or trainer.global_step == self._start_step:
-            self.discard(trainer)
-
-    def discard(self, trainer: Trainer) -> None:
-        """Remove the version folder this run created (and lightning_logs/ if that leaves it empty)."""
-        if not self.own_folder or trainer.logger is None or trainer.logger.log_dir is None:
-            return
-        if trainer.is_global_zero:
-            folder = trainer.logger.log_dir
-            shutil.rmtree(folder, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(folder))
-        self.own_folder = False
-
-
-def claim_version(folder: Path) -> int:
-    """The next free version_N in folder, created here: the first run to create it owns it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            (folder / f"version_{version}").mkdir()
-            return version
-        except FileExistsError:
-            version += 1
-
-
-class ConfigError(ValueError):
-    """The options parsed, but the objects they describe cannot be built (e.g. an unknown strategy)."""
-
-
 class MNISTCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.lock: RunLock | None = None  # held for the whole fit: one run per checkpoint folder
+        self.run: runs.Run | None = None  # what this command starts from; holds fit's run lock until the end
         self.resumed_step: int | None = None
         self.claimed: Path | None = None  # the log version folder this run created
         try:
             super().__init__(*args, **kwargs)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            if self.run is not None:
+                self.run.close()
             if self.claimed is not None:  # a run that failed before writing a file there leaves no empty folder
                 with contextlib.suppress(OSError):
                     self.claimed.rmdir()
@@ -141,15 +75,8 @@ class MNISTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
-            raise ConfigError(_explain_class_option(str(err)) or _one_line(str(err))) from None
-
-    # private-lightning[LightningCLI._set_seed]: the only place the seed is applied; checked for range first
-    def _set_seed(self) -> None:
-        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
-        seed = self._get(self.config, "seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
-            raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
-        super()._set_seed()
+            device = explain_accelerator(str(err), options.origin(self.args, "trainer.accelerator"))
+            raise ConfigError(device or explain_class_option(str(err)) or one_line(str(err))) from None
 
     def check_trainer_options(self) -> None:
         # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError
@@ -190,8 +117,7 @@ class MNISTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Our bar stands in for Lightning's default one, unless bars are off or the user chose another.
-        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
-        config = self._get(self.config_init, "trainer")
+        config = self.config_init[self.subcommand].trainer
         callbacks = config.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), *reports(self.subcommand)]
         if config.get("enable_progress_bar") is not False and not any(
@@ -214,12 +140,7 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         nodes.prepare(trainer, config.ddp_timeout, config.ckpt_path, directory)
-        # Private, and the only way: Lightning's own SIGTERM handler broadcasts from inside the handler (one
-        # signalled DDP process hangs every process) and ends the run with exit status 0. mnist_lit's handler
-        # (checkpoint.install_signal_handlers) owns SIGINT and SIGTERM instead; tests/test_faults.py checks that
-        # the attribute is still there.
-        # private-lightning[Trainer._signal_connector]: no public switch for Lightning's own SIGTERM handler
-        trainer._signal_connector.register_signal_handlers = lambda: None
+        signals.silence_lightning(trainer)  # mnist_lit.signals owns SIGINT and SIGTERM
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
             new = claimed or not os.path.exists(trainer.logger.log_dir)
@@ -233,8 +154,7 @@ class MNISTCLI(LightningCLI):
         with a traceback at the first validation, after checkpoints a corrected command would refuse to overwrite."""
         validating = self.datamodule.val_size > 0 and trainer.limit_val_batches != 0
         logged = [*LitMNIST.TRAIN_METRICS, *(LitMNIST.VAL_METRICS if validating else ())]
-        # private-lightning[LightningCLI._get]: LightningCLI's own reader of a subcommand's config
-        scheduler = self._get(self.config, "model").lr_scheduler
+        scheduler = self.config[self.subcommand].model.lr_scheduler
         if not validating and str(getattr(scheduler, "class_path", "")).endswith(".ReduceLROnPlateau"):
             raise ConfigError("--model.lr_scheduler ReduceLROnPlateau watches val/loss, and this run has no validation")
         for callback in trainer.callbacks:
@@ -253,22 +173,11 @@ class MNISTCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # --model.lr and --model.momentum, the options before the optimizer became injectable, still mean the
-        # guide's SGD's own (on the command line; in YAML it is model.optimizer.init_args.lr).
-        args = list(sys.argv[1:] if args is None else args)
-        for old, new in (("--model.lr", "--model.optimizer.lr"), ("--model.momentum", "--model.optimizer.momentum")):
-            args = [new + a[len(old) :] if a == old or a.startswith(f"{old}=") else a for a in args]
-        self.args = args  # parsed again over a checkpoint's hyperparameters (_parse_ckpt_path)
-        trust_command_line(args)
-        for path in config_files(args):
-            check_config_file(path)
-        self.config = parser.parse_args(args)
-
-    # private-lightning[LightningCLI._parse_ckpt_path]: the one hook between parsing and building
-    def _parse_ckpt_path(self) -> None:
-        """Check the options, resolve --ckpt_path and --model.init_from (and check the files) before anything is
-        built or written, and take the model's hyperparameters and the data's dataset from the checkpoint, except
-        those given on this command line (Lightning's own overlay puts the checkpoint's over them, silently)."""
+        # Everything a command can be refused for, checked here, after parsing and before anything is built or
+        # written: the options, then the run's checkpoints (mnist_lit.runs), whose hyperparameters and dataset
+        # become the options' except where the command line gives them.
+        self.args = options.prepare(list(sys.argv[1:] if args is None else args))
+        self.config = parser.parse_args(self.args)
         subcommand = self.config.subcommand
         config = self.config[subcommand]
         try:  # a bad optimizer option first, whatever else may be wrong
@@ -278,271 +187,60 @@ class MNISTCLI(LightningCLI):
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.check_trainer_options()
-        directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
-        fitting = subcommand == "fit"
-        if fitting and directory.exists() and not directory.is_dir():
-            raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
-        if config.model.init_from is not None:
-            self._parse_init_from(config, directory)
-        if fitting and rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0":
-            # Before the look for an earlier run: two fits started together must not both find none.
-            self.lock = RunLock(directory)
-            self.lock.acquire()
-        earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
-        if fitting and config.ckpt_path == AUTO:  # resume if there is a run to resume, else start one
-            config.ckpt_path = None if earlier is None else resolve(AUTO, directory, fitting)
-        if config.ckpt_path is None:
-            if earlier is not None:
-                raise CheckpointError(
-                    f"{earlier} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path"
-                    " last, or start the new run in another --trainer.default_root_dir"
-                )
-            if not fitting:  # the model's random initial weights would be evaluated as if trained
-                raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
-            return
-        ckpt_path, checkpoint = load_ckpt_path(config.ckpt_path, directory, fitting)
-        hparams = hparams_from(checkpoint)
-        net_from(ckpt_path, checkpoint)  # the checkpoint's network, with weights that fit it
-        if fitting:
-            check_resumable(ckpt_path, checkpoint)
-            self.resumed_step = checkpoint.get("global_step")
-            if earlier is not None and Path(ckpt_path).resolve().parent != directory.resolve():
-                raise CheckpointError(
-                    f"{earlier} holds another run, which resuming {ckpt_path} here would overwrite: resume"
-                    " it in its own --trainer.default_root_dir, or here in an empty one"
-                )
-        recorded = recorded_dataset(checkpoint)
-        if config.data.dataset not in (None, recorded):
-            raise DataError(
-                f"{ckpt_path} was trained on {DATASETS[recorded].title} ({recorded}), not on"
-                f" {DATASETS[config.data.dataset].title}: drop --data.dataset {config.data.dataset}"
-                " (the checkpoint's dataset is used)"
-            )
-        trained = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        root = config.trainer.default_root_dir
+        self.run = runs.open_run(
+            subcommand,
+            config.ckpt_path,
+            checkpoint_dir(root, config.checkpoint.dirpath),
+            init_from=config.model.init_from,
+            init_directory=checkpoint_dir(root, None),
+            dataset=config.data.dataset,
+            main_process=rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0",
+        )
+        if self.run.init is not None:
+            self._take_init_from(self.run.init)
+        if self.run.resume is not None:
+            self._take_checkpoint(self.run.resume)
+        else:
+            self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
+        seed = self.config[subcommand].seed_everything
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+            raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
+
+    # private-lightning[LightningCLI._parse_ckpt_path]: switched off. It would load --ckpt_path unverified and put
+    # its hyperparameters over the command line's; parse_arguments has done both right (mnist_lit.runs).
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+    def _take_init_from(self, init: runs.Trained) -> None:
+        """--model.init_from's network, unless one is given; its dataset, unless one is given."""
+        subcommand = self.config.subcommand
+        if self.config[subcommand].model.net.as_dict() == NET_SPEC and init.net_spec != NET_SPEC:
+            self.config = self.parser.parse_object({subcommand: {"model": {"net": init.net_spec}}}, self.config)
+        config = self.config[subcommand]
+        config.model.init_from = init.path
+        if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
+            config.data.dataset = init.dataset
+
+    def _take_checkpoint(self, trained: runs.Trained) -> None:
+        """The model's hyperparameters and the data's dataset from the checkpoint, except those given on this command
+        line (Lightning's own overlay puts the checkpoint's over them, silently); a resume's rules applied."""
+        subcommand = self.config.subcommand
+        hparams = {subcommand: {"model": trained.hparams}}
         # The command line once more, over the defaults and the checkpoint's hyperparameters: what it gives wins.
         # (Over the defaults, not over the config parsed already, where `--trainer.callbacks+=X` would add X twice.)
-        base = self.parser.parse_object({subcommand: {"model": hparams}}, self.parser.get_defaults())
+        base = self.parser.parse_object(hparams, self.parser.get_defaults())
         final = self.parser.parse_args(self.args, namespace=base, defaults=False)
-        if fitting:
-            check_resume_changes(ckpt_path, trained[subcommand].model.as_dict(), final[subcommand].model.as_dict())
-            final[subcommand].seed_everything = self._resumed_seed(ckpt_path, checkpoint, final[subcommand])
-        final[subcommand].ckpt_path = ckpt_path
-        final[subcommand].data.dataset = recorded
+        if subcommand == "fit":
+            before = self.parser.parse_object(hparams, self.config)[subcommand].model.as_dict()
+            runs.check_resume_changes(trained.path, before, final[subcommand].model.as_dict())
+            given = any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in self.args)
+            given = given or options.given_in_config(self.args, "seed_everything")
+            final[subcommand].seed_everything = runs.resumed_seed(trained, final[subcommand].seed_everything, given)
+            self.resumed_step = trained.checkpoint.get("global_step")
+        final[subcommand].ckpt_path = trained.path
+        final[subcommand].data.dataset = trained.dataset
         self.config = final
-
-    def _resumed_seed(self, ckpt_path: str, checkpoint: dict[str, Any], config: Any) -> Any:
-        """A resumed run goes on with its own random state and data order, whatever --seed_everything says: one
-        given anew is refused, not silently ignored, and config.yaml records the run's own."""
-        seed = run_seed(checkpoint)
-        if seed is None:
-            return config.seed_everything
-        given = any(a == "--seed_everything" or a.startswith("--seed_everything=") for a in self.args) or any(
-            isinstance(c := _read_yaml(path), dict) and "seed_everything" in c for path in config_files(self.args)
-        )
-        if given and config.seed_everything != seed:
-            raise ConfigError(
-                f"--seed_everything cannot change when resuming {ckpt_path} (its run's seed is {seed}: the resumed"
-                " run goes on with that run's random state and data order); start a new run for another seed"
-            )
-        return seed
-
-    def _parse_init_from(self, config: Any, directory: Path) -> None:
-        """--model.init_from as a checked file; the new run's dataset is that checkpoint's unless given."""
-        if config.ckpt_path is not None:
-            raise ConfigError(
-                "--model.init_from starts a new run from a checkpoint's weights and --ckpt_path continues one: pass"
-                " one of them"
-            )
-        source = checkpoint_dir(config.trainer.default_root_dir, None)
-        path = resolve(config.model.init_from, source, fitting=False)
-        if config.model.init_from == "last" and source.resolve() == directory.resolve():
-            raise CheckpointError(
-                f"--model.init_from last is {path}, in the folder this run's checkpoints would overwrite: give the"
-                " new run its own --checkpoint.dirpath, or pass init_from the file and use another"
-                " --trainer.default_root_dir"
-            )
-        path, checkpoint = load_ckpt_path(config.model.init_from, source, fitting=False)
-        trained_net = hparams_from(checkpoint).get("net", NET_SPEC)
-        if config.model.net.as_dict() == NET_SPEC and trained_net != NET_SPEC:  # its network, unless given
-            self.config = self.parser.parse_object(
-                {self.config.subcommand: {"model": {"net": trained_net}}}, self.config
-            )
-            config = self.config[self.config.subcommand]
-        net_from(path, checkpoint)  # a network the checkpoint's weights fit
-        config.model.init_from = path
-        if config.data.dataset is None:  # a new run may fine-tune on another dataset, but by default its own
-            config.data.dataset = recorded_dataset(checkpoint)
-
-
-def config_files(args: list[str]) -> list[str]:
-    """The files --config names on a command line."""
-    files = []
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            files.append(args[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.partition("=")[2])
-    return files
-
-
-def _read_yaml(path: str) -> Any:
-    """A --config file's contents (None where it cannot be read: jsonargparse says why); YAML errors named by file
-    and line, not as jsonargparse's "<unicode string>"."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        problem = getattr(err, "problem", None) or _one_line(str(err))
-        raise ConfigError(f"--config {path}:{where} not valid YAML ({problem})") from None
-
-
-def check_config_file(path: str) -> None:
-    """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
-    (mnist_lit.trust) before jsonargparse imports or calls what they name."""
-    config = _read_yaml(path)
-    model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict):
-        return
-    for field in KINDS:
-        try:
-            check_spec(field, model.get(field), partial=True)
-        except Untrusted as err:
-            raise ConfigError(f"--config {path}: {err}") from None
-
-
-def _spec(value: Any) -> Any:
-    """A class-path spec with its init_args spelt out, empty or not: one spelling for comparing two."""
-    if isinstance(value, dict) and "class_path" in value:
-        return {"class_path": value["class_path"], "init_args": value.get("init_args") or {}}
-    return value
-
-
-def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[str, Any]) -> None:
-    """Refuse, naming the option, a --model option given anew on a resume that the run cannot take from here on.
-
-    A new number for the optimizer (lr, momentum, weight_decay, Adam's betas ...) is applied to the restored
-    optimizer (LitMNIST.on_train_start); its class, its switches, the schedule and the model's layout are not:
-    the restored optimizer and scheduler state belong to them.
-    """
-    where = f"resuming {ckpt_path}"
-    for name in given.keys() | trained.keys():
-        old, new = _spec(trained.get(name)), _spec(given.get(name))
-        if old == new:
-            continue
-        if name != "optimizer":
-            raise ConfigError(f"--model.{name} cannot change when {where} (it was {old!r}); start a new run for that")
-        if old["class_path"] != new["class_path"]:
-            raise ConfigError(
-                f"--model.optimizer cannot change when {where} (it was {old['class_path']}, whose state the"
-                " checkpoint holds); start a new run for another optimizer"
-            )
-        old_args, new_args = old.get("init_args", {}), new.get("init_args", {})
-        for arg in sorted(old_args.keys() | new_args.keys()):
-            before, after = old_args.get(arg), new_args.get(arg)
-            if before == after:
-                continue
-            if not (tunable(before) and tunable(after)):
-                raise ConfigError(
-                    f"--model.optimizer.{arg} cannot change when {where} (it was {before!r}); start a new run for that"
-                )
-            if trained.get("lr_scheduler") and arg in ("lr", "momentum", "betas"):
-                raise ConfigError(
-                    f"--model.optimizer.{arg} cannot change when {where}: its --model.lr_scheduler sets it"
-                )
-
-
-def _one_line(message: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", message.strip())
-
-
-def _explain(message: str, classes: bool = True) -> str:
-    """jsonargparse's parse error as one line naming the option, the value given and what would fit."""
-    if classes and (classy := _explain_class_option(message)) is not None:
-        return classy
-    message = _one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
-    if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
-        bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
-        return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
-    if union := re.search(
-        r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
-    ):
-        expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
-        names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
-        return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
-    if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
-        names = [*re.findall(r"'(\w+)'", choice[2]), "export", "serve", "sweep"]  # ours, outside LightningCLI's parser
-        close = difflib.get_close_matches(choice[1], names, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
-    if unknown := re.search(r"unrecognized arguments: (--[\w.-]+)", message):
-        names = _option_names()
-        given = unknown[1].replace("-", "_").replace("__", "--", 1)  # --ckpt-path: the option is --ckpt_path
-        tail = given.rpartition(".")[2].lstrip("-")  # --lr: an option that ends in .lr
-        close = [n for n in names if n == given] or [n for n in names if n.endswith(f".{tail}")][:1]
-        if close := close or difflib.get_close_matches(given, names, n=1, cutoff=0.75):
-            return f"{message}; did you mean {close[0]}?"
-    return message
-
-
-def _explain_class_option(message: str) -> str | None:
-    """The real cause of a bad class-typed option (a logger, a callback, the optimizer, the scheduler), which
-    jsonargparse buries under the other types the option would also take: a missing argument of the class, its
-    missing package, a class it cannot find, a bad value of one of its arguments."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    option = f"--{key[1]}" if key else _option_of_type(message)
-    end = r"(?=\n\s*- |\n\s*Given value|\. Got value: |\Z)"
-    if ambiguous := re.search(r"(Multiple subclasses with name [^\n]*)", message):
-        return f"{option}: {ambiguous[1].rstrip('.')}"
-    if problem := re.search(rf"Problem with given class_path '([^']+)':\s*(.*?){end}", message, re.S):
-        cls, cause = problem[1].rpartition(".")[2], _one_line(problem[2])
-    elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):
-        cause = callable_[1].strip()
-        if inner := re.search(r'callable class: Parser key "([^"]+)":\s*(.*?)(?:\. Got value: .*)?\Z', message, re.S):
-            # one of the class's own arguments
-            return _explain(f'Parser key "{option[2:]}.{inner[1]}":\n{inner[2]}', classes=False)
-        if re.search(r"has no attribute|No module named", cause):
-            given = re.search(r"Got value: (\S+)\Z", message)
-            return f"{option}: no class named {given[1] if given else '?'!r} ({_one_line(cause)})"
-        given = re.search(r"class_path='([^']+)'", message)
-        cls, cause = given[1].rpartition(".")[2] if given else "", _one_line(cause)
-    elif unknown := re.search(r"Expected a dot import path string: (\S+)", message):
-        return f"{option}: no class named {unknown[1]!r} (give the name of a class it takes, or its import path)"
-    else:
-        return None
-    if required := re.match(r"the following arguments are required: (.*)", cause):
-        names = [name.strip() for name in required[1].split(",")]
-        needed = " ".join(f"{option}.{name} VALUE" for name in names)
-        return f"{option} {cls} needs {', '.join(names)}: add {needed}"
-    if unaccepted := re.match(r"Option '(\w+)' is not accepted", cause):
-        return f"{option}.{unaccepted[1]}: {cls} has no option {unaccepted[1]!r}"
-    return f"{option} {cls}: {cause}"
-
-
-def _option_of_type(message: str) -> str:
-    """The option a type error without a parser key is about, from the types it names."""
-    for pattern, option in (
-        (r"callbacks\.callback\.Callback", "--trainer.callbacks"),
-        (r"loggers\.logger\.Logger", "--trainer.logger"),
-        (r"lr_scheduler", "--model.lr_scheduler"),
-        (r"optim\.optimizer\.Optimizer", "--model.optimizer"),
-    ):
-        if re.search(pattern, message):
-            return option
-    return "an option"
-
-
-def _option_names() -> list[str]:
-    """Every --group.option the CLI takes, for suggestions on a misspelt one."""
-    groups = {"model": LitMNIST, "data": MNISTDataModule, "checkpoint": Checkpoint, "trainer": Trainer}
-    names = [f"--{g}.{p}" for g, cls in groups.items() for p in inspect.signature(cls.__init__).parameters]
-    optimizer = [f"--model.optimizer.{name}" for name in GUIDE_SGD["init_args"]]  # --lr: --model.optimizer.lr
-    general = ["--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only", "--ddp_timeout"]
-    return [*names, *optimizer, *general]
 
 
 class PeerLost(RuntimeError):
@@ -578,111 +276,9 @@ def _run_lightning(args: list[str] | None) -> None:
         auto_configure_optimizers=False,
         save_config_callback=SaveConfig,
         save_config_kwargs={"overwrite": True},  # a version folder is the run's own
-        parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in SUBCOMMANDS}},
+        parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in LIGHTNING_COMMANDS}},
         args=args,
     )
-
-
-class _ExportParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, like every other error, not usage + error
-        raise ConfigError(message)
-
-
-def run_export(args: list[str]) -> None:
-    from mnist_lit.export import ExportError, export  # onnx only when exporting
-
-    parser = _ExportParser(
-        prog="python -m mnist_lit export",
-        description="Write a trained Net for deployment: .pth (the guide's plain state_dict) or .onnx.",
-    )
-    parser.add_argument("--ckpt_path", required=True, help="A checkpoint file, or 'last'.")
-    parser.add_argument("--output", required=True, help="File to write; its extension picks the format.")
-    parser.add_argument(
-        "--trainer.default_root_dir",
-        dest="default_root_dir",
-        default=".",
-        help="The run's folder, as in fit: 'last' is <this>/checkpoints/last.ckpt.",
-    )
-    options = parser.parse_args(args)
-    directory = checkpoint_dir(options.default_root_dir, None)
-    ckpt_path = resolve(options.ckpt_path, directory, fitting=False)
-    try:
-        print(export(ckpt_path, Path(options.output)))
-    except ExportError as err:
-        sys.exit(f"error: {err}")
-
-
-def run_serve(args: list[str]) -> None:
-    parser = _ExportParser(
-        prog="python -m mnist_lit serve",
-        description="Serve a trained Net with LitServe: a page to draw digits on at /, POST /predict, GET /health.",
-    )
-    parser.add_argument("--ckpt_path", help="A checkpoint file, 'last', or a .pth that export wrote.")
-    parser.add_argument(
-        "--trainer.default_root_dir", dest="root", default=".", help="Where 'last' is: <this>/checkpoints/last.ckpt."
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
-        help="Interface to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 or :: let any machine in).",
-    )  # fmt: skip
-    parser.add_argument("--port", type=int, default=8000, help="1024 to 65535 (default: 8000).")
-    parser.add_argument(
-        "--max_batch_size", type=int, default=1,
-        help="Run up to this many waiting requests as one batch (default: 1, no batching: it was not consistently"
-        " faster on a 2-core CPU, and a batching worker polls its queue even when idle).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch_timeout", type=float, default=0.005, help="Seconds a batch waits to fill (default: 0.005)."
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="Model processes per device, and as many HTTP server processes (default: 1).",
-    )
-    parser.add_argument(
-        "--accelerator", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-        help="Where the model runs (default: auto, a GPU if there is one).",
-    )  # fmt: skip
-    options = parser.parse_args(args)
-    if options.ckpt_path is None:
-        raise CheckpointError("serve needs trained weights: pass --ckpt_path last or a checkpoint file")
-    if not 1024 <= options.port <= 65535:
-        raise ConfigError(f"--port: {options.port} is out of range; it must be >= 1024 and <= 65535")
-    for name in ("max_batch_size", "workers"):
-        if (value := getattr(options, name)) < 1:
-            raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
-    if not 0 <= options.batch_timeout < 1:
-        raise ConfigError(f"--batch_timeout: {options.batch_timeout} is out of range; it must be >= 0 and < 1")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(options.accelerator, True):  # LitServe would fail later, with a traceback
-        raise ConfigError(f"--accelerator {options.accelerator}: this machine has no such device")
-    ckpt_path = resolve(options.ckpt_path, checkpoint_dir(options.root, None), fitting=False)
-    try:
-        from mnist_lit.serve import load_net, serve
-    except ImportError as err:  # litserve is an optional extra
-        raise ConfigError(f"serve needs {err.name}: pip install -e '.[serve]' in the project's folder") from None
-    net, dataset = load_net(ckpt_path)
-    # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
-    with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind((options.host, options.port))
-        except OSError as err:
-            raise ConfigError(f"--port: cannot listen on {options.host} port {options.port}: {err.strerror}") from None
-    url = f"http://{f'[{options.host}]' if ':' in options.host else options.host}:{options.port}/"
-    print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
-    serve(net, dataset, options.host, options.port, options.max_batch_size, options.batch_timeout, options.workers,
-          options.accelerator)  # fmt: skip
-    print("stopped", file=sys.stderr)
-
-
-def run_sweep(args: list[str]) -> None:
-    try:
-        from mnist_lit.sweep import run_sweep as sweep
-    except ImportError as err:  # optuna is an optional extra
-        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
-    sweep(args)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -703,33 +299,26 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     argv = sys.argv[1:] if args is None else list(args)
-    previous = install_signal_handlers()
     try:
-        if argv[:1] == ["export"]:
-            run_export(argv[1:])
-        elif argv[:1] == ["serve"]:
-            run_serve(argv[1:])
-        elif argv[:1] == ["sweep"]:
-            run_sweep(argv[1:])
-        else:
-            run_lightning(args)
+        with signals.handling():  # Ctrl-C and SIGTERM: see mnist_lit.signals
+            if argv[:1] and argv[0] in COMMANDS and argv[0] not in LIGHTNING_COMMANDS:
+                commands.run(argv[0], argv[1:])
+            else:
+                run_lightning(args)
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         where = f"{err.filename}: " if err.filename else ""
-        sys.exit(f"error: {where}{err.strerror or _one_line(str(err))}")
-    except (DataError, CheckpointError, Diverged, PeerLost, MisconfigurationException) as err:
-        sys.exit(f"error: {_one_line(str(err))}")
+        sys.exit(f"error: {where}{err.strerror or one_line(str(err))}")
+    except (DataError, CheckpointError, ExportError, Diverged, PeerLost, MisconfigurationException) as err:
+        sys.exit(f"error: {one_line(str(err))}")
     except argparse.ArgumentError as err:
-        sys.exit(f"error: {_explain(str(err))} (see --help)")
+        sys.exit(f"error: {explain(str(err), names=getattr(err, 'option_names', None))} (see --help)")
     except ConfigError as err:
         sys.exit(f"error: {err} (see --help)")
     except ValueError as err:
         # Lightning checks val_check_interval against the epoch's batches only once the data is there
         if "`val_check_interval`" not in str(err):
             raise
-        sys.exit(f"error: --trainer.{_one_line(str(err)).replace('`', '')}")
-    except Interrupted as err:
+        sys.exit(f"error: --trainer.{one_line(str(err)).replace('`', '')}")
+    except signals.Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

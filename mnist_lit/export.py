@@ -6,29 +6,20 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mnist_lit.datasets import DATASETS, recorded_dataset
-from mnist_lit.model import NET_SPEC, Net, hparams_from, log_probabilities, net_from
-from mnist_lit.storage import load_checkpoint, write_atomically
+from mnist_lit import runs
+from mnist_lit.datasets import DATASETS
+from mnist_lit.model import Net, log_probabilities
+from mnist_lit.storage import write_atomically
 
 ONNX_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
     """An export that cannot be done or did not check out; the message says why."""
-
-
-def net_from_checkpoint(ckpt_path: str | os.PathLike) -> tuple[nn.Module, str, dict[str, Any]]:
-    """The network held in a mnist_lit checkpoint, rebuilt from its spec (checked as data) with its weights, loaded
-    without unpickling anything but tensors; the name of the dataset it was trained on; the network's spec (one
-    read and one digest check of the file for all three)."""
-    checkpoint = load_checkpoint(ckpt_path)
-    spec = hparams_from(checkpoint).get("net", NET_SPEC)
-    return net_from(ckpt_path, checkpoint), recorded_dataset(checkpoint), spec
 
 
 class Classifier(nn.Module):
@@ -42,8 +33,9 @@ class Classifier(nn.Module):
         return log_probabilities(self.net, self.net(x))
 
 
-def export(ckpt_path: str | os.PathLike, output: Path) -> str:
-    """Write the checkpoint's Net to output in the format its extension names; return what was done."""
+def export(ckpt_path: str | os.PathLike, output: Path, directory: Path | None = None) -> str:
+    """Write the checkpoint's Net to output in the format its extension names ('last': the newest checkpoint in
+    directory); return what was done."""
     suffix = output.suffix.lower()
     if suffix not in (".pth", ".pt", ".onnx"):
         raise ExportError(f"cannot export to {output}: the extension must be .pth (the guide's state_dict) or .onnx")
@@ -51,8 +43,9 @@ def export(ckpt_path: str | os.PathLike, output: Path) -> str:
         raise ExportError(f"cannot export to {output}: it is a folder; name a file")
     if output.exists() and not output.is_file():
         raise ExportError(f"cannot export to {output}: it exists and is not a regular file; name a file")
-    net, dataset, spec = net_from_checkpoint(ckpt_path)
-    known = DATASETS[dataset]
+    trained = runs.load(ckpt_path, directory)
+    net, spec = trained.net, trained.net_spec
+    known = DATASETS[trained.dataset]
     # The file holds weights only: a deployment must normalise its inputs as the training data was.
     inputs = f"; inputs as {known.title}'s: 28x28, (pixel / 255 - {known.mean}) / {known.std}"
     output.parent.mkdir(parents=True, exist_ok=True)

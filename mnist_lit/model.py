@@ -336,10 +336,12 @@ def hparams_from(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return hparams
 
 
-def net_from(ckpt_path: str | os.PathLike, checkpoint: dict[str, Any]) -> nn.Module:
+def net_from(
+    ckpt_path: str | os.PathLike, checkpoint: dict[str, Any], hparams: dict[str, Any] | None = None
+) -> nn.Module:
     """The network a checkpoint holds, rebuilt from its spec (checked as data) with its weights, in eval mode; its
     convolution weights in the plain layout (a channels_last run's are not)."""
-    net = build_net(hparams_from(checkpoint).get("net"))
+    net = build_net((hparams_from(checkpoint) if hparams is None else hparams).get("net"))
     check_weights(ckpt_path, checkpoint, nn.ModuleDict({"net": net}))
     state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
     net.load_state_dict(state, strict=True)

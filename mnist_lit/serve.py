@@ -5,14 +5,11 @@
 
 import base64
 import binascii
-import contextlib
-import ctypes
 import io
 import json
 import logging
 import os
 import pickle
-import signal
 import sys
 import time
 from pathlib import Path
@@ -26,9 +23,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
+from mnist_lit import runs, signals
 from mnist_lit.checkpoint import check_weights
 from mnist_lit.datasets import DATASETS, DEFAULT
-from mnist_lit.export import net_from_checkpoint
 from mnist_lit.images import prepare
 from mnist_lit.model import Net, build_net, log_probabilities
 from mnist_lit.storage import CheckpointError
@@ -37,26 +34,6 @@ PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
 MAX_PIXELS = 4096 * 4096  # read from the image's header, before anything is decoded
 USAGE = 'send {"image": "<base64 of a PNG, JPEG or BMP>"} as application/json'
-
-
-PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process as soon as its parent ends, however it ends (serve's main process
-    SIGKILLed, say, which cannot stop its children itself); and end now if the parent already has."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask for
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent ended before the request above: nobody would stop this one
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_forking = 0  # the process that forks, as its child sees it
-
-
-def _before_fork() -> None:
-    global _forking
-    _forking = os.getpid()
 
 
 class Refused(ValueError):
@@ -72,8 +49,8 @@ def load_net(ckpt_path: str) -> tuple[nn.Module, str]:
     network's spec and weights), and the dataset it was trained on: the checkpoint's; a .pth records none, and is
     taken for MNIST."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        net, dataset, _ = net_from_checkpoint(ckpt_path)
-        return net, dataset
+        trained = runs.load(ckpt_path)
+        return trained.net, trained.dataset
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -146,13 +123,11 @@ class DigitAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         # A spawned process (fork and exec) runs no fork hook: it asks for its parent's death signal here.
-        die_with_parent(self.server_pid)
+        signals.die_with_parent(self.server_pid)
         # Measured on the 2-core machine, busy: a forward pass took 0.25 ms on one thread, 13 ms on two.
         torch.set_num_threads(1)
         Image.MAX_IMAGE_PIXELS = None  # read_image checks the size itself, before decoding, against a lower limit
-        # The main process stops this one (SIGTERM) on Ctrl-C; Ctrl-C itself, sent to the whole process group,
-        # would interrupt it inside LitServe's queue read and print a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signals.ignore_ctrl_c()
         self.net.to(device)
 
     def decode_request(self, request: Request) -> Tensor | Refused:
@@ -287,24 +262,17 @@ def serve(
         workers_per_device=workers,
         middlewares=[(Gate, {"classes": DATASETS[dataset].classes})],
     )
-    # LitServer stops its processes cleanly on KeyboardInterrupt; SIGTERM (docker stop, kill) gets the same, here
-    # only: the processes LitServer forks inherit the handler and must keep SIGTERM's default.
-    main, stopping = os.getpid(), False
+    stopping = False
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop() -> None:
         nonlocal stopping
-        if os.getpid() == main:
-            stopping = True
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        stopping = True
 
     # LitServe's worker monitor, a thread here, polls the queue manager that stopping shuts down; when the two meet,
     # it logs "Monitoring worker crashed" and a traceback, of a stop that went well.
     logging.getLogger("litserve.server").addFilter(lambda r: not (stopping and r.getMessage().startswith("Monitoring")))
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signals.stop_server_on_signals(stop)  # SIGTERM and Ctrl-C: LitServer stops its processes cleanly
     # Every process LitServer forks (its queue manager, the HTTP servers) dies with the process that forked it;
     # the model processes, spawned, see to it in DigitAPI.setup.
-    os.register_at_fork(before=_before_fork, after_in_child=lambda: die_with_parent(_forking))
+    signals.children_die_with_this_process()
     server.run(host=host, port=port, log_level="warning", generate_client_file=False)

@@ -1,13 +1,10 @@
-"""Checkpoint files on disk: written atomically and off the training thread, sealed with a digest, loaded safely,
-and one fit at a time per folder."""
+"""Checkpoint files on disk: loaded safely (weights only, the digest checked, hyperparameters checked as data), found
+('last': a run's newest), and written atomically. Lightning's writer thread is mnist_lit.checkpoint_io; the run lock
+mnist_lit.runlock; the digest mnist_lit.digest."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import errno
-import fcntl
-import hashlib
 import io
 import os
 import pickle
@@ -15,27 +12,18 @@ import re
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
-# private-lightning[cloud_io]: TorchCheckpointIO's own test for a local path; _PATH its path type
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
-
+from mnist_lit.digest import DIGEST_KEY, digest
 from mnist_lit.trust import Untrusted, check_model_hparams
 
 LAST, EXTENSION = "last", ".ckpt"
 # fit --ckpt_path auto: resume the run's latest checkpoint if there is one, else start the run. For commands that
 # restart themselves (torchrun's --max-restarts, a requeued SLURM job): the first start and every restart alike.
 AUTO = "auto"
-# The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
-DIGEST_KEY = "mnist_lit_sha256"
-LOCK_NAME = ".lock"
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # read whole into memory: a file from elsewhere must not exhaust it
 PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
 UMASK = os.umask(0o22)  # read once, at import, while one thread runs: os.umask can only be read by setting it
@@ -51,36 +39,6 @@ def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os
     if dirpath is not None:
         return Path(dirpath).expanduser()
     return Path(default_root_dir or os.getcwd()).expanduser() / "checkpoints"
-
-
-# --- the digest -------------------------------------------------------------------------------------------------
-
-
-def digest(checkpoint: dict[str, Any]) -> str:
-    """sha256 of everything a checkpoint holds (tensors by dtype, shape and bytes; keys, numbers and strings by
-    value), whatever the digest key already holds. The same for the dict saved and the dict loaded back."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
-    return h.hexdigest()
-
-
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        # contiguous: one layout whatever the memory format (channels_last); bytes as they are, whatever the dtype
-        tensor = value.detach().cpu().contiguous()
-        h.update(tensor.view(torch.uint8).numpy() if tensor.dim() else tensor.reshape(1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        h.update(b"D%d" % len(value))
-        for key, item in value.items():
-            _feed(h, key)
-            _feed(h, item)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"L%d" % len(value))
-        for item in value:
-            _feed(h, item)
-    else:
-        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -174,9 +132,40 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     return checkpoint
 
 
+# A checkpoint mnist_lit.runs has read and verified, kept for the next load of the same unchanged file (Lightning's
+# resume or test, LitMNIST's init_from): one read and one digest check per command. Taken once; keyed by the file.
+_handed: tuple[tuple[int, ...], dict[str, Any]] | None = None
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, ...]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def hand_over(path: str | os.PathLike | None, checkpoint: dict[str, Any] | None = None) -> None:
+    """Keep checkpoint for the next load_checkpoint of path while the file is unchanged (None:
+    keep nothing)."""
+    global _handed
+    _handed = None
+    if path is not None and checkpoint is not None:
+        with contextlib.suppress(OSError):
+            _handed = (_identity(path), checkpoint)
+
+
+def _take_handed(path: str | os.PathLike) -> dict[str, Any] | None:
+    global _handed
+    with contextlib.suppress(OSError):
+        if _handed is not None and _handed[0] == _identity(path):
+            checkpoint, _handed = _handed[1], None
+            return checkpoint
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     """A checkpoint's verified contents (from data, the file's bytes, if given). A damaged one is refused, naming
     the newest intact one beside it."""
+    if data is None and (handed := _take_handed(path)) is not None:  # read and verified already (mnist_lit.runs)
+        return handed
     try:
         return _load(path, data)
     except CheckpointError as err:
@@ -321,214 +310,3 @@ def write_atomically(path: str, data: io.BytesIO | bytes) -> None:
             os.remove(tmp)
         raise
     fsync_dir(directory)
-
-
-def _snapshot(value: Any) -> Any:
-    """The checkpoint as it is now: containers copied, tensors cloned (the optimizer's state and the weights are
-    updated in place by the next step); everything else is immutable or rebuilt at each save."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        copied = copy.copy(value)  # its own type, and an OrderedDict's attributes (a state_dict's _metadata)
-        for key, item in value.items():
-            copied[key] = _snapshot(item)
-        return copied
-    if type(value) in (list, tuple):
-        return type(value)(_snapshot(item) for item in value)
-    return value
-
-
-class _Sealed:
-    """One checkpoint, sealed and serialised on the writer thread, written once or twice (last.ckpt's copy)."""
-
-    buffer: io.BytesIO | None = None
-
-    def write(self, path: str, checkpoint: dict[str, Any]) -> None:
-        checkpoint[DIGEST_KEY] = digest(checkpoint)
-        self.buffer = io.BytesIO()
-        torch.save(checkpoint, self.buffer)
-        write_atomically(path, self.buffer)
-
-    def write_again(self, path: str) -> None:
-        assert self.buffer is not None  # the queue runs in order, and nothing after a failed write runs
-        write_atomically(path, self.buffer)
-
-
-def _copy_file(target: str, source: str) -> None:
-    write_atomically(target, io.BytesIO(Path(source).read_bytes()))
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written atomically, sealed with a digest, and off the training thread.
-
-    On the caller's thread a checkpoint is only snapshotted (its tensors copied: ~0.1 ms, while the weights are
-    still those of the step saved); one writer thread then seals it with its digest, serialises it and writes it
-    with write_atomically while training goes on. Removals wait in the same queue behind the writes before them,
-    and once a write fails nothing queued after it runs: an older file is never removed unless its successor is
-    complete on disk. A kill at any instant leaves complete files only. At most one write is in flight (a slow
-    disk slows training down rather than piling up snapshots), and a failed write is raised at the next save or
-    at teardown, naming the file and the cause.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._writer: ThreadPoolExecutor | None = None
-        self._write: Future | None = None
-        self._error: BaseException | None = None
-        self._latest: tuple[str, _Sealed] | None = None
-        self._failed: Path | None = None
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
-        self._raise_error()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        return self._writer.submit(self._run, fn, *args)
-
-    def _run(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._error is not None:  # a write before this failed: keep every older file as it is
-            return
-        try:
-            fn(*args)
-        except OSError as err:
-            self._error = CheckpointError(f"could not write checkpoint {args[0]}: {err.strerror or err}")
-            self._failed = Path(args[0])
-        except BaseException as err:
-            self._error = err
-
-    def _raise_error(self) -> None:
-        if self._error is None:
-            return
-        error, self._error = self._error, None
-        if isinstance(error, CheckpointError) and self._failed is not None:
-            if kept := newest_intact(self._failed.parent, besides=self._failed):
-                error = CheckpointError(f"{error}; the checkpoints written before it are intact (newest: {kept})")
-            else:
-                error = CheckpointError(f"{error}; no checkpoint of this run reached the disk")
-        raise error
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
-            self.flush()
-            checkpoint[DIGEST_KEY] = digest(checkpoint)
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        # Sealing and serialising cost the training thread ~0.8 ms a save here (tests/benchmark.py's -digest and
-        # -thread sides); the snapshot ~0.1 ms.
-        snapshot = _snapshot(checkpoint)
-        if self._write is not None:
-            wait([self._write])
-        sealed = _Sealed()
-        self._latest = (os.fspath(path), sealed)
-        self._write = self._submit(sealed.write, os.fspath(path), snapshot)
-
-    def copy(self, source: str, target: str) -> None:
-        """target becomes a second, independent copy of the checkpoint just saved as source: its own inode, so
-        damage to one file (a truncation, bit rot) leaves the other intact."""
-        if self._latest is not None and self._latest[0] == source:
-            self._write = self._submit(self._latest[1].write_again, target)
-        else:
-            self._write = self._submit(_copy_file, target, source)
-
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        """Every checkpoint Lightning reads (a resume, test's weights) verified as mnist_lit reads one."""
-        if not _is_local_file_protocol(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        return load_checkpoint(path)
-
-    def remove_checkpoint(self, path: _PATH) -> None:
-        if not _is_local_file_protocol(path):
-            self.flush()
-            return super().remove_checkpoint(path)
-        self._submit(_remove, os.fspath(path))
-
-    def flush(self) -> None:
-        """Wait until every queued write and removal is on disk (or has failed)."""
-        if self._writer is not None:
-            self._writer.submit(lambda: None).result()
-        self._raise_error()
-
-    def teardown(self) -> None:
-        try:
-            self.flush()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown()
-                self._writer = None
-
-
-# --- one fit per folder -----------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive lock on a checkpoint folder, held while a fit writes there.
-
-    flock on <folder>/.lock: the OS releases it when the process ends, however it ends, so a killed run never
-    leaves a stale lock behind. The file holds the holder's PID, for the refusal message only.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = directory / LOCK_NAME
-        self._created = not directory.exists()
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:  # O_NOFOLLOW: a link planted as the lock file must not make us write our PID elsewhere
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            except OSError as err:
-                self._clean_up()
-                if err.errno == errno.ELOOP:
-                    raise CheckpointError(
-                        f"refusing to lock {self.path}: it is a symbolic link, and links are not followed"
-                    ) from None
-                raise
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                self._clean_up()
-                raise CheckpointError(f"refusing to lock {self.path}: it exists and is not a regular file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                os.close(fd)
-                self._clean_up()
-                who = f"PID {holder}" if holder.isdigit() else "another process"
-                raise CheckpointError(
-                    f"{self.directory} is in use by another fit ({who}): wait for it to end, or give this run its own"
-                    " --trainer.default_root_dir"
-                ) from None
-            # The holder before us may have removed the file between our open and our lock: lock the file that is
-            # there now, not an orphan.
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        # Torn temporary files of a killed run: ours to remove, now that no other fit writes here.
-        for torn in self.directory.glob(f".*{EXTENSION}{PART}"):
-            with contextlib.suppress(OSError):
-                if stat.S_ISREG(torn.lstat().st_mode):
-                    torn.unlink()
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still holding the lock: see acquire
-        os.close(self._fd)
-        self._fd = None
-        self._clean_up()
-
-    def _clean_up(self) -> None:
-        """A folder this run created and left empty goes again: a refused or failed run leaves nothing."""
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()

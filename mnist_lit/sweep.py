@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mnist_lit.cli import ConfigError
+from mnist_lit.errors import ConfigError
 from mnist_lit.sweep_study import _first_line, open_study
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.cli import ConfigError
+from mnist_lit.errors import ConfigError
 
 # Set by the sweep for each trial: a space cannot choose them.
 RESERVED = ("trainer.default_root_dir", "ckpt_path", "checkpoint.dirpath", "trainer.callbacks")

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_lit.cli import ConfigError
+from mnist_lit.errors import ConfigError
 from mnist_lit.storage import CheckpointError
 from mnist_lit.sweep_trial import STORAGE_ENV, engine_kwargs, make_pruner
 

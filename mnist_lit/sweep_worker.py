@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.storage import CheckpointError, RunLock, checkpoint_dir, newest_checkpoint
+from mnist_lit.runlock import RunLock
+from mnist_lit.storage import CheckpointError, checkpoint_dir, newest_checkpoint
 from mnist_lit.sweep_study import FINGERPRINT, _difference, _first_line, _retry, counted, open_study, storage_url
 from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
 

@@ -156,20 +156,20 @@ def run_fit(side: str, args: list[str]) -> None:
     """python -m mnist_lit with args, in this process, with the side's piece of checkpoint work taken out."""
     from concurrent.futures import Future
 
-    from mnist_lit import storage
-
+    if side in ("-digest", "-thread"):
+        from mnist_lit import checkpoint_io
     if side == "-digest":
-        storage.digest = lambda checkpoint: "0" * 64  # type: ignore[assignment]
+        checkpoint_io.digest = lambda checkpoint: "0" * 64  # type: ignore[assignment]
     if side == "-thread":
 
-        def inline(self: storage.AtomicCheckpointIO, fn: object, *args: object) -> Future:
+        def inline(self: checkpoint_io.AtomicCheckpointIO, fn: object, *args: object) -> Future:
             self._raise_error()
             self._run(fn, *args)
             done: Future = Future()
             done.set_result(None)
             return done
 
-        storage.AtomicCheckpointIO._submit = inline  # type: ignore[method-assign]
+        checkpoint_io.AtomicCheckpointIO._submit = inline  # type: ignore[method-assign]
     from mnist_lit.__main__ import main as mnist_lit
 
     sys.argv = ["mnist_lit", *args]

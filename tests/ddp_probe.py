@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit import batches, storage
+from mnist_lit import batches, checkpoint_io
 from mnist_lit.cli import main
 
 
@@ -34,7 +34,7 @@ def probe(out: Path) -> None:
                 f.write(" ".join(map(str, [self.epoch, *result.tolist()])) + "\n")
         return result
 
-    save = storage.AtomicCheckpointIO.save_checkpoint
+    save = checkpoint_io.AtomicCheckpointIO.save_checkpoint
 
     def recorded_save(self, ckpt, path, storage_options=None):
         with open(out / f"writes-rank{rank()}.txt", "a") as f:
@@ -42,7 +42,7 @@ def probe(out: Path) -> None:
         return save(self, ckpt, path, storage_options)
 
     batches.EpochBatches.indices = recorded_indices
-    storage.AtomicCheckpointIO.save_checkpoint = recorded_save
+    checkpoint_io.AtomicCheckpointIO.save_checkpoint = recorded_save
 
 
 if __name__ == "__main__":

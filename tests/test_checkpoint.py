@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from mnist_lit.storage import AtomicCheckpointIO, CheckpointError, load_checkpoint, newest_checkpoint, resolve
+from mnist_lit.checkpoint_io import AtomicCheckpointIO
+from mnist_lit.storage import CheckpointError, load_checkpoint, newest_checkpoint, resolve
 
 
 def test_atomic_write_replaces_the_old_file_only_when_the_new_one_is_complete(tmp_path, monkeypatch):

@@ -38,10 +38,12 @@ def loops() -> tuple[type, type]:
 
 
 def check_parse_ckpt_path() -> None:
-    # replaced whole (not extended): it must still be one call in LightningCLI.__init__, after parse_arguments
+    # switched off (mnist_lit.runs does its work in parse_arguments): it must still be one call in
+    # LightningCLI.__init__, right after parse_arguments and before anything is seeded or built
     assert parameters(cli()._parse_ckpt_path) == ["self"]
     init = inspect.getsource(cli().__init__)
     assert init.index("self.parse_arguments(") < init.index("self._parse_ckpt_path()") < init.index("self._set_seed()")
+    assert init.index("self._parse_ckpt_path()") < init.index("self.instantiate_classes()")
 
 
 def check_signal_connector() -> None:
@@ -108,8 +110,6 @@ def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Call
 
 REGISTER: dict[str, Callable[[], None]] = {
     "LightningCLI._parse_ckpt_path": check_parse_ckpt_path,
-    "LightningCLI._set_seed": signature(cli, "_set_seed", ["self"]),
-    "LightningCLI._get": signature(cli, "_get", ["self", "config", "key", "default"]),
     "LightningCLI._instantiate_trainer": signature(cli, "_instantiate_trainer", ["self", "config", "callbacks"]),
     "Trainer._signal_connector": check_signal_connector,
     "ModelCheckpoint._save_checkpoint": signature(

@@ -256,12 +256,13 @@ def test_one_log_line_per_request(server, mnist_dir):
 
 
 def test_a_pth_export_serves_the_same_net(trained, tmp_path):
-    from mnist_lit.export import export, net_from_checkpoint
+    from mnist_lit import runs
+    from mnist_lit.export import export
     from mnist_lit.serve import load_net
 
     export(trained / "checkpoints" / "last.ckpt", tmp_path / "model.pth")
     checkpoint, (pth, dataset) = (
-        net_from_checkpoint(trained / "checkpoints" / "last.ckpt")[0],
+        runs.load(trained / "checkpoints" / "last.ckpt").net,
         load_net(str(tmp_path / "model.pth")),
     )
     assert dataset == "mnist"

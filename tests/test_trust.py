@@ -20,7 +20,7 @@ import torch
 from conftest import QUIET, ROOT, SYNTHETIC, run_cli
 from PIL import Image
 
-from mnist_lit.cli import claim_version
+from mnist_lit.logfolder import claim_version
 from mnist_lit.model import LitMNIST
 from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint, load_ckpt_path
 

@@ -1,0 +1,121 @@
+"""mnist_lit's own subcommands beside Lightning's: export, serve and sweep. Each is a function whose typed,
+documented parameters are its options and its --help (jsonargparse reads them); `run` parses a command line for
+one. Their errors are raised, and reported as one line by cli.main with every other."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import socket
+import sys
+from argparse import ArgumentError
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import ArgumentParser
+
+from mnist_lit.errors import ConfigError
+from mnist_lit.storage import CheckpointError, checkpoint_dir, resolve
+
+
+def export(ckpt_path: str, output: Path, default_root_dir: str = ".") -> None:
+    """Write a trained Net for deployment: .pth (the guide's plain state_dict) or .onnx.
+
+    Args:
+        ckpt_path: A checkpoint file, or 'last'.
+        output: File to write; its extension picks the format.
+        default_root_dir: The run's folder, as in fit: 'last' is <this>/checkpoints/last.ckpt.
+    """
+    from mnist_lit.export import export as write
+
+    print(write(resolve(ckpt_path, checkpoint_dir(default_root_dir, None), fitting=False), Path(output)))
+
+
+def serve(
+    ckpt_path: str | None = None,
+    default_root_dir: str = ".",
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 1,
+    batch_timeout: float = 0.005,
+    workers: int = 1,
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto",
+) -> None:
+    """Serve a trained Net with LitServe: a page to draw digits on at /, POST /predict, GET /health.
+
+    Args:
+        ckpt_path: A checkpoint file, 'last', or a .pth that export wrote.
+        default_root_dir: Where 'last' is: <this>/checkpoints/last.ckpt.
+        host: Interface to listen on (127.0.0.1: this machine only; 0.0.0.0 or :: let any machine in).
+        port: 1024 to 65535.
+        max_batch_size: Run up to this many waiting requests as one batch (1: no batching, as it was not
+            consistently faster on a 2-core CPU, and a batching worker polls its queue even when idle).
+        batch_timeout: Seconds a batch waits to fill.
+        workers: Model processes per device, and as many HTTP server processes.
+        accelerator: Where the model runs (auto: a GPU if there is one).
+    """
+    if ckpt_path is None:
+        raise CheckpointError("serve needs trained weights: pass --ckpt_path last or a checkpoint file")
+    if not 1024 <= port <= 65535:
+        raise ConfigError(f"--port: {port} is out of range; it must be >= 1024 and <= 65535")
+    for name, value in (("max_batch_size", max_batch_size), ("workers", workers)):
+        if value < 1:
+            raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
+    if not 0 <= batch_timeout < 1:
+        raise ConfigError(f"--batch_timeout: {batch_timeout} is out of range; it must be >= 0 and < 1")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(accelerator, True):  # LitServe would fail later, with a traceback
+        raise ConfigError(f"--accelerator {accelerator}: this machine has no such device")
+    ckpt_path = resolve(ckpt_path, checkpoint_dir(default_root_dir, None), fitting=False)
+    try:
+        from mnist_lit.serve import load_net
+        from mnist_lit.serve import serve as run_server
+    except ImportError as err:  # litserve is an optional extra
+        raise ConfigError(f"serve needs {err.name}: pip install -e '.[serve]' in the project's folder") from None
+    net, dataset = load_net(ckpt_path)
+    # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"--port: cannot listen on {host} port {port}: {err.strerror}") from None
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
+    run_server(net, dataset, host, port, max_batch_size, batch_timeout, workers, accelerator)
+    print("stopped", file=sys.stderr)
+
+
+def sweep(args: list[str]) -> None:
+    """Search fit options with Optuna (its options: mnist_lit.sweep)."""
+    try:
+        from mnist_lit.sweep import run_sweep
+    except ImportError as err:  # optuna is an optional extra
+        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
+    run_sweep(args)
+
+
+ENTRIES: dict[str, Callable[..., None]] = {"export": export, "serve": serve}  # sweep parses its own options
+
+
+def run(command: str, args: list[str]) -> None:
+    """Parse args for one of mnist_lit's own subcommands and run it."""
+    if command not in ENTRIES:
+        return sweep(args)
+    function = ENTRIES[command]
+    doc = function.__doc__ or ""
+    parser = ArgumentParser(prog=f"python -m mnist_lit {command}", description=doc.split("\n")[0], exit_on_error=False)
+    parser.add_function_arguments(function, as_group=False, skip={"default_root_dir"})
+    # The run's folder under the name fit gives it, its help from the function's docstring
+    folder = re.search(r"default_root_dir: (.*)", doc)
+    parser.add_argument("--trainer.default_root_dir", default=".", help=folder[1] if folder else None)
+    try:
+        options = parser.parse_args(args).as_dict()
+    except ArgumentError as err:  # reported by cli.main, with a "did you mean" among this command's own options
+        names = [f"--{name}" for name in inspect.signature(function).parameters if name != "default_root_dir"]
+        err.option_names = [*names, "--trainer.default_root_dir"]  # type: ignore[attr-defined]
+        raise
+    options["default_root_dir"] = options.pop("trainer")["default_root_dir"]
+    function(**options)

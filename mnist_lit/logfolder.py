@@ -1,0 +1,63 @@
+"""A run's log folder (lightning_logs/version_N): taken when the trainer is built, its config.yaml, and removed
+again for a run that trained nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+
+
+class SaveConfig(SaveConfigCallback):
+    """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
+    itself, where a config.yaml may well be the user's own."""
+
+    own_folder = False  # whether this run's version folder is new (set when the trainer is built)
+    _start_step: int | None = None  # the step training started from, once it has
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        try:
+            super().setup(trainer, pl_module, stage)
+        except OSError as err:  # a full disk: name the file, which the error itself does not
+            path = err.filename or os.path.join(trainer.log_dir or ".", self.config_filename)
+            raise OSError(err.errno, err.strerror, path) from None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # A run that failed before it trained a step (any failed validate, test or predict) leaves nothing worth
+        # a version folder: its config.yaml would only describe a run that never was.
+        if self._start_step is None or trainer.global_step == self._start_step:
+            self.discard(trainer)
+
+    def discard(self, trainer: Trainer) -> None:
+        """Remove the version folder this run created (and lightning_logs/ if that leaves it empty)."""
+        if not self.own_folder or trainer.logger is None or trainer.logger.log_dir is None:
+            return
+        if trainer.is_global_zero:
+            folder = trainer.logger.log_dir
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(folder))
+        self.own_folder = False
+
+
+def claim_version(folder: Path) -> int:
+    """The next free version_N in folder, created here: the first run to create it owns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1

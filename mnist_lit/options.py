@@ -1,0 +1,134 @@
+"""The command line's words before jsonargparse parses them: the options' old names, the --config files (read as
+YAML once, errors named by file and line, class paths checked as data), and a --config that overrides options
+given before it."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_lit.errors import ConfigError, one_line
+from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
+
+# The options before the optimizer became injectable still mean the guide's SGD's own (on the command line; in
+# YAML it is model.optimizer.init_args.lr).
+RENAMED = (("--model.lr", "--model.optimizer.lr"), ("--model.momentum", "--model.optimizer.momentum"))
+
+
+def prepare(args: list[str]) -> list[str]:
+    """The command line as jsonargparse is to parse it, its files checked first; a warning line for every --config
+    that overrides options given before it (jsonargparse applies the words in order: the last one wins)."""
+    for old, new in RENAMED:
+        args = [new + a[len(old) :] if a == old or a.startswith(f"{old}=") else a for a in args]
+    trust_command_line(args)
+    for path in config_files(args):
+        check_config_file(path)
+    warn_overridden(args)
+    return args
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The files --config names on a command line."""
+    return [path for _, path in _configs(args)]
+
+
+def _configs(args: list[str]) -> list[tuple[int, str]]:
+    """(position, file) of each --config on a command line."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found.append((i, args[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, arg.partition("=")[2]))
+    return found
+
+
+def read_yaml(path: str) -> Any:
+    """A --config file's contents (None where it cannot be read: jsonargparse says why); YAML errors named by file
+    and line, not as jsonargparse's "<unicode string>"."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or one_line(str(err))
+        raise ConfigError(f"--config {path}:{where} not valid YAML ({problem})") from None
+
+
+def check_config_file(path: str) -> None:
+    """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
+    (mnist_lit.trust) before jsonargparse imports or calls what they name."""
+    config = read_yaml(path)
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return
+    for field in KINDS:
+        try:
+            check_spec(field, model.get(field), partial=True)
+        except Untrusted as err:
+            raise ConfigError(f"--config {path}: {err}") from None
+
+
+def given_in_config(args: list[str], key: str) -> bool:
+    """Whether a --config file on the command line sets key (a top-level name such as seed_everything)."""
+    return any(isinstance(c := read_yaml(path), dict) and key in c for path in config_files(args))
+
+
+def _names(config: Any, prefix: str = "") -> list[str]:
+    """The option names a YAML mapping sets, as on the command line: trainer.max_epochs, model.optimizer.lr (a
+    class's init_args are its options; its class_path is the option itself)."""
+    if not isinstance(config, dict):
+        return [prefix] if prefix else []
+    names = []
+    for key, value in config.items():
+        if key == "init_args":
+            names += _names(value, prefix)
+        elif key == "class_path":
+            names.append(prefix)
+        else:
+            names += _names(value, f"{prefix}.{key}" if prefix else str(key))
+    return names
+
+
+def warn_overridden(args: list[str]) -> None:
+    """One line on stderr for each --config that sets options given before it on the command line, naming them:
+    the file wins there, which is seldom what was meant. Said once: not again by each process of a DDP run."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    for position, path in _configs(args):
+        in_file = set(_names(read_yaml(path)))
+        before = [m[1] for a in args[:position] if (m := re.match(r"--([\w.]+)(?:=|$)", a)) and m[1] != "config"]
+        overridden = [
+            f"--{name}" for name in dict.fromkeys(before)
+            if any(name == n or name.startswith(f"{n}.") or n.startswith(f"{name}.") for n in in_file)
+        ]  # fmt: skip
+        if overridden:
+            them, s = ("it", "") if len(overridden) == 1 else ("them", "s")
+            print(
+                f"warning: --config {path} comes after {', '.join(overridden)} and sets {them} again, so the file's"
+                f" value{s} {'is' if not s else 'are'} used: put --config first for the option{s} to win",
+                file=sys.stderr,
+            )
+
+
+def origin(args: list[str], name: str) -> str | None:
+    """Where the command line sets an option (name: trainer.accelerator): "--trainer.accelerator gpu", or "--config
+    FILE" for a file that sets it; the last of them, the one that wins. None: its default."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            found = f"--{name} {args[i + 1]}"
+        elif arg.startswith(f"--{name}="):
+            found = f"--{name} {arg.partition('=')[2]}"
+        elif (path := dict(_configs(args)).get(i)) is not None and name in _names(read_yaml(path)):
+            found = f"--config {path}"
+    return found

@@ -1,0 +1,213 @@
+"""A trained run on disk, as every command opens it: the one front door to checkpoints for fit, validate, test,
+predict, export, serve and --model.init_from.
+
+- `load` resolves 'last' (the run's newest checkpoint), reads and verifies the file once (storage: digest, weights
+  only, hyperparameters checked as data) and hands back a `Trained`: its path, contents, hyperparameters, dataset
+  and network, each worked out once.
+- `open_run` is what a Lightning subcommand does before anything is built: takes fit's run lock, refuses to write
+  over an earlier run, resolves fit's 'auto', loads --ckpt_path and --model.init_from through `load`, and applies
+  the rules of a resume (`check_resume_changes`, `resumed_seed`).
+
+Taking the checkpoint's hyperparameters into the parsed options is the command line's part (mnist_lit.cli), as
+only it holds the parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mnist_lit.checkpoint import check_resumable, run_seed
+from mnist_lit.data import DATASETS, DataError, recorded_dataset
+from mnist_lit.errors import ConfigError
+from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
+from mnist_lit.runlock import RunLock
+from mnist_lit.storage import AUTO, LAST, CheckpointError, hand_over, load_ckpt_path, newest_checkpoint, resolve
+
+
+@dataclass(eq=False)
+class Trained:
+    """One checkpoint of a trained run, read and verified once: what a command needs of it."""
+
+    path: str  # the file ('last' resolved)
+    checkpoint: dict[str, Any]  # its verified contents
+    hparams: dict[str, Any]  # the LitMNIST arguments it was trained with, as specs
+    dataset: str  # the name of the dataset it was trained on
+
+    @functools.cached_property
+    def net(self) -> nn.Module:
+        """Its network, rebuilt from its spec with its weights, in eval mode (built on first use, then kept)."""
+        return net_from(self.path, self.checkpoint, self.hparams)
+
+    @property
+    def net_spec(self) -> dict[str, Any]:
+        return self.hparams.get("net", NET_SPEC)
+
+
+def load(ckpt_path: str | os.PathLike, directory: Path | None = None, fitting: bool = False) -> Trained:
+    """The checkpoint ckpt_path names ('last': the newest in directory), verified, with a network its weights fit."""
+    path, checkpoint = load_ckpt_path(os.fspath(ckpt_path), directory or Path("checkpoints"), fitting)
+    return _trained(path, checkpoint)
+
+
+def _trained(path: str, checkpoint: dict[str, Any]) -> Trained:
+    trained = Trained(path, checkpoint, hparams_from(checkpoint), recorded_dataset(checkpoint))
+    trained.net  # noqa: B018  (built now: a checkpoint whose weights do not fit its own network is refused here)
+    return trained
+
+
+@dataclass(eq=False)
+class Run:
+    """What a Lightning subcommand starts from, once open_run has checked it; close() when the command ends."""
+
+    resume: Trained | None = None  # --ckpt_path's checkpoint: fit resumes it, the others evaluate its weights
+    init: Trained | None = None  # --model.init_from's: a new run starts from its weights
+    lock: RunLock | None = field(default=None, repr=False)  # fit's, held until close()
+
+    def close(self) -> None:
+        hand_over(None)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def open_run(
+    subcommand: str,
+    ckpt_path: str | None,
+    directory: Path,
+    init_from: str | None = None,
+    init_directory: Path | None = None,
+    dataset: str | None = None,
+    main_process: bool = True,
+) -> Run:
+    """Check a subcommand's checkpoints before anything is built or written.
+
+    ckpt_path: --ckpt_path (fit: None starts a new run, 'auto' resumes one if there is one); directory: where this
+    run's checkpoints are (fit's are written there); init_from and init_directory: --model.init_from and where its
+    'last' is; dataset: --data.dataset as given (None: the checkpoint's); main_process: whether this process takes
+    fit's run lock (one per run, not one per DDP process).
+    """
+    fitting = subcommand == "fit"
+    if fitting and directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+    run = Run()
+    if init_from is not None:
+        run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)
+        hand_over(run.init.path, run.init.checkpoint)  # LitMNIST's load of it takes this one
+    try:
+        if fitting and main_process:
+            # Before the look for an earlier run: two fits started together must not both find none.
+            run.lock = RunLock(directory)
+            run.lock.acquire()
+        earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
+        if fitting and ckpt_path == AUTO:  # resume if there is a run to resume, else start one
+            ckpt_path = None if earlier is None else resolve(AUTO, directory, fitting)
+        if ckpt_path is None:
+            if earlier is not None:
+                raise CheckpointError(
+                    f"{earlier} holds an earlier run, which a new run would overwrite: resume it with --ckpt_path"
+                    " last, or start the new run in another --trainer.default_root_dir"
+                )
+            if not fitting:  # the model's random initial weights would be evaluated as if trained
+                raise CheckpointError(f"{subcommand} needs trained weights: pass --ckpt_path last or a checkpoint file")
+            return run
+        path, checkpoint = load_ckpt_path(ckpt_path, directory, fitting)
+        trained = _trained(path, checkpoint)
+        if fitting:
+            check_resumable(path, checkpoint)
+            if earlier is not None and Path(path).resolve().parent != directory.resolve():
+                raise CheckpointError(
+                    f"{earlier} holds another run, which resuming {path} here would overwrite: resume"
+                    " it in its own --trainer.default_root_dir, or here in an empty one"
+                )
+        if dataset not in (None, trained.dataset):
+            raise DataError(
+                f"{path} was trained on {DATASETS[trained.dataset].title} ({trained.dataset}), not on"
+                f" {DATASETS[dataset].title}: drop --data.dataset {dataset} (the checkpoint's dataset is used)"
+            )
+        run.resume = trained
+        hand_over(path, checkpoint)  # Lightning's load of it (a resume, test's weights) takes this one
+        return run
+    except BaseException:
+        run.close()
+        raise
+
+
+def _open_init_from(init_from: str, ckpt_path: str | None, source: Path, directory: Path) -> Trained:
+    """--model.init_from's checkpoint, checked: not with --ckpt_path, not the folder this run writes to."""
+    if ckpt_path is not None:
+        raise ConfigError(
+            "--model.init_from starts a new run from a checkpoint's weights and --ckpt_path continues one: pass"
+            " one of them"
+        )
+    path = resolve(init_from, source, fitting=False)
+    if init_from == LAST and source.resolve() == directory.resolve():
+        raise CheckpointError(
+            f"--model.init_from last is {path}, in the folder this run's checkpoints would overwrite: give the"
+            " new run its own --checkpoint.dirpath, or pass init_from the file and use another"
+            " --trainer.default_root_dir"
+        )
+    return load(init_from, source)
+
+
+# --- the rules of a resume -------------------------------------------------------------------------------------
+
+
+def resumed_seed(trained: Trained, seed: Any, given: bool) -> Any:
+    """The seed a resumed run goes on with: its own random state and data order, whatever --seed_everything says.
+    One given anew (given) that differs is refused, not silently ignored; config.yaml records the run's own."""
+    own = run_seed(trained.checkpoint)
+    if own is None:
+        return seed
+    if given and seed != own:
+        raise ConfigError(
+            f"--seed_everything cannot change when resuming {trained.path} (its run's seed is {own}: the resumed"
+            " run goes on with that run's random state and data order); start a new run for another seed"
+        )
+    return own
+
+
+def _spec(value: Any) -> Any:
+    """A class-path spec with its init_args spelt out, empty or not: one spelling for comparing two."""
+    if isinstance(value, dict) and "class_path" in value:
+        return {"class_path": value["class_path"], "init_args": value.get("init_args") or {}}
+    return value
+
+
+def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse, naming the option, a --model option given anew on a resume that the run cannot take from here on.
+
+    A new number for the optimizer (lr, momentum, weight_decay, Adam's betas ...) is applied to the restored
+    optimizer (LitMNIST.on_train_start); its class, its switches, the schedule and the model's layout are not:
+    the restored optimizer and scheduler state belong to them.
+    """
+    where = f"resuming {ckpt_path}"
+    for name in given.keys() | trained.keys():
+        old, new = _spec(trained.get(name)), _spec(given.get(name))
+        if old == new:
+            continue
+        if name != "optimizer":
+            raise ConfigError(f"--model.{name} cannot change when {where} (it was {old!r}); start a new run for that")
+        if old["class_path"] != new["class_path"]:
+            raise ConfigError(
+                f"--model.optimizer cannot change when {where} (it was {old['class_path']}, whose state the"
+                " checkpoint holds); start a new run for another optimizer"
+            )
+        old_args, new_args = old.get("init_args", {}), new.get("init_args", {})
+        for arg in sorted(old_args.keys() | new_args.keys()):
+            before, after = old_args.get(arg), new_args.get(arg)
+            if before == after:
+                continue
+            if not (tunable(before) and tunable(after)):
+                raise ConfigError(
+                    f"--model.optimizer.{arg} cannot change when {where} (it was {before!r}); start a new run for that"
+                )
+            if trained.get("lr_scheduler") and arg in ("lr", "momentum", "betas"):
+                raise ConfigError(
+                    f"--model.optimizer.{arg} cannot change when {where}: its --model.lr_scheduler sets it"
+                )

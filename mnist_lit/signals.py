@@ -1,0 +1,145 @@
+"""Signals, process-wide: who handles SIGINT and SIGTERM when, and how a process dies with its parent.
+
+Where each signal is handled, and why:
+
+- `python -m mnist_lit` starts (__main__.py, before the slow imports): SIGTERM raises KeyboardInterrupt, so that a
+  signal stops at once, in one line ("stopped at once; nothing new was saved"), instead of Python's silent death.
+- Any command (cli.main, `handling()`): `_on_signal` owns SIGINT and SIGTERM until the command ends, then the
+  handlers before it come back. It raises `Interrupted`: one line and the shell's status 128 + signal.
+- A fit's training loop (checkpoint.Checkpoint, `arm`/`disarm`): the armed callback takes the first signal and
+  stops at the next batch boundary with a checkpoint (under DDP every process stops at the same batch); a second
+  signal, or one before or after the loop, stops at once, naming the newest checkpoint saved.
+- Lightning's own SIGTERM handler is switched off (`silence_lightning`): it broadcasts from inside the handler (one
+  signalled DDP process hangs every process) and ends the run with exit status 0.
+- serve (serve.py): its main process turns SIGTERM into Ctrl-C (`stop_server_on_signals`), which LitServer
+  handles by stopping its processes; those it forks keep SIGTERM's default and die with their parent
+  (`die_with_parent`, PR_SET_PDEATHSIG); the model processes ignore SIGINT (the main process stops them).
+- sweep (sweep_worker.py, its own): the sweep passes a signal on to its trials' fits and waits for their
+  checkpoints; each trial's fit dies with its worker thread's process (the same PDEATHSIG, in _ORPHAN_GUARD).
+
+Imports nothing heavy: __main__ uses it before torch is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, Protocol
+
+STOPPING = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+
+
+class Interrupted(Exception):
+    """A command stopped on Ctrl-C or SIGTERM; the message says what was saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class Catcher(Protocol):
+    """A fit's checkpoint callback, as the handler sees it."""
+
+    def catch(self, signum: int) -> bool: ...  # take the signal: True to stop at the next batch, False if not
+
+    def newest_saved(self) -> str | None: ...
+
+
+_catcher: Catcher | None = None  # the callback whose training loop takes the next signal, if any
+_saver: Catcher | None = None  # the callback of this process's fit, armed or not: what it saved, for the message
+
+
+def stop_at_once(signum: int, frame: FrameType | None) -> None:
+    """Until a command installs its handler: stop with KeyboardInterrupt(signum), before anything is built."""
+    raise KeyboardInterrupt(signum)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _catcher is not None and _catcher.catch(signum):
+        return
+    newest = _saver.newest_saved() if _saver is not None else None  # also after training, while figures are drawn
+    done = f"the newest checkpoint is {newest}" if newest else "nothing new was saved"
+    raise Interrupted(f"{signal.Signals(signum).name}: stopped at once; {done}", signum)
+
+
+@contextlib.contextmanager
+def handling() -> Iterator[None]:
+    """SIGINT and SIGTERM handled by mnist_lit for the length of a command, then as they were."""
+    global _saver
+    _saver = None  # a new command: nothing of its own saved yet
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOPPING}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def arm(catcher: Catcher) -> None:
+    """A training loop starts: catcher takes the next signal."""
+    global _catcher, _saver
+    _catcher = _saver = catcher
+
+
+def disarm(catcher: Catcher) -> None:
+    """The training loop ends (or failed): signals stop at once again."""
+    global _catcher
+    if _catcher is catcher:
+        _catcher = None
+
+
+def silence_lightning(trainer: Any) -> None:
+    """Lightning's own SIGTERM handler never installed for this trainer (see the index above); tests/test_faults.py
+    checks the run ends as ours says."""
+    # private-lightning[Trainer._signal_connector]: no public switch for Lightning's own SIGTERM handler
+    trainer._signal_connector.register_signal_handlers = lambda: None
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process as soon as its parent ends, however it ends (serve's main process
+    SIGKILLed, say, which cannot stop its children itself); and end now if the parent already has."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask for
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent ended before the request above: nobody would stop this one
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_forking = 0  # the process that forks, as its child sees it
+
+
+def _before_fork() -> None:
+    global _forking
+    _forking = os.getpid()
+
+
+def children_die_with_this_process() -> None:
+    """Every process forked from here on dies with the process that forked it."""
+    os.register_at_fork(before=_before_fork, after_in_child=lambda: die_with_parent(_forking))
+
+
+def stop_server_on_signals(on_stop: Callable[[], None]) -> None:
+    """SIGTERM (docker stop, kill) and SIGINT raise KeyboardInterrupt in this process, which LitServer answers by
+    stopping its processes cleanly; on_stop is told first. Its forked processes inherit the handler: there it
+    restores SIGTERM's default and dies of the signal."""
+    main = os.getpid()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() == main:
+            on_stop()
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in STOPPING:
+        signal.signal(sig, stop)
+
+
+def ignore_ctrl_c() -> None:
+    """A serve model process: Ctrl-C, sent to the whole process group, would interrupt it inside LitServe's queue
+    read and print a traceback; the main process stops it (SIGTERM) instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

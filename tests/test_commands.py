@@ -1,0 +1,89 @@
+"""mnist_lit's own subcommands (mnist_lit.commands) and the command line's words before parsing (mnist_lit.options):
+parse-only checks, in process, no training."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import ROOT
+
+from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, options
+from mnist_lit.errors import ConfigError
+
+
+def test_the_commands_are_listed_in_one_place():
+    assert set(COMMANDS) == {*LIGHTNING_COMMANDS, *commands.ENTRIES, "sweep"}
+    assert all(f"  {name} " in USAGE for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", list(commands.ENTRIES))
+def test_each_commands_options_and_help_come_from_its_signature(command, tmp_path, run_main):
+    status, out, _ = run_main(command, "--help", cwd=tmp_path)
+    assert status == 0
+    for name in inspect.signature(commands.ENTRIES[command]).parameters:
+        option = "--trainer.default_root_dir" if name == "default_root_dir" else f"--{name}"
+        assert option in out, out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["export", "--ckpt_path", "last"], "error: the following options are required: --output (see --help)"),
+        (["serve", "--port", "x"], "error: --port: 'x' is not valid; it takes int (see --help)"),
+        (["serve", "--ckpt_path", "last", "--workers", "0"], "error: --workers: 0 is out of range; it must be >= 1"),
+        (["serve", "--colour", "red"], "error: unrecognized arguments: --colour red (see --help)"),
+        (["serve", "--prot", "9000"], "error: unrecognized arguments: --prot 9000; did you mean --port? (see --help)"),
+        (["export", "--outptu", "m.pth"], "error: unrecognized arguments: --outptu m.pth; did you mean --output?"),
+    ],
+)
+def test_a_bad_option_of_an_own_command_is_one_line(args, message, tmp_path, run_main):
+    status, _, err = run_main(*args, cwd=tmp_path)
+    assert status != 0 and err.strip().splitlines() == [message.removesuffix(" (see --help)") + " (see --help)"], err
+
+
+def test_a_config_after_the_options_it_overrides_says_so_in_one_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer:\n  max_epochs: 5\nmodel:\n  optimizer:\n    init_args:\n      lr: 0.1\n")
+    args = ["fit", "--trainer.max_epochs", "3", "--model.lr", "0.2", "--data.batch_size", "8", "--config", str(config)]
+    assert options.prepare(args)[3] == "--model.optimizer.lr"  # the old name, renamed
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"warning: --config {config} comes after --trainer.max_epochs, --model.optimizer.lr and sets them again, so"
+        " the file's values are used: put --config first for the options to win"
+    ]
+    options.prepare(["fit", "--config", str(config), "--trainer.max_epochs", "3"])  # first: the option wins, silently
+    assert capsys.readouterr().err == ""
+
+
+def test_a_config_that_is_not_yaml_is_named_by_file_and_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer:\n  max_epochs: [5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 3, column 1: not valid YAML"):
+        options.prepare(["fit", "--config", str(config)])
+
+
+def test_where_an_option_was_set_is_the_last_word_that_sets_it(tmp_path):
+    config = tmp_path / "gpu.yaml"
+    config.write_text("trainer:\n  accelerator: gpu\n")
+    assert options.origin(["fit"], "trainer.accelerator") is None
+    assert options.origin(["fit", "--config", str(config)], "trainer.accelerator") == f"--config {config}"
+    given = ["fit", "--config", str(config), "--trainer.accelerator=cuda"]
+    assert options.origin(given, "trainer.accelerator") == "--trainer.accelerator cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="this machine has a GPU")
+def test_the_gpu_config_without_a_gpu_is_one_line_naming_the_file_and_the_fix(tmp_path, mnist_dir, run_main):
+    gpu = ROOT / "configs" / "gpu.yaml"
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), "--config", str(gpu), cwd=tmp_path)
+    assert status != 0 and err.strip().splitlines() == [
+        f"error: {gpu} needs a GPU (CUDA or Apple MPS); this machine has none: use configs/cpu.yaml instead, or add"
+        " --trainer.accelerator cpu after it (see --help)"
+    ], err
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), "--trainer.accelerator", "cuda", cwd=tmp_path)
+    assert err.strip().endswith(
+        "error: --trainer.accelerator cuda needs a CUDA GPU; this machine has none: drop it, or pass"
+        " --trainer.accelerator cpu (see --help)"
+    ), err

@@ -1,0 +1,175 @@
+"""mnist_lit.runs, the front door to a trained run on disk: its rules on small hand-made checkpoints, without
+main() and without training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_lit import runs
+from mnist_lit.data import DataError
+from mnist_lit.errors import ConfigError
+from mnist_lit.model import GUIDE_SGD, Net
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint
+
+
+def write_checkpoint(path: Path, step: int = 9, dataset: str = "mnist", resumable: bool = True, seed: int = 7) -> Path:
+    """A checkpoint as fit writes one, sealed with its digest: the guide's Net, a step count, its dataset."""
+    checkpoint = {
+        "state_dict": {f"net.{k}": v for k, v in Net().state_dict().items()},
+        "pytorch-lightning_version": "2.6.6",
+        "epoch": 1,
+        "global_step": step,
+        "hyper_parameters": {"optimizer": GUIDE_SGD},
+        "datamodule_hyper_parameters": {"dataset": dataset},
+    }
+    if resumable:
+        checkpoint |= {
+            "optimizer_states": [{"state": {}, "param_groups": []}],
+            "loops": {},
+            "rng_state": {"cpu": torch.get_rng_state(), "seed": seed},
+        }
+    checkpoint[DIGEST_KEY] = digest(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_load_resolves_last_reads_the_file_once_and_hands_back_what_commands_need(tmp_path, monkeypatch):
+    older = write_checkpoint(tmp_path / "checkpoints" / "epoch=0-step=3.ckpt", step=3)
+    newer = write_checkpoint(tmp_path / "checkpoints" / "epoch=1-step=9.ckpt", step=9, dataset="fashion_mnist")
+    os.utime(older, (1, 1))
+    calls = []
+    real = runs.hparams_from
+    monkeypatch.setattr(runs, "hparams_from", lambda checkpoint: calls.append(1) or real(checkpoint))
+    trained = runs.load("last", tmp_path / "checkpoints")
+    assert trained.path == str(newer) and trained.checkpoint["global_step"] == 9
+    assert trained.dataset == "fashion_mnist" and type(trained.net) is Net and not trained.net.training
+    assert trained.net_spec["class_path"].endswith("Net") and len(calls) == 1
+
+
+def test_a_fit_takes_the_lock_and_a_second_fit_into_the_folder_is_refused(tmp_path):
+    folder = tmp_path / "checkpoints"
+    run = runs.open_run("fit", None, folder)
+    assert run.lock is not None and run.resume is None and (folder / ".lock").is_file()
+    with pytest.raises(CheckpointError, match="is in use by another fit"):
+        runs.open_run("fit", None, folder)
+    run.close()
+    assert not folder.exists()  # created for the run, left empty: removed again
+    runs.open_run("fit", None, folder).close()
+
+
+def test_a_new_fit_never_writes_over_an_earlier_run_and_leaves_the_lock_free(tmp_path):
+    folder = tmp_path / "checkpoints"
+    write_checkpoint(folder / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"holds an earlier run.*--ckpt_path last"):
+        runs.open_run("fit", None, folder)
+    assert not (folder / ".lock").exists()
+    with pytest.raises(CheckpointError, match="holds another run"):  # another run's checkpoint resumed here
+        runs.open_run("fit", str(write_checkpoint(tmp_path / "other" / "last.ckpt")), folder)
+
+
+def test_auto_starts_a_run_where_there_is_none_and_resumes_one_where_there_is(tmp_path):
+    folder = tmp_path / "checkpoints"
+    run = runs.open_run("fit", "auto", folder)
+    assert run.resume is None
+    run.close()
+    write_checkpoint(folder / "last.ckpt", step=12)
+    run = runs.open_run("fit", "auto", folder)
+    assert run.resume is not None and run.resume.checkpoint["global_step"] == 12
+    run.close()
+    with pytest.raises(CheckpointError, match="auto is for fit"):
+        runs.open_run("test", "auto", folder)
+
+
+def test_evaluating_needs_weights_and_a_weights_only_file_tests_but_does_not_resume(tmp_path):
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError, match="test needs trained weights"):
+        runs.open_run("test", None, folder)
+    write_checkpoint(folder / "last.ckpt", resumable=False)
+    run = runs.open_run("test", "last", folder)
+    assert run.lock is None and run.resume is not None and run.resume.path == str(folder / "last.ckpt")
+    with pytest.raises(CheckpointError, match="holds weights only"):
+        runs.open_run("fit", "last", folder)
+    assert not (folder / ".lock").exists()
+
+
+def test_the_dataset_is_the_checkpoints_and_another_given_is_refused(tmp_path):
+    path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt", dataset="fashion_mnist")
+    assert runs.open_run("validate", str(path), path.parent, dataset="fashion_mnist").resume.dataset == "fashion_mnist"
+    with pytest.raises(DataError, match=r"trained on Fashion-MNIST .*drop --data.dataset mnist"):
+        runs.open_run("validate", str(path), path.parent, dataset="mnist")
+
+
+def test_init_from_is_a_new_run_from_another_folders_weights(tmp_path):
+    source = tmp_path / "old" / "checkpoints"
+    write_checkpoint(source / "last.ckpt", dataset="fashion_mnist")
+    run = runs.open_run("fit", None, tmp_path / "new", init_from="last", init_directory=source)
+    assert run.init is not None and run.init.dataset == "fashion_mnist" and run.resume is None
+    run.close()
+    with pytest.raises(ConfigError, match="pass one of them"):
+        runs.open_run("fit", "last", tmp_path / "new", init_from="last", init_directory=source)
+    with pytest.raises(CheckpointError, match="in the folder this run's checkpoints would overwrite"):
+        runs.open_run("fit", None, source, init_from="last", init_directory=source)
+
+
+def test_a_resume_goes_on_with_its_own_seed_and_refuses_another(tmp_path):
+    trained = runs.load(write_checkpoint(tmp_path / "last.ckpt", seed=7))
+    assert runs.resumed_seed(trained, 1, given=False) == 7  # the default, not given: the run's own
+    assert runs.resumed_seed(trained, 7, given=True) == 7
+    with pytest.raises(ConfigError, match=r"--seed_everything cannot change when resuming"):
+        runs.resumed_seed(trained, 8, given=True)
+
+
+def test_a_resume_takes_a_new_learning_rate_but_not_a_new_optimizer_or_network():
+    sgd = {"optimizer": GUIDE_SGD}
+    faster = {"optimizer": {**GUIDE_SGD, "init_args": {**GUIDE_SGD["init_args"], "lr": 0.05}}}
+    runs.check_resume_changes("x.ckpt", sgd, faster)
+    with pytest.raises(ConfigError, match=r"--model.optimizer cannot change"):
+        runs.check_resume_changes("x.ckpt", sgd, {"optimizer": {"class_path": "torch.optim.Adam"}})
+    with pytest.raises(ConfigError, match=r"--model.net cannot change"):
+        runs.check_resume_changes("x.ckpt", sgd, {**sgd, "net": {"class_path": "mnist_lit.model.ConvNet"}})
+    with pytest.raises(ConfigError, match=r"its --model.lr_scheduler sets it"):
+        runs.check_resume_changes("x.ckpt", {**sgd, "lr_scheduler": {"class_path": "S"}},
+                                  {**faster, "lr_scheduler": {"class_path": "S"}})  # fmt: skip
+
+
+def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_files(tmp_path):
+    from mnist_lit.runlock import RunLock
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".lock").write_text("99999\n")  # left by a killed fit: its flock went with it
+    lock = RunLock(folder)
+    lock.acquire()
+    assert (folder / ".lock").read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert not (folder / ".lock").exists()
+    os.mkfifo(folder / ".lock")
+    with pytest.raises(CheckpointError, match="it exists and is not a regular file"):
+        RunLock(folder).acquire()
+    (folder / ".lock").unlink()
+    (folder / ".lock").symlink_to(tmp_path / "precious")
+    with pytest.raises(CheckpointError, match="it is a symbolic link, and links are not followed"):
+        RunLock(folder).acquire()
+    assert not (tmp_path / "precious").exists()
+
+
+def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path):
+    from mnist_lit.checkpoint_io import AtomicCheckpointIO
+
+    path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    run = runs.open_run("test", "last", path.parent)
+    assert AtomicCheckpointIO().load_checkpoint(path) is run.resume.checkpoint  # no second read
+    again = AtomicCheckpointIO().load_checkpoint(path)  # handed over once only: from the file
+    assert again is not run.resume.checkpoint and again["global_step"] == 9
+    run = runs.open_run("test", "last", path.parent)
+    write_checkpoint(path, step=12)  # the file changed since it was verified: read anew
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 12
+    run.close()
+    run = runs.open_run("fit", None, tmp_path / "new", init_from="last", init_directory=path.parent)
+    assert load_checkpoint(str(path)) is run.init.checkpoint  # LitMNIST's load of --model.init_from: the same
+    run.close()
