@@ -4,7 +4,6 @@ with a digest and off the training thread; every one it reads is verified (or wa
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 from collections.abc import Callable
@@ -32,43 +31,11 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _snapshot(value: Any) -> Any:
-    """The checkpoint as it is now: containers copied, tensors cloned (the optimizer's state and the weights are
-    updated in place by the next step); everything else is immutable or rebuilt at each save."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        copied = copy.copy(value)  # its own type, and an OrderedDict's attributes (a state_dict's _metadata)
-        for key, item in value.items():
-            copied[key] = _snapshot(item)
-        return copied
-    if type(value) in (list, tuple):
-        return type(value)(_snapshot(item) for item in value)
-    return value
-
-
-class _Sealed:
-    """One checkpoint, sealed and serialised on the writer thread, written once or twice (last.ckpt's copy)."""
-
-    buffer: io.BytesIO | None = None
-
-    def write(self, path: str, checkpoint: dict[str, Any]) -> None:
-        checkpoint[DIGEST_KEY] = digest(checkpoint)
-        self.buffer = io.BytesIO()
-        torch.save(checkpoint, self.buffer)
-        write_atomically(path, self.buffer)
-
-    def write_again(self, path: str) -> None:
-        assert self.buffer is not None  # the queue runs in order, and nothing after a failed write runs
-        write_atomically(path, self.buffer)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written atomically, sealed with a digest, and off the training thread.
 
-    On the caller's thread a checkpoint is only snapshotted (its tensors copied, while the weights are still
-    those of the step saved); one writer thread then seals it with its digest, serialises it and writes it with
-    write_atomically while training goes on. Removals wait in the same queue behind the writes before them,
+    A checkpoint is sealed and serialised on the caller's thread (a snapshot while training goes on); one writer
+    thread then writes it with write_atomically. Removals wait in the same queue behind the writes before them,
     and once a write fails nothing queued after it runs: an older file is never removed unless its successor is
     complete on disk. A kill at any instant leaves complete files only. At most one write is in flight (a slow
     disk slows training down rather than piling up snapshots), and a failed write is raised at the next save or
@@ -80,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._writer: ThreadPoolExecutor | None = None
         self._write: Future | None = None
         self._error: BaseException | None = None
-        self._latest: tuple[str, _Sealed] | None = None
+        self._latest: tuple[str, io.BytesIO] | None = None
         self._failed: Path | None = None
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future:
@@ -112,22 +79,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         raise error
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        # Sealed and serialised here, not on the writer thread: with tensors snapshotted and the rest moved to the
+        # writer, an epoch of training with a save every 10 steps took 2.49 s against 2.31 s here (2 cores, epochs
+        # alternated in one process): a third busy thread stalls torch's two compute threads more than the 0.8 ms
+        # of work saves. The writer keeps only the file system's work.
+        checkpoint[DIGEST_KEY] = digest(checkpoint)
         if storage_options is not None or not _is_local_file_protocol(path):
             self.flush()
-            checkpoint[DIGEST_KEY] = digest(checkpoint)
             return super().save_checkpoint(checkpoint, path, storage_options)
-        snapshot = _snapshot(checkpoint)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         if self._write is not None:
             wait([self._write])
-        sealed = _Sealed()
-        self._latest = (os.fspath(path), sealed)
-        self._write = self._submit(sealed.write, os.fspath(path), snapshot)
+        self._latest = (os.fspath(path), buffer)
+        self._write = self._submit(write_atomically, os.fspath(path), buffer)
 
     def copy(self, source: str, target: str) -> None:
         """target becomes a second, independent copy of the checkpoint just saved as source: its own inode, so
         damage to one file (a truncation, bit rot) leaves the other intact."""
         if self._latest is not None and self._latest[0] == source:
-            self._write = self._submit(self._latest[1].write_again, target)
+            self._write = self._submit(write_atomically, target, self._latest[1])
         else:
             self._write = self._submit(_copy_file, target, source)
 

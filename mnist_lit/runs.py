@@ -23,7 +23,8 @@ from typing import Any
 from torch import nn
 
 from mnist_lit.checkpoint import check_resumable, run_seed
-from mnist_lit.data import DATASETS, DataError, recorded_dataset
+from mnist_lit.data import DataError
+from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
 from mnist_lit.runlock import RunLock

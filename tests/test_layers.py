@@ -54,7 +54,12 @@ def test_the_lesson_modules_import_nothing_above_them():
     for module in (
         "model",
         "data",
+        "datasets",
+        "idx",
+        "batches",
         "images",
+        "report",
+        "figures",
         "checkpoint",
         "checkpoint_io",
         "storage",
