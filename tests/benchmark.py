@@ -20,6 +20,7 @@ Sides (default: best, fit60k and fit60k with each piece of per-step work turned 
   -thread    fit60k with checkpoint files written on the training thread (no writer thread; benchmark only)
   tqdm       fit60k with Lightning's own TQDMProgressBar (redrawn every batch) in place of mnist_lit's
   nice       fit60k with the writer thread at the lowest priority (nice 19; benchmark only)
+  bf16       fit60k under bf16 autocast (--trainer.precision bf16-mixed)
   bare       fit60k with bar, logger and checkpoints all off: Lightning's loop and hooks alone
   fit        python -m mnist_lit fit, defaults (55k train + 5k val each epoch)
   plain      the guide's recipe as a plain loop fed from one normalised tensor in memory (NCHW, the
@@ -133,6 +134,7 @@ FIT_SWITCHES = {
     "-digest": ["--data.val_size", "0"],
     "-thread": ["--data.val_size", "0"],
     "nice": ["--data.val_size", "0"],
+    "bf16": ["--data.val_size", "0", "--trainer.precision", "bf16-mixed"],
     "tqdm": ["--data.val_size", "0", "--trainer.callbacks", "TQDMProgressBar"],  # Lightning's bar, every batch
     "bare": ["--data.val_size", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
              "--trainer.enable_checkpointing", "false"],
