@@ -1,5 +1,6 @@
-"""Lightning's checkpoint I/O for mnist_lit: every checkpoint a trainer writes goes through write_atomically, sealed
-with a digest and off the training thread; every one it reads is verified (or was, by mnist_lit.runs, moments ago)."""
+"""Lightning's checkpoint I/O for mnist_lit: every checkpoint a trainer writes is sealed with a digest and written
+through write_atomically on a writer thread; every one it reads is verified (or was, by mnist_lit.runs, moments
+ago)."""
 
 from __future__ import annotations
 

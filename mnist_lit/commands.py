@@ -1,6 +1,7 @@
-"""mnist_lit's own subcommands beside Lightning's: export, serve and sweep. Each is a function whose typed,
-documented parameters are its options and its --help (jsonargparse reads them); `run` parses a command line for
-one. Their errors are raised, and reported as one line by cli.main with every other."""
+"""mnist_lit's own subcommands beside Lightning's: export, serve and sweep. export and serve are functions whose
+typed, documented parameters are their options and their --help (jsonargparse reads them); `run` parses a command
+line for one. sweep parses its own options (mnist_lit.sweep). Their errors are raised, and reported as one line by
+cli.main with every other."""
 
 from __future__ import annotations
 
@@ -106,7 +107,10 @@ def run(command: str, args: list[str]) -> None:
         return sweep(args)
     function = ENTRIES[command]
     doc = function.__doc__ or ""
-    parser = ArgumentParser(prog=f"python -m mnist_lit {command}", description=doc.split("\n")[0], exit_on_error=False)
+    # no abbreviations, as for fit: --out must not silently mean --output
+    parser = ArgumentParser(
+        prog=f"python -m mnist_lit {command}", description=doc.split("\n")[0], exit_on_error=False, allow_abbrev=False
+    )
     parser.add_function_arguments(function, as_group=False, skip={"default_root_dir"})
     # The run's folder under the name fit gives it, its help from the function's docstring
     folder = re.search(r"default_root_dir: (.*)", doc)

@@ -4,10 +4,11 @@ mnist_lit extends. It imports nothing from mnist_lit; read it before model.py an
     python -m mnist_lit.plain [--data_dir ~/.torch/datasets/mnist] [--max_steps N] [--default_root_dir plain]
 
 What it leaves out, and where the project adds it: the data decoded once into memory, checked against its
-checksums, in batches that resume mid-epoch (data.py); any network, optimizer or schedule by class path (model.py);
-atomic, digest-sealed checkpoints and one run per folder (storage.py); exact resume at any batch and on signals
-(checkpoint.py); checks on what a file from elsewhere may name (trust.py); every option on the command line, `last`
-and one-line errors (cli.py).
+checksums, in batches that resume mid-epoch (data.py, datasets.py, idx.py, batches.py); any network, optimizer or
+schedule by class path (model.py); atomic, digest-sealed checkpoints and one run per folder (checkpoint_io.py,
+storage.py, digest.py, runlock.py); exact resume at any batch and on signals (checkpoint.py, signals.py); checks on
+what a file from elsewhere may name (trust.py); every option on the command line, `last` and one-line errors
+(cli.py, runs.py, errors.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ def test_each_commands_options_and_help_come_from_its_signature(command, tmp_pat
         (["serve", "--colour", "red"], "error: unrecognized arguments: --colour red (see --help)"),
         (["serve", "--prot", "9000"], "error: unrecognized arguments: --prot 9000; did you mean --port? (see --help)"),
         (["export", "--outptu", "m.pth"], "error: unrecognized arguments: --outptu m.pth; did you mean --output?"),
+        (["export", "--out", "m"], "error: unrecognized arguments: --out m; did you mean --output?"),
+        (["serve", "--work", "0"], "error: unrecognized arguments: --work 0; did you mean --workers?"),
     ],
 )
 def test_a_bad_option_of_an_own_command_is_one_line(args, message, tmp_path, run_main):
