@@ -18,7 +18,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from mnist_lit.errors import ConfigError
-from mnist_lit.storage import CheckpointError, checkpoint_dir, resolve
+from mnist_lit.storage import CheckpointError, checkpoint_dir
 
 
 def export(ckpt_path: str, output: Path, default_root_dir: str = ".") -> None:
@@ -31,7 +31,7 @@ def export(ckpt_path: str, output: Path, default_root_dir: str = ".") -> None:
     """
     from mnist_lit.export import export as write
 
-    print(write(resolve(ckpt_path, checkpoint_dir(default_root_dir, None), fitting=False), Path(output)))
+    print(write(ckpt_path, Path(output), checkpoint_dir(default_root_dir, None)))
 
 
 def serve(
@@ -69,13 +69,12 @@ def serve(
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(accelerator, True):  # LitServe would fail later, with a traceback
         raise ConfigError(f"--accelerator {accelerator}: this machine has no such device")
-    ckpt_path = resolve(ckpt_path, checkpoint_dir(default_root_dir, None), fitting=False)
     try:
         from mnist_lit.serve import load_net
         from mnist_lit.serve import serve as run_server
     except ImportError as err:  # litserve is an optional extra
         raise ConfigError(f"serve needs {err.name}: pip install -e '.[serve]' in the project's folder") from None
-    net, dataset = load_net(ckpt_path)
+    net, dataset, ckpt_path = load_net(ckpt_path, checkpoint_dir(default_root_dir, None))
     # Checked here, before any process starts: uvicorn would report a port in use as a log line and exit.
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds

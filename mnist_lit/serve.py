@@ -28,7 +28,7 @@ from mnist_lit.checkpoint import check_weights
 from mnist_lit.datasets import DATASETS, DEFAULT
 from mnist_lit.images import prepare
 from mnist_lit.model import Net, build_net, log_probabilities
-from mnist_lit.storage import CheckpointError
+from mnist_lit.storage import CheckpointError, read_bytes
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
@@ -44,19 +44,16 @@ class Refused(ValueError):
         self.status = status
 
 
-def load_net(ckpt_path: str) -> tuple[nn.Module, str]:
-    """The network in a mnist_lit checkpoint, or in a .pth that `export` wrote (the guide's state_dict, or another
-    network's spec and weights), and the dataset it was trained on: the checkpoint's; a .pth records none, and is
-    taken for MNIST."""
+def load_net(ckpt_path: str, directory: Path | None = None) -> tuple[nn.Module, str, str]:
+    """The network in a mnist_lit checkpoint ('last': the newest in directory), or in a .pth that `export` wrote (the
+    guide's state_dict, or another network's spec and weights); the dataset it was trained on (the checkpoint's; a
+    .pth records none, and is taken for MNIST); and the file it came from."""
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
-        trained = runs.load(ckpt_path)
-        return trained.net, trained.dataset
+        trained = runs.load(ckpt_path, directory)
+        return trained.net, trained.dataset, trained.path
+    data = read_bytes(ckpt_path)  # a regular file only, and within the size cap: a FIFO must not hang us
     try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{ckpt_path} is a folder, not a .pth file") from None
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # pickled code or objects, or bytes that are no pickle at all
         raise CheckpointError(
             f"{ckpt_path} is not a state_dict of tensors (torch's weights_only loader refused it)"
@@ -76,7 +73,7 @@ def load_net(ckpt_path: str) -> tuple[nn.Module, str]:
         state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else {}
     check_weights(ckpt_path, {"state_dict": state}, net)
     net.load_state_dict(state, strict=True)
-    return net.eval(), DEFAULT
+    return net.eval(), DEFAULT, ckpt_path
 
 
 def read_image(request: dict[str, Any], dataset: str) -> Tensor:

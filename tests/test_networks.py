@@ -72,7 +72,7 @@ def test_the_nets_own_checkpoint_tests_predicts_and_exports_with_no_option_repea
     assert status == 0 and "init_args" in out, err[-2000:]
     from mnist_lit.serve import load_net
 
-    served, dataset = load_net(str(root / "tiny.pth"))
+    served, dataset, _ = load_net(str(root / "tiny.pth"))
     assert type(served).__name__ == "TinyNet" and dataset == "mnist"
     torch.testing.assert_close(served.state_dict(), {k: v.contiguous() for k, v in model.net.state_dict().items()})
 

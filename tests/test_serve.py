@@ -261,7 +261,7 @@ def test_a_pth_export_serves_the_same_net(trained, tmp_path):
     from mnist_lit.serve import load_net
 
     export(trained / "checkpoints" / "last.ckpt", tmp_path / "model.pth")
-    checkpoint, (pth, dataset) = (
+    checkpoint, (pth, dataset, _) = (
         runs.load(trained / "checkpoints" / "last.ckpt").net,
         load_net(str(tmp_path / "model.pth")),
     )
@@ -458,3 +458,10 @@ def test_sigkill_of_serves_main_process_leaves_no_process_and_frees_the_port(tra
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_pipe_named_as_a_pth_is_refused_at_once(tmp_path, run_main):
+    # read as a checkpoint is read: a regular file only, so a FIFO cannot hang serve waiting for a writer
+    os.mkfifo(tmp_path / "model.pth")
+    status, _, err = run_main("serve", "--ckpt_path", str(tmp_path / "model.pth"), cwd=tmp_path)
+    assert status != 0 and err.count("\n") == 1 and "not a regular file" in err, err
