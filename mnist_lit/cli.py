@@ -28,6 +28,7 @@ from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.errors import ConfigError, explain, explain_accelerator, explain_class_option, one_line
 from mnist_lit.export import ExportError
+from mnist_lit.lean import QuietProfiler
 from mnist_lit.logfolder import SaveConfig, claim_version
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
@@ -133,6 +134,8 @@ class MNISTCLI(LightningCLI):
             self.claimed = folder / f"version_{version}"
             kwargs["logger"] = TensorBoardLogger(save_dir=folder.parent, version=version)
             claimed = True
+        if config.get("profiler") is None:  # Lightning's default, less its cost per hook call (mnist_lit.lean)
+            kwargs["profiler"] = QuietProfiler()
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand == "fit":
             self._check_monitors(trainer)

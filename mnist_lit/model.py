@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.checkpoint import check_weights
+from mnist_lit.lean import LeanHooks
 from mnist_lit.storage import load_checkpoint
 from mnist_lit.trust import check_model_hparams, check_spec
 
@@ -132,7 +133,7 @@ def layers(net: nn.Module) -> list[str]:
     return [name for name, module in net.named_children() if any(True for _ in module.parameters())]
 
 
-class LitMNIST(LightningModule):
+class LitMNIST(LeanHooks, LightningModule):
     """Trains the guide's Net (or any network); logs train/loss, train/lr, val/loss, val/acc, test/loss, test/acc."""
 
     TRAIN_METRICS = ("train/loss", "train/lr")  # what fit logs, for callbacks that watch one (EarlyStopping ...)

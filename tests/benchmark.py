@@ -18,6 +18,8 @@ Sides (default: best, fit60k and fit60k with each piece of per-step work turned 
   -bar -log -ckpt   fit60k without the progress bar / the logger / checkpoints (--trainer.* switches)
   -digest    fit60k with checkpoints written unsealed (the digest replaced by a constant; benchmark only)
   -thread    fit60k with checkpoint files written on the training thread (no writer thread; benchmark only)
+  -write     fit60k with checkpoints collected, sealed and serialised, but not written (benchmark only)
+  -copy      fit60k without the second copy of each checkpoint as last.ckpt (benchmark only)
   tqdm       fit60k with Lightning's own TQDMProgressBar (redrawn every batch) in place of mnist_lit's
   nice       fit60k with the writer thread at the lowest priority (nice 19; benchmark only)
   bf16       fit60k under bf16 autocast (--trainer.precision bf16-mixed)
@@ -26,6 +28,7 @@ Sides (default: best, fit60k and fit60k with each piece of per-step work turned 
   plain      the guide's recipe as a plain loop fed from one normalised tensor in memory (NCHW, the
              guide's per-parameter SGD), no checkpoints
   plain_ckpt the same, saving model, optimiser and losses every 10 batches as the guide does
+  SIDE+NAME=VALUE   a side with an environment variable set, e.g. fit60k+OMP_NUM_THREADS=1
   guide      the guide's loop as written: torchvision MNIST, per-sample ToTensor + Normalize, DataLoader with
              4 workers and pinned memory, saves every 10 batches
 """
@@ -134,6 +137,8 @@ FIT_SWITCHES = {
     "-digest": ["--data.val_size", "0"],
     "-thread": ["--data.val_size", "0"],
     "nice": ["--data.val_size", "0"],
+    "-write": ["--data.val_size", "0"],
+    "-copy": ["--data.val_size", "0"],
     "bf16": ["--data.val_size", "0", "--trainer.precision", "bf16-mixed"],
     "tqdm": ["--data.val_size", "0", "--trainer.callbacks", "TQDMProgressBar"],  # Lightning's bar, every batch
     "bare": ["--data.val_size", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
@@ -142,7 +147,7 @@ FIT_SWITCHES = {
 
 
 def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir: str) -> list[str]:
-    side = side.partition("@")[0]  # fit60k@before: the same side on another checkout (--before)
+    side = side.partition("+")[0].partition("@")[0]  # fit60k@before: the same side on another checkout (--before)
     if side in FIT_SWITCHES:
         cmd = [sys.executable, __file__, "--fit", side, "--", "fit", "--data.data_dir", data_dir]
         cmd += ["--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", workdir]
@@ -162,11 +167,19 @@ def command(side: str, epochs: int, data_dir: str, torchvision_dir: str, workdir
     ]
 
 
+def side_env(side: str, env: dict[str, str], before: str | None) -> dict[str, str]:
+    """A side's environment: SIDE+NAME=VALUE+... sets variables (fit60k+GOMP_SPINCOUNT=10000); SIDE@before runs
+    on the checkout --before names."""
+    name, *assignments = side.split("+")
+    env = {**env, **dict(a.split("=", 1) for a in assignments)}
+    return {**env, "PYTHONPATH": before or ""} if name.endswith("@before") else env
+
+
 def run_fit(side: str, args: list[str]) -> None:
     """python -m mnist_lit with args, in this process, with the side's piece of checkpoint work taken out."""
     from concurrent.futures import Future
 
-    if side in ("-digest", "-thread", "nice"):
+    if side in ("-digest", "-thread", "nice", "-write", "-copy"):
         from mnist_lit import checkpoint_io
     if side == "nice":  # the writer thread at the lowest priority: it takes the cores only when training leaves one
         import threading
@@ -182,6 +195,10 @@ def run_fit(side: str, args: list[str]) -> None:
             return self._writer.submit(self._run, fn, *args)
 
         checkpoint_io.AtomicCheckpointIO._submit = submit  # type: ignore[method-assign]
+    if side == "-write":  # the writer thread idle: saves serialised and dropped (benchmark only)
+        checkpoint_io.write_atomically = lambda path, data: None  # type: ignore[assignment]
+    if side == "-copy":  # no second copy as last.ckpt (benchmark only)
+        checkpoint_io.AtomicCheckpointIO.copy = lambda self, source, target: None  # type: ignore[method-assign]
     if side == "-digest":
         checkpoint_io.digest = lambda checkpoint: "0" * 64  # type: ignore[assignment]
     if side == "-thread":
@@ -339,7 +356,7 @@ def main() -> None:
                 workdir = tempfile.mkdtemp(dir=scratch)
                 done = subprocess.run(
                     command(side, args.epochs or 4, data_dir, tv_dir, workdir),
-                    env={**env, "PYTHONPATH": args.before} if side.endswith("@before") else env,
+                    env=side_env(side, env, args.before),
                     cwd=workdir,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,

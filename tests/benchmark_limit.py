@@ -6,6 +6,11 @@ backward passes) to get the attainable step time, and times the whole step: eage
 (channels_last, fused SGD), the same in NCHW, with torch.compile (inductor), and under bf16 autocast.
 
     python tests/benchmark_limit.py [--threads 2]
+    python tests/benchmark_limit.py --lightning   # Lightning's own cost per step, and what mnist_lit.lean saves
+
+--lightning trains a one-layer model (4 inputs, one sample a batch: the step itself almost free) for 3000 steps, in
+a hand-written loop and under Lightning's Trainer with a fit's number of callbacks (5, a ModelCheckpoint among them,
+none saving), with each of mnist_lit.lean's pieces on in turn and all together, alternated over rounds, one thread.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -96,10 +101,105 @@ def peak_gemm() -> float:
     return 2 * 2048**3 / timed(lambda: a @ b, seconds=2.0)
 
 
+def lightning_overhead(rounds: int = 4, steps: int = 3000) -> None:
+    """Microseconds per step: a hand-written loop, and Lightning's loop with and without mnist_lit.lean's pieces."""
+    import tempfile
+
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    from mnist_lit.lean import LeanHooks, QuietProfiler
+
+    torch.set_num_threads(1)
+    x, y = torch.randn(steps, 1, 4), torch.randn(steps, 1)
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.5, fused=True)
+
+    class TinyLean(LeanHooks, Tiny):
+        pass
+
+    class SetattrOnly(LeanHooks, Tiny):
+        transfer_batch_to_device = LightningModule.transfer_batch_to_device
+
+    class TransferOnly(LeanHooks, Tiny):
+        __setattr__ = torch.nn.Module.__setattr__
+
+    class Batches:  # one (input, target) pair a step, as a loader gives them
+        def __len__(self) -> int:
+            return steps
+
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return zip(x, y, strict=True)
+
+    def plain() -> float:
+        layer = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.5, fused=True)
+        start = time.perf_counter()
+        for a, b in zip(x, y, strict=True):
+            optimizer.zero_grad()
+            F.mse_loss(layer(a), b).backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+    def lightning(model_class: type, profiler: PassThroughProfiler) -> float:
+        epoch = [0.0]
+
+        class Clock(Callback):
+            def on_train_epoch_start(self, *args: object) -> None:
+                epoch[0] = time.perf_counter()
+
+            def on_train_epoch_end(self, *args: object) -> None:
+                epoch[0] = time.perf_counter() - epoch[0]
+
+        class Other(Callback):  # stand-ins for a fit's bar, curves and config saver: hooks that do nothing
+            pass
+
+        callbacks = [Clock(), Other(), Other(), Other(), ModelCheckpoint(tempfile.mkdtemp(), every_n_train_steps=10**9)]
+        trainer = Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, profiler=profiler, accelerator="cpu", devices=1)  # fmt: skip
+        trainer.fit(model_class(), train_dataloaders=Batches())
+        return epoch[0] / steps
+
+    sides: dict[str, Callable[[], float]] = {
+        "hand-written loop": plain,
+        "Lightning": lambda: lightning(Tiny, PassThroughProfiler()),
+        "  + lean __setattr__": lambda: lightning(SetattrOnly, PassThroughProfiler()),
+        "  + QuietProfiler": lambda: lightning(Tiny, QuietProfiler()),
+        "  + lean transfer": lambda: lightning(TransferOnly, PassThroughProfiler()),
+        "  + all of mnist_lit.lean": lambda: lightning(TinyLean, QuietProfiler()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            times[name].append(side())
+    base = statistics.median(times["Lightning"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        saved = f"  ({(median - base) * 1e6:+.0f} us against Lightning's)" if name.startswith("  ") else ""
+        print(f"{name:28s} {median * 1e6:6.0f} us a step{saved}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lightning", action="store_true", help="Lightning's own cost per step (one thread)")
     args = parser.parse_args()
+    if args.lightning:
+        import logging
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        lightning_overhead()
+        return
     torch.set_num_threads(args.threads)
     flops = flops_per_step()
     print(f"FLOPs per step (forward + backward, batch {BATCH}): {flops / 1e6:.1f} M;"

@@ -100,6 +100,16 @@ def check_evaluation_verbose() -> None:
     assert run_end.index("self._on_evaluation_end()") < run_end.index("self._print_results(")
 
 
+def check_current_fx_name() -> None:
+    # mnist_lit.lean sets it as a plain attribute: Lightning must still keep it as one, set around each hook call
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.trainer import call
+
+    assert "self._current_fx_name: Optional[str] = None" in inspect.getsource(LightningModule.__init__)
+    for hooks in (call._call_lightning_module_hook, call._call_callback_hooks):
+        assert "pl_module._current_fx_name = hook_name" in inspect.getsource(hooks)
+
+
 def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Callable[[], None]:
     def check() -> None:
         function = getattr(owner(), name)
@@ -130,6 +140,7 @@ REGISTER: dict[str, Callable[[], None]] = {
     "DDPStrategy._timeout": check_ddp_timeout,
     "cloud_io": check_cloud_io,
     "EvaluationLoop.verbose": check_evaluation_verbose,
+    "LightningModule._current_fx_name": check_current_fx_name,
 }
 
 

@@ -1,0 +1,75 @@
+"""mnist_lit.lean: Lightning's per-step work made cheaper, and nothing else changed."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from conftest import QUIET, SYNTHETIC, run_cli
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.profilers import PassThroughProfiler
+from torch import nn
+
+from mnist_lit.batches import BatchLoader, EpochBatches
+from mnist_lit.lean import QuietProfiler
+from mnist_lit.model import LitMNIST
+
+
+class Unlean(LitMNIST):
+    """LitMNIST with Lightning's and torch's own versions of what mnist_lit.lean replaces."""
+
+    __setattr__ = nn.Module.__setattr__
+    transfer_batch_to_device = LightningModule.transfer_batch_to_device
+
+
+def train(model: LitMNIST, profiler: object) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = torch.randn(320, 1, 28, 28), torch.randint(0, 10, (320,))
+    trainer = Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, profiler=profiler, accelerator="cpu", num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=BatchLoader(x, y, EpochBatches(320, 64, shuffle=True, seed=1)))
+    return model.state_dict()
+
+
+def test_the_lean_hooks_and_profiler_train_bit_for_bit_as_lightnings_own():
+    torch.manual_seed(1)
+    lean, unlean = LitMNIST(), Unlean()
+    unlean.load_state_dict(lean.state_dict())
+    ours, theirs = train(lean, QuietProfiler()), train(unlean, PassThroughProfiler())
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert lean._current_fx_name is None and "_current_fx_name" not in lean._modules  # a plain attribute
+
+
+def test_a_batch_elsewhere_is_still_moved_and_one_on_the_device_passes_as_it_is():
+    model, cpu = LitMNIST(), torch.device("cpu")
+    batch = (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
+    assert model.transfer_batch_to_device(batch, cpu, 0) is batch
+    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved] == ["meta", "meta"]
+    nested = {"x": batch[0]}  # not a tuple of tensors: Lightning's own walk
+    assert model.transfer_batch_to_device(nested, torch.device("meta"), 0)["x"].device.type == "meta"
+
+
+class SeeProfiler(Callback):
+    seen: ClassVar[list[type]] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        SeeProfiler.seen.append(type(trainer.profiler))
+
+
+def test_quiet_profiler_is_the_default_and_a_chosen_profiler_still_profiles(mnist_dir, tmp_path, run_main):
+    with QuietProfiler().profile("a") as inside, QuietProfiler().profile("b"):
+        assert inside is None
+    args = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_steps", "2"]
+    status, _, err = run_main("fit", *args, "--trainer.callbacks", "test_lean.SeeProfiler", cwd=tmp_path)
+    assert status == 0, err
+    assert SeeProfiler.seen == [QuietProfiler]
+    chosen = run_cli("fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_steps", "3",
+                     "--trainer.profiler", "simple", "--trainer.default_root_dir", "simple", cwd=tmp_path)  # fmt: skip
+    assert chosen.returncode == 0, chosen.stderr
+    assert "FIT Profiler Report" in chosen.stdout + chosen.stderr
+    assert "run_training_batch" in chosen.stdout + chosen.stderr
