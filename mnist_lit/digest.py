@@ -10,29 +10,35 @@ import torch
 # The digest rides inside the checkpoint it seals, at the top level, beside Lightning's own keys.
 DIGEST_KEY = "mnist_lit_sha256"
 
+_SCALARS = (str, int, float, bool, type(None))  # most of a checkpoint's values: tested first
+
 
 def digest(checkpoint: dict[str, Any]) -> str:
     """sha256 of everything a checkpoint holds (tensors by dtype, shape and bytes; keys, numbers and strings by
     value), whatever the digest key already holds. The same for the dict saved and the dict loaded back."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
-    return h.hexdigest()
+    # Into one buffer, hashed in one call: a checkpoint of the guide's Net holds ~450 values, and a hash update per
+    # value took 0.35 ms a save against 0.26 ms (test_checkpoint.py keeps that form and checks both agree).
+    buffer = bytearray()
+    _feed(buffer, {k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
+    return hashlib.sha256(buffer).hexdigest()
 
 
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+def _feed(buffer: bytearray, value: Any) -> None:
+    if type(value) in _SCALARS:
+        buffer += f"{type(value).__name__}:{value!r};".encode()
+    elif isinstance(value, dict):
+        buffer += b"D%d" % len(value)
+        for key, item in value.items():
+            _feed(buffer, key)
+            _feed(buffer, item)
+    elif isinstance(value, (list, tuple)):
+        buffer += b"L%d" % len(value)
+        for item in value:
+            _feed(buffer, item)
+    elif isinstance(value, torch.Tensor):
+        buffer += f"T{value.dtype}{tuple(value.shape)}".encode()
         # contiguous: one layout whatever the memory format (channels_last); bytes as they are, whatever the dtype
         tensor = value.detach().cpu().contiguous()
-        h.update(tensor.view(torch.uint8).numpy() if tensor.dim() else tensor.reshape(1).view(torch.uint8).numpy())
-    elif isinstance(value, dict):
-        h.update(b"D%d" % len(value))
-        for key, item in value.items():
-            _feed(h, key)
-            _feed(h, item)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"L%d" % len(value))
-        for item in value:
-            _feed(h, item)
+        buffer += memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
     else:
-        h.update(f"{type(value).__name__}:{value!r};".encode())
+        buffer += f"{type(value).__name__}:{value!r};".encode()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mnist_lit.checkpoint_io import AtomicCheckpointIO
-from mnist_lit.storage import CheckpointError, load_checkpoint, newest_checkpoint, resolve
+from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint, newest_checkpoint, resolve
 
 
 def test_atomic_write_replaces_the_old_file_only_when_the_new_one_is_complete(tmp_path, monkeypatch):
@@ -109,3 +109,50 @@ def test_load_refuses_what_is_not_a_lightning_checkpoint(tmp_path):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "empty.ckpt")
+
+
+def reference_digest(checkpoint: dict) -> str:
+    """The digest's definition, one hash update per value: what mnist_lit.digest computes faster."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+            tensor = value.detach().cpu().contiguous()
+            h.update(tensor.view(torch.uint8).numpy() if tensor.dim() else tensor.reshape(1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            h.update(b"D%d" % len(value))
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            h.update(b"L%d" % len(value))
+            for item in value:
+                feed(item)
+        else:
+            h.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed({k: v for k, v in checkpoint.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
+def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
+    from mnist_lit.digest import digest
+
+    odd = {
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0),
+        "transposed": torch.arange(6).reshape(2, 3).t(),
+        "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "bools": torch.tensor([True, False]),
+        "bf16": torch.randn(3, dtype=torch.bfloat16),
+        "values": [1, 2.5, None, "x", (3, True), b"raw", OrderedDict(a=1)],
+        7: {"nested": {"deeper": torch.ones(2, 2)}},
+        DIGEST_KEY: "ignored",
+    }
+    assert digest(odd) == reference_digest(odd)
+    assert digest(odd) != digest({**odd, "bools": torch.tensor([True, True])})
+    fitted = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
+    assert digest(fitted) == reference_digest(fitted) == fitted[DIGEST_KEY]
