@@ -128,12 +128,6 @@ def lightning_overhead(rounds: int = 4, steps: int = 3000) -> None:
     class TinyLean(LeanHooks, Tiny):
         pass
 
-    class SetattrOnly(LeanHooks, Tiny):
-        transfer_batch_to_device = LightningModule.transfer_batch_to_device
-
-    class TransferOnly(LeanHooks, Tiny):
-        __setattr__ = torch.nn.Module.__setattr__
-
     class Batches:  # one (input, target) pair a step, as a loader gives them
         def __len__(self) -> int:
             return steps
@@ -173,10 +167,9 @@ def lightning_overhead(rounds: int = 4, steps: int = 3000) -> None:
     sides: dict[str, Callable[[], float]] = {
         "hand-written loop": plain,
         "Lightning": lambda: lightning(Tiny, PassThroughProfiler()),
-        "  + lean __setattr__": lambda: lightning(SetattrOnly, PassThroughProfiler()),
+        "  + LeanHooks": lambda: lightning(TinyLean, PassThroughProfiler()),
         "  + QuietProfiler": lambda: lightning(Tiny, QuietProfiler()),
-        "  + lean transfer": lambda: lightning(TransferOnly, PassThroughProfiler()),
-        "  + all of mnist_lit.lean": lambda: lightning(TinyLean, QuietProfiler()),
+        "  + both": lambda: lightning(TinyLean, QuietProfiler()),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(rounds):

@@ -19,7 +19,6 @@ class Unlean(LitMNIST):
     """LitMNIST with Lightning's and torch's own versions of what mnist_lit.lean replaces."""
 
     __setattr__ = nn.Module.__setattr__
-    transfer_batch_to_device = LightningModule.transfer_batch_to_device
 
 
 def train(model: LitMNIST, profiler: object) -> dict[str, torch.Tensor]:
@@ -42,16 +41,6 @@ def test_the_lean_hooks_and_profiler_train_bit_for_bit_as_lightnings_own():
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
     assert lean._current_fx_name is None and "_current_fx_name" not in lean._modules  # a plain attribute
-
-
-def test_a_batch_elsewhere_is_still_moved_and_one_on_the_device_passes_as_it_is():
-    model, cpu = LitMNIST(), torch.device("cpu")
-    batch = (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
-    assert model.transfer_batch_to_device(batch, cpu, 0) is batch
-    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
-    assert [t.device.type for t in moved] == ["meta", "meta"]
-    nested = {"x": batch[0]}  # not a tuple of tensors: Lightning's own walk
-    assert model.transfer_batch_to_device(nested, torch.device("meta"), 0)["x"].device.type == "meta"
 
 
 class SeeProfiler(Callback):
