@@ -163,23 +163,13 @@ class Checkpoint(ModelCheckpoint):
     # private-lightning[ModelCheckpoint._save_checkpoint,ModelCheckpoint.state]: the one place every file is
     # written; ModelCheckpoint's own record of what it saved, kept true for the copy it does not make itself
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save, not
-        # per step, and by one sum per tensor (20 us, a third of an isfinite per tensor): a nan or inf makes the sum
-        # non-finite; so can huge finite weights, which the exact check then tells apart.
-        parameters = [p.detach() for p in trainer.lightning_module.parameters()]
-        if not bool(torch.stack([p.sum() for p in parameters]).sum().isfinite()) and not all(
-            bool(p.isfinite().all()) for p in parameters
-        ):
-            raise Diverged(
-                f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is the"
-                " learning rate too high?); stopped without saving them: checkpoints written before keep the last"
-                " finite weights"
-            )
         previous = self._last_write
-        self._last_write = (trainer.global_step, filepath)
         if previous is None or previous[0] != trainer.global_step:
+            self._check_finite(trainer)
+            self._last_write = (trainer.global_step, filepath)
             super()._save_checkpoint(trainer, filepath)  # through AtomicCheckpointIO
             return
+        self._last_write = (trainer.global_step, filepath)
         # last.ckpt right after the periodic file of the same step holds the same bytes: write the serialised
         # snapshot a second time rather than collect and serialise it again.
         if trainer.is_global_zero:
@@ -191,6 +181,22 @@ class Checkpoint(ModelCheckpoint):
         trainer.strategy.barrier("Checkpoint.copy")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+
+    @staticmethod
+    def _check_finite(trainer: Trainer) -> None:
+        # A diverged model (nan or inf weights) must not replace the last good checkpoint. Checked per save (not
+        # again for last.ckpt's copy of the same step), not per step, and by one sum per tensor (20 us, a third of
+        # an isfinite per tensor): a nan or inf makes the sum non-finite; so can huge finite weights, which the
+        # exact check then tells apart.
+        parameters = [p.detach() for p in trainer.lightning_module.parameters()]
+        if not bool(torch.stack([p.sum() for p in parameters]).sum().isfinite()) and not all(
+            bool(p.isfinite().all()) for p in parameters
+        ):
+            raise Diverged(
+                f"training diverged: the weights are not finite numbers at step {trainer.global_step} (is the"
+                " learning rate too high?); stopped without saving them: checkpoints written before keep the last"
+                " finite weights"
+            )
 
     # private-lightning[ModelCheckpoint._save_topk_checkpoint,ModelCheckpoint._save_last_checkpoint]: its two
     # saves, at moments of our choosing (an epoch's start, a stop); [ModelCheckpoint._monitor_candidates] what
