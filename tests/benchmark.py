@@ -228,6 +228,90 @@ def run_fit(side: str, args: list[str]) -> None:
     mnist_lit()
 
 
+INTERLEAVED_SIDES = "fit60k,-ckpt,-bar,-curves,bare"
+
+
+def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[str], extra: list[str]) -> None:
+    """One `fit --data.val_size 0` process, as shipped, whose steps are timed in chunks of `chunk`, each followed by
+    `chunk` steps of the best hand-written loop in the same process (its own model and optimiser, the same data and
+    threads): a slow spell hits both sides of a pair alike. Between chunks the fit's callbacks change to the next
+    side's (a benchmark seam: the trainer's callback list, edited between steps)."""
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch import Callback, Trainer
+
+    from mnist_lit import cli
+    from mnist_lit.checkpoint import Checkpoint
+    from mnist_lit.datasets import find_files
+    from mnist_lit.idx import load_split
+    from mnist_lit.model import Net as FlatNet
+    from mnist_lit.report import ProgressBar, TrainingCurves
+
+    without = {"fit60k": (), "-ckpt": (Checkpoint,), "-bar": (ProgressBar,), "-curves": (TrainingCurves,),
+               "bare": (Checkpoint, ProgressBar, TrainingCurves)}  # fmt: skip
+    if unknown := [side for side in sides if side not in without]:
+        sys.exit(f"--interleaved sides are {', '.join(without)}, not {', '.join(unknown)}")
+    x, y = load_split(find_files(Path(data_dir)), train=True, verify=False)
+    torch.manual_seed(2)
+    model = FlatNet().to(memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, fused=True)
+    order: list[torch.Tensor] = []
+
+    def best_loop() -> float:
+        started = time.perf_counter()
+        for _ in range(chunk):
+            if not order or order[-1].numel() == 0:
+                order[:] = list(torch.randperm(len(x)).split(64))[::-1]
+            index = order.pop()
+            data, target = x[index].contiguous(memory_format=torch.channels_last), y[index]
+            optimiser.zero_grad()
+            F.nll_loss(model(data), target).backward()
+            optimiser.step()
+        return time.perf_counter() - started
+
+    pairs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+
+    class Interleave(Callback):
+        def __init__(self) -> None:
+            self.started, self.steps, self.turn, self.all = 0.0, 0, 0, None
+
+        def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+            if self.steps % chunk == 0:
+                self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+            self.steps += 1
+            if self.steps % chunk:
+                return
+            fit = time.perf_counter() - self.started
+            if self.steps > 3 * chunk:  # after a warm-up
+                pairs[sides[self.turn % len(sides)]].append((fit, best_loop()))
+            self.all = self.all or list(trainer.callbacks)
+            self.turn += 1
+            off = without[sides[self.turn % len(sides)]]
+            trainer.callbacks[:] = [c for c in self.all if c is self or not isinstance(c, off)]
+
+    instantiate = cli.MNISTCLI.instantiate_trainer
+
+    def with_interleave(self: cli.MNISTCLI, **kwargs: object) -> Trainer:
+        trainer = instantiate(self, **kwargs)
+        trainer.callbacks.insert(0, Interleave())
+        return trainer
+
+    cli.MNISTCLI.instantiate_trainer = with_interleave  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as root:
+        cli.main(["fit", "--data.data_dir", data_dir, "--data.val_size", "0", "--trainer.max_epochs", str(epochs),
+                  "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "true", *extra])  # fmt: skip
+    print(f"\nms per step, median over chunks of {chunk} steps; x best: median of each chunk's ratio to the best loop's"
+          " chunk right after it")  # fmt: skip
+    best = statistics.median(b for side in sides for _, b in pairs[side]) / chunk * 1e3
+    print(f"  {'best':10s} {best:6.3f}")
+    for side in sides:
+        ratios = [f / b for f, b in pairs[side]]
+        fit = statistics.median(f for f, _ in pairs[side]) / chunk * 1e3
+        print(f"  {side:10s} {fit:6.3f}   x best {statistics.median(ratios):.3f}   ({len(ratios)} chunks)")
+
+
 def torchvision_layout(data_dir: str, into: str) -> str:
     """torchvision's MNIST wants MNIST/raw/ with the decompressed files; build it once in a temp folder."""
     raw = Path(into) / "MNIST" / "raw"
@@ -327,11 +411,18 @@ def main() -> None:
     parser.add_argument("--loaders", action="store_true", help="the in-memory loader against DataLoader")
     parser.add_argument("--fit", help=argparse.SUPPRESS)
     parser.add_argument("--before", help="another checkout of mnist_lit, for sides named SIDE@before")
+    parser.add_argument("--interleaved", action="store_true", help="fit and the best loop in one process, by chunks")
+    parser.add_argument("--chunk", type=int, default=100, help="with --interleaved: steps per chunk")
     if "--fit" in sys.argv:  # a fit side: the rest of the line is mnist_lit's
         at = sys.argv.index("--")
         run_fit(sys.argv[sys.argv.index("--fit") + 1], sys.argv[at + 1 :])
         return
-    args = parser.parse_args()
+    extra = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else []
+    args = parser.parse_args(sys.argv[1 : sys.argv.index("--")] if "--" in sys.argv else None)
+    if args.interleaved:
+        sides = args.sides.split(",") if "--sides" in sys.argv else INTERLEAVED_SIDES.split(",")
+        interleaved_benchmark(str(Path(args.data_dir).expanduser()), args.epochs or 6, args.chunk, sides, extra)
+        return
     if args.run:
         run_loop(args.run, args.epochs, args.data_dir, args.workdir, args.device)
         return
