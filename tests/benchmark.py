@@ -270,14 +270,19 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
         return time.perf_counter() - started
 
     pairs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+    by_position: dict[int, list[float]] = {k: [] for k in range(10)}  # fit60k's steps, by global_step % 10
 
     class Interleave(Callback):
         def __init__(self) -> None:
-            self.started, self.steps, self.turn, self.all = 0.0, 0, 0, None
+            self.started, self.step_started, self.steps, self.turn, self.all = 0.0, 0.0, 0, 0, None
 
         def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
+            now = time.perf_counter()
             if self.steps % chunk == 0:
-                self.started = time.perf_counter()
+                self.started = now
+            elif sides[self.turn % len(sides)] == "fit60k" and self.steps > 3 * chunk:
+                by_position[trainer.global_step % 10].append(now - self.step_started)
+            self.step_started = now
 
         def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
             self.steps += 1
@@ -310,6 +315,9 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
         ratios = [f / b for f, b in pairs[side]]
         fit = statistics.median(f for f, _ in pairs[side]) / chunk * 1e3
         print(f"  {side:10s} {fit:6.3f}   x best {statistics.median(ratios):.3f}   ({len(ratios)} chunks)")
+    if by_position[0]:  # the step that saves ends at a global step that divides by 10
+        steps = " ".join(f"{statistics.median(by_position[k]) * 1e3:.2f}" for k in range(10))
+        print(f"fit60k's steps, ms (median), from the one ending on a save (every 10 steps) to the 9th after: {steps}")
 
 
 def torchvision_layout(data_dir: str, into: str) -> str:
