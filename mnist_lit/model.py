@@ -134,7 +134,9 @@ def layers(net: nn.Module) -> list[str]:
 
 
 class LitMNIST(LeanHooks, LightningModule):
-    """Trains the guide's Net (or any network); logs train/loss, train/lr, val/loss, val/acc, test/loss, test/acc."""
+    """Trains the guide's Net (or any network); logs train/loss, train/lr, val/loss, val/acc, test/loss, test/acc.
+
+    LeanHooks (mnist_lit.lean) only trims Lightning's bookkeeping around each step; read it as a LightningModule."""
 
     TRAIN_METRICS = ("train/loss", "train/lr")  # what fit logs, for callbacks that watch one (EarlyStopping ...)
     VAL_METRICS = ("val/loss", "val/acc")
