@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import stat
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ LAST, EXTENSION = "last", ".ckpt"
 AUTO = "auto"
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # read whole into memory: a file from elsewhere must not exhaust it
 PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
-UMASK = os.umask(0o22)  # read once, at import, while one thread runs: os.umask can only be read by setting it
-os.umask(UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -292,21 +289,40 @@ def write_atomically(path: str, data: io.BytesIO | bytes) -> None:
     """data to a fresh temporary file beside path, fsynced, then renamed over path: a complete file or none.
 
     Only a regular file (or nothing) is replaced: a link, a device or a folder there is refused. The temporary
-    file is created anew (tempfile: O_EXCL, a random name), so no link planted beside path is followed either.
+    file is created anew (O_EXCL, a random name), so no link planted beside path is followed either.
     """
+    # os calls, not tempfile.mkstemp and a file object: a checkpoint's two files are written every 10 steps by a
+    # thread beside training, and with the Python work between the system calls cut, a step of fit took 0.05 to
+    # 0.13 ms less (2 to 5% of it; two runs of the two ways alternated by chunks of 100 steps in one process).
     refuse_link(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=f".{os.path.basename(path)}{PART}", dir=directory)
+    tmp, fd = _create_beside(directory, os.path.basename(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # not mkstemp's 0600: the mode a plain open() would have given it
+        try:
+            view = memoryview(data.getbuffer() if isinstance(data, io.BytesIO) else data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     fsync_dir(directory)
+
+
+def _create_beside(directory: str, name: str) -> tuple[str, int]:
+    """A new, empty file .<random>.<name>.part in directory (made if missing), opened for writing: O_EXCL, so never
+    a file or link already there; its mode what a plain open() gives (0666 less the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.urandom(6).hex()}.{name}{PART}")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue  # taken (by chance, or planted): another name
+        except FileNotFoundError:
+            os.makedirs(directory, exist_ok=True)
+    raise FileExistsError(f"no free temporary name beside {os.path.join(directory, name)}")

@@ -156,3 +156,33 @@ def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
     assert digest(odd) != digest({**odd, "bools": torch.tensor([True, True])})
     fitted = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")
     assert digest(fitted) == reference_digest(fitted) == fitted[DIGEST_KEY]
+
+
+def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_none_behind(tmp_path, monkeypatch):
+    from mnist_lit import storage
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    taken = tmp_path / "run" / f".{'ab' * 6}.last.ckpt{storage.PART}"
+    taken.parent.mkdir()
+    taken.symlink_to(victim)  # planted at the first name the write will try
+    names = iter([bytes.fromhex("ab" * 6), bytes.fromhex("cd" * 6)])
+    monkeypatch.setattr(storage.os, "urandom", lambda n: next(names))
+    storage.write_atomically(str(tmp_path / "run" / "last.ckpt"), b"new")
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() == b"new" and victim.read_bytes() == b"keep"
+    assert taken.is_symlink()  # never followed, never removed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "run" / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() makes it
+    monkeypatch.undo()
+    storage.write_atomically(str(tmp_path / "new" / "folder" / "x.ckpt"), b"made")  # its folder made on the way
+    assert (tmp_path / "new" / "folder" / "x.ckpt").read_bytes() == b"made"
+
+    def fail(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_atomically(str(tmp_path / "run" / "last.ckpt"), b"newer")
+    assert (tmp_path / "run" / "last.ckpt").read_bytes() == b"new"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["last.ckpt", taken.name])
