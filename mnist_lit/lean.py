@@ -38,7 +38,8 @@ class LeanHooks:
 
 
 class QuietProfiler(PassThroughProfiler):
-    """Lightning's default profiler (it records nothing), with one context reused for every call."""
+    """Lightning's default profiler (it records nothing), with one context reused for every call. Its `with ...
+    as name` gives None, not the action's name: Lightning never takes it."""
 
     def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
         return _NOTHING

@@ -5,6 +5,7 @@ mnist_lit.runlock; the digest mnist_lit.digest."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import pickle
@@ -299,9 +300,11 @@ def write_atomically(path: str, data: io.BytesIO | bytes) -> None:
     tmp, fd = _create_beside(directory, os.path.basename(path))
     try:
         try:
-            view = memoryview(data.getbuffer() if isinstance(data, io.BytesIO) else data)
+            view = memoryview(data.getbuffer() if isinstance(data, io.BytesIO) else data).cast("B")
             while view:
-                view = view[os.write(fd, view) :]
+                if (written := os.write(fd, view)) == 0:
+                    raise OSError(errno.EIO, f"no bytes written to {tmp}")
+                view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -317,6 +320,7 @@ def _create_beside(directory: str, name: str) -> tuple[str, int]:
     """A new, empty file .<random>.<name>.part in directory (made if missing), opened for writing: O_EXCL, so never
     a file or link already there; its mode what a plain open() gives (0666 less the umask)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    made = False
     for _ in range(100):
         tmp = os.path.join(directory, f".{os.urandom(6).hex()}.{name}{PART}")
         try:
@@ -324,5 +328,8 @@ def _create_beside(directory: str, name: str) -> tuple[str, int]:
         except FileExistsError:
             continue  # taken (by chance, or planted): another name
         except FileNotFoundError:
+            if made:
+                raise
             os.makedirs(directory, exist_ok=True)
-    raise FileExistsError(f"no free temporary name beside {os.path.join(directory, name)}")
+            made = True
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {os.path.join(directory, name)}")

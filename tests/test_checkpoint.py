@@ -148,6 +148,7 @@ def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
         "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
         "bools": torch.tensor([True, False]),
         "bf16": torch.randn(3, dtype=torch.bfloat16),
+        "large": torch.randn(300, 1000),  # over a MiB: hashed where it lies
         "values": [1, 2.5, None, "x", (3, True), b"raw", OrderedDict(a=1)],
         7: {"nested": {"deeper": torch.ones(2, 2)}},
         DIGEST_KEY: "ignored",
@@ -181,8 +182,18 @@ def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_no
     def fail(fd: int) -> None:
         raise OSError("disk full")
 
+    real_write = os.write
+    monkeypatch.setattr(storage.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # short writes
+    storage.write_atomically(str(tmp_path / "short.ckpt"), memoryview(bytes(range(256)) * 4).cast("I"))
+    assert (tmp_path / "short.ckpt").read_bytes() == bytes(range(256)) * 4
+    monkeypatch.setattr(storage.os, "write", lambda fd, data: 0)  # a file system that takes nothing
+    with pytest.raises(OSError, match="no bytes written"):
+        storage.write_atomically(str(tmp_path / "short.ckpt"), b"other")
+    assert (tmp_path / "short.ckpt").read_bytes() == bytes(range(256)) * 4
+    monkeypatch.undo()
     monkeypatch.setattr(storage.os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
         storage.write_atomically(str(tmp_path / "run" / "last.ckpt"), b"newer")
     assert (tmp_path / "run" / "last.ckpt").read_bytes() == b"new"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["last.ckpt", taken.name])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(storage.PART)]

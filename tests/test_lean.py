@@ -21,25 +21,28 @@ class Unlean(LitMNIST):
     __setattr__ = nn.Module.__setattr__
 
 
-def train(model: LitMNIST, profiler: object) -> dict[str, torch.Tensor]:
+def train(model: LitMNIST, profiler: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     x, y = torch.randn(320, 1, 28, 28), torch.randint(0, 10, (320,))
     trainer = Trainer(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=2, log_every_n_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, profiler=profiler, accelerator="cpu", num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=BatchLoader(x, y, EpochBatches(320, 64, shuffle=True, seed=1)))
-    return model.state_dict()
+    return model.state_dict(), dict(trainer.callback_metrics)
 
 
 def test_the_lean_hooks_and_profiler_train_bit_for_bit_as_lightnings_own():
     torch.manual_seed(1)
     lean, unlean = LitMNIST(), Unlean()
     unlean.load_state_dict(lean.state_dict())
-    ours, theirs = train(lean, QuietProfiler()), train(unlean, PassThroughProfiler())
+    (ours, our_metrics), (theirs, their_metrics) = train(lean, QuietProfiler()), train(unlean, PassThroughProfiler())
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+    assert our_metrics.keys() == their_metrics.keys() and "train/loss" in our_metrics  # self.log names its hook
+    for key in our_metrics:
+        assert torch.equal(our_metrics[key], their_metrics[key]), key
     assert lean._current_fx_name is None and "_current_fx_name" not in lean._modules  # a plain attribute
 
 
