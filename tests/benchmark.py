@@ -9,6 +9,9 @@ seconds and, per side, the median over rounds of its ratio to the first side.
     python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
     python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
     python tests/benchmark.py --loaders                  # mnist_lit's in-memory loader against DataLoader
+    python tests/benchmark.py --interleaved [--epochs 6] [--chunk 100] [--sides fit60k,-ckpt,-bar,-curves,bare]
+        [-- FIT OPTIONS]   # one fit process, its steps by chunks against the best loop's in the same process
+                           # (interleaved_benchmark below); sides: fit60k and fit60k without checkpoints, bar, curves
 
 Sides (default: best, fit60k and fit60k with each piece of per-step work turned off in turn):
   best       the best hand-written loop of the recipe: all 60k images as one normalised tensor in memory,
@@ -306,7 +309,7 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
     cli.MNISTCLI.instantiate_trainer = with_interleave  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as root:
         cli.main(["fit", "--data.data_dir", data_dir, "--data.val_size", "0", "--trainer.max_epochs", str(epochs),
-                  "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "true", *extra])  # fmt: skip
+                  "--trainer.default_root_dir", root, *extra])  # fmt: skip
     print(f"\nms per step, median over chunks of {chunk} steps; x best: median of each chunk's ratio to the best loop's"
           " chunk right after it")  # fmt: skip
     best = statistics.median(b for side in sides for _, b in pairs[side]) / chunk * 1e3
