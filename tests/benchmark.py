@@ -9,9 +9,11 @@ seconds and, per side, the median over rounds of its ratio to the first side.
     python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
     python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
     python tests/benchmark.py --loaders                  # mnist_lit's in-memory loader against DataLoader
-    python tests/benchmark.py --interleaved [--epochs 6] [--chunk 100] [--sides fit60k,-ckpt,-bar,-curves,bare]
-        [-- FIT OPTIONS]   # one fit process, its steps by chunks against the best loop's in the same process
-                           # (interleaved_benchmark below); sides: fit60k and fit60k without checkpoints, bar, curves
+    python tests/benchmark.py --interleaved [--epochs 6] [--chunk 100]
+        [--sides fit60k,-ckpt,-bar,-curves,bare,lightning] [-- FIT OPTIONS]
+                           # one fit process, its steps by chunks against the best loop's in the same process
+                           # (interleaved_benchmark below); sides: fit60k and fit60k without checkpoints, bar, curves,
+                           # all three (bare), or any callback and logger (lightning: Lightning's loop alone)
 
 Sides (default: best, fit60k and fit60k with each piece of per-step work turned off in turn):
   best       the best hand-written loop of the recipe: all 60k images as one normalised tensor in memory,
@@ -231,7 +233,7 @@ def run_fit(side: str, args: list[str]) -> None:
     mnist_lit()
 
 
-INTERLEAVED_SIDES = "fit60k,-ckpt,-bar,-curves,bare"
+INTERLEAVED_SIDES = "fit60k,-ckpt,-bar,-curves,bare,lightning"
 
 
 def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[str], extra: list[str]) -> None:
@@ -250,8 +252,10 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
     from mnist_lit.model import Net as FlatNet
     from mnist_lit.report import ProgressBar, TrainingCurves
 
+    # lightning: Lightning's loop alone, around the same LitMNIST and loader: no callback but this benchmark's, no
+    # logger (the floor any fit with Lightning's automatic optimisation stands on)
     without = {"fit60k": (), "-ckpt": (Checkpoint,), "-bar": (ProgressBar,), "-curves": (TrainingCurves,),
-               "bare": (Checkpoint, ProgressBar, TrainingCurves)}  # fmt: skip
+               "bare": (Checkpoint, ProgressBar, TrainingCurves), "lightning": (Callback,)}  # fmt: skip
     if unknown := [side for side in sides if side not in without]:
         sys.exit(f"--interleaved sides are {', '.join(without)}, not {', '.join(unknown)}")
     x, y = load_split(find_files(Path(data_dir)), train=True, verify=False)
@@ -278,6 +282,7 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
     class Interleave(Callback):
         def __init__(self) -> None:
             self.started, self.step_started, self.steps, self.turn, self.all = 0.0, 0.0, 0, 0, None
+            self.loggers: list | None = None
 
         def on_train_batch_start(self, trainer: Trainer, *args: object) -> None:
             now = time.perf_counter()
@@ -295,9 +300,11 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
             if self.steps > 3 * chunk:  # after a warm-up
                 pairs[sides[self.turn % len(sides)]].append((fit, best_loop()))
             self.all = self.all or list(trainer.callbacks)
+            self.loggers = self.loggers if self.loggers is not None else list(trainer.loggers)
             self.turn += 1
-            off = without[sides[self.turn % len(sides)]]
-            trainer.callbacks[:] = [c for c in self.all if c is self or not isinstance(c, off)]
+            side = sides[self.turn % len(sides)]
+            trainer.callbacks[:] = [c for c in self.all if c is self or not isinstance(c, without[side])]
+            trainer.loggers = [] if side == "lightning" else self.loggers
 
     instantiate = cli.MNISTCLI.instantiate_trainer
 
