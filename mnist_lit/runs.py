@@ -50,9 +50,9 @@ class Trained:
         return self.hparams.get("net", NET_SPEC)
 
 
-def load(ckpt_path: str | os.PathLike, directory: Path | None = None, fitting: bool = False) -> Trained:
+def load(ckpt_path: str | os.PathLike, directory: Path | None = None) -> Trained:
     """The checkpoint ckpt_path names ('last': the newest in directory), verified, with a network its weights fit."""
-    path, checkpoint = load_ckpt_path(os.fspath(ckpt_path), directory or Path("checkpoints"), fitting)
+    path, checkpoint = load_ckpt_path(os.fspath(ckpt_path), directory or Path("checkpoints"), fitting=False)
     return _trained(path, checkpoint)
 
 

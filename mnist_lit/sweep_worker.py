@@ -22,12 +22,13 @@ from mnist_lit.storage import CheckpointError, checkpoint_dir, newest_checkpoint
 from mnist_lit.sweep_study import FINGERPRINT, _difference, _first_line, _retry, counted, open_study, storage_url
 from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
 
-# Started as each trial's parent, this makes the kernel kill the fit when the worker thread that started it dies
-# (a `kill -9` of the sweep), instead of leaving it training, unseen, holding its folder's lock.
+# Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
+# kill the fit when the worker thread that started it dies (a `kill -9` of the sweep), instead of leaving it
+# training, unseen, holding its folder's lock.
 _ORPHAN_GUARD = (
-    "import ctypes,os,signal,sys\n"
-    "if sys.platform == 'linux': ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(137)\n"
+    "import os, sys\n"
+    "from mnist_lit.signals import die_with_parent\n"
+    "die_with_parent(int(sys.argv[1]))\n"
     "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
 )
 
