@@ -19,6 +19,24 @@ class ConfigError(ValueError):
     """The options parsed, but the objects they describe cannot be built (e.g. an unknown strategy)."""
 
 
+# jsonargparse's restricted number types, as a value of each is described
+_RESTRICTED = {
+    "PositiveInt": "an int > 0",
+    "NonNegativeInt": "an int >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number >= 0 and <= 1",
+    "OpenUnitInterval": "a number > 0 and < 1",
+}
+
+
+def _finite(names: list[str], value: str) -> list[str]:
+    """jsonargparse takes no inf or nan where a float goes: for those, "it takes float" would puzzle."""
+    if re.fullmatch(r"[+-]?(inf|infinity|nan)", value.strip(), re.IGNORECASE):
+        return ["a finite float" if name == "float" else name for name in names]
+    return names
+
+
 def one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
@@ -37,9 +55,14 @@ def explain(message: str, classes: bool = True, names: list[str] | None = None) 
     ):
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
-        return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(names)}"
+        return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(_finite(names, union[2]))}"
     if typed := re.search(r"(--\S+): Expected a <class '(\w+)'>\. Got value: (.*)$", message):
-        return f"{typed[1]}: {typed[3]!r} is not valid; it takes {typed[2]}"
+        return f"{typed[1]}: {typed[3]!r} is not valid; it takes {' or '.join(_finite([typed[2]], typed[3]))}"
+    if restricted := re.search(r"(--\S+): Not of type (\w+): (?:invalid literal for int\(\) with base 10|could not "
+                               r"convert string to float): (.*)$", message):  # fmt: skip
+        return (
+            f"{restricted[1]}: {restricted[3]} is not valid; it takes {_RESTRICTED.get(restricted[2], restricted[2])}"
+        )
     if literal := re.search(r"(--\S+): Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", message):
         return f"{literal[1]}: {literal[3]!r} is not valid; it takes one of {literal[2]}"
     if required := re.fullmatch(r"the following arguments are required: (.*)", message):
@@ -91,8 +114,10 @@ def explain_class_option(message: str) -> str | None:
         cls, cause = problem[1].rpartition(".")[2], one_line(problem[2])
     elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):
         cause = callable_[1].strip()
-        if inner := re.search(r'callable class: Parser key "([^"]+)":\s*(.*?)(?:\. Got value: .*)?\Z', message, re.S):
-            # one of the class's own arguments
+        # one of the class's own arguments: its message, less the last "Got value" (the whole class's)
+        if inner := re.search(
+            r'callable class: Parser key "([^"]+)":\s*(.*?)(?:\. Got value: (?:(?!\. Got value: ).)*)?\Z', message, re.S
+        ):
             return explain(f'Parser key "{option[2:]}.{inner[1]}":\n{inner[2]}', classes=False)
         if re.search(r"has no attribute|No module named", cause):
             given = re.search(r"Got value: (\S+)\Z", message)

@@ -117,7 +117,26 @@ def data(mnist_dir: Path) -> list[str]:
 CASES = {
     # name: (arguments after the subcommand, words the one-line error must contain)
     "negative lr": (["fit", "--model.lr", "-1"], ["--model.optimizer", "Invalid learning rate: -1"]),
-    "infinite lr": (["fit", "--model.optimizer.lr", "inf"], ["--model.optimizer.lr", "'inf' is not valid"]),
+    "infinite lr": (
+        ["fit", "--model.optimizer.lr", "inf"],
+        ["--model.optimizer.lr: 'inf' is not valid; it takes a finite float"],
+    ),
+    "nan momentum": (
+        ["fit", "--model.momentum", "nan"],
+        ["--model.optimizer.momentum: 'nan' is not valid; it takes a finite float"],
+    ),
+    "momentum not a number": (
+        ["fit", "--model.momentum", "x"],
+        ["--model.optimizer.momentum: 'x' is not valid; it takes float"],
+    ),
+    "batch size not an int": (
+        ["fit", "--data.batch_size", "1.5"],
+        ["--data.batch_size: '1.5' is not valid; it takes an int > 0"],
+    ),
+    "fraction not a number": (
+        ["fit", "--data.image_val_fraction", "half"],
+        ["--data.image_val_fraction: 'half' is not valid; it takes a number >= 0 and <= 1"],
+    ),
     "zero lr": (["fit", "--model.lr", "0"], ["--model.optimizer.lr: 0.0 is out of range; it must be > 0"]),
     "lr not a number": (["fit", "--model.optimizer.lr", "abc"], ["--model.optimizer.lr: 'abc' is not valid"]),
     "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.optimizer.momentum: 1.5 is out of range"]),
