@@ -258,6 +258,44 @@ class Checkpoint(ModelCheckpoint):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """ModelCheckpoint's record of its files, from a checkpoint: data, never a path to follow.
+
+        ModelCheckpoint removes the files it restores as its earlier saves once a new one is written, and takes
+        "<dirpath>/../../x" for a file in its folder: a file could have a resume delete any file the user may. Only
+        checkpoint files directly in this run's folder are kept, by name; any other path is forgotten (a run moved
+        from elsewhere: its old files are not this run's to remove), and scores that are not numbers are dropped.
+        """
+        if not isinstance(state_dict, dict):
+            return
+        folder = os.path.abspath(self.dirpath or ".")
+
+        def own(path: Any) -> str:
+            if not isinstance(path, str) or not path.endswith(".ckpt") or "\0" in path:
+                return ""
+            normal = os.path.abspath(path)  # "..", "." and doubled slashes resolved, as a string
+            return normal if os.path.dirname(normal) == folder else ""
+
+        def score(value: Any) -> torch.Tensor | None:
+            return value if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+
+        best_k = state_dict.get("best_k_models")
+        super().load_state_dict(
+            {
+                "dirpath": state_dict.get("dirpath") if isinstance(state_dict.get("dirpath"), str) else None,
+                "best_model_score": score(state_dict.get("best_model_score")),
+                "best_model_path": own(state_dict.get("best_model_path")),
+                "kth_best_model_path": own(state_dict.get("kth_best_model_path")),
+                "kth_value": score(state_dict.get("kth_value")),
+                "last_model_path": own(state_dict.get("last_model_path")),
+                "best_k_models": {
+                    own(k): v
+                    for k, v in (best_k.items() if isinstance(best_k, dict) else ())
+                    if own(k) and score(v) is not None
+                },
+            }
+        )
+
     # private-lightning[loops]: two Lightning 2.6 resume workarounds inside its loops (see each comment)
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -6,6 +6,7 @@ Nothing here knows a dataset: the normalisation and the item's size come from th
 from __future__ import annotations
 
 import glob
+import io
 import re
 import stat
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ INK = 0.3
 # file that declares 13000x13000 pixels would take 3 GB. 50 megapixels covers the photos of today's phones.
 MAX_PIXELS = 50_000_000
 SKIPS_NAMED = 3  # files named in the one line that counts the skipped ones
+# The only formats opened: Pillow's own decoders. Pillow would also open EPS, say, by running Ghostscript on the file,
+# a program a file from elsewhere must never get to run.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class DataError(RuntimeError):
@@ -133,17 +137,22 @@ def check_size(image: Image.Image, limit: int = MAX_PIXELS) -> None:
         raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {limit / 1e6:g} megapixels")
 
 
+def open_image(source: Path | io.BytesIO) -> Image.Image:
+    """An image file, its header read (nothing decoded yet), if it is in one of FORMATS."""
+    return Image.open(source, formats=FORMATS)
+
+
 def read(path: Path, mean: float, std: float, box: int = BOX) -> Tensor:
     """One image file, prepared. Raises whatever reading it raises: a file from elsewhere can make Pillow raise
     nearly anything (a ValueError for a blank image or one over the pixel budget)."""
-    with Image.open(path) as image:  # reads the header only
+    with open_image(path) as image:
         check_size(image)
         return prepare(ImageOps.exif_transpose(image), mean, std, box)
 
 
 def reason(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):
-        return "not an image"
+        return f"not an image ({', '.join(FORMATS)})"
     if isinstance(err, Image.DecompressionBombError):  # Pillow's own limit, above ours, also read from the header
         return f"its header declares more pixels than the limit of {MAX_PIXELS / 1e6:g} megapixels"
     if isinstance(err, (ValueError, OSError)) and str(err):

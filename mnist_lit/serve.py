@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mnist_lit import runs, signals
 from mnist_lit.checkpoint import check_weights
 from mnist_lit.datasets import DATASETS, DEFAULT
-from mnist_lit.images import prepare
+from mnist_lit.images import FORMATS, open_image, prepare
 from mnist_lit.model import Net, build_net, log_probabilities
 from mnist_lit.storage import CheckpointError, read_bytes
 
@@ -88,9 +88,9 @@ def read_image(request: dict[str, Any], dataset: str) -> Tensor:
     if not raw:
         raise Refused(400, f'"image" is empty: {USAGE}')
     try:
-        image = Image.open(io.BytesIO(raw))  # reads the header only
+        image = open_image(io.BytesIO(raw))
     except UnidentifiedImageError:
-        raise Refused(422, "not an image: send a PNG, JPEG or BMP") from None
+        raise Refused(422, f"not an image: send a PNG, JPEG or BMP ({', '.join(FORMATS)} are read)") from None
     except Exception as err:  # a header Pillow chokes on: bytes from a client can make it raise nearly anything
         raise Refused(422, f"not a readable image ({type(err).__name__})") from None
     if image.width * image.height > MAX_PIXELS:

@@ -122,6 +122,11 @@ def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
         raise Untrusted(f"{kind.option}: no class named {class_path!r}") from None
     if not (isinstance(found, type) and issubclass(found, kind.bases)):
         raise Untrusted(f"{kind.option}: {class_path} is not {kind.noun}")
+    if kind.given is None:  # a network: never a whole LightningModule, which may read files (LitMNIST's init_from)
+        from lightning.pytorch import LightningModule
+
+        if issubclass(found, LightningModule):
+            raise Untrusted(f"{kind.option}: {class_path} is a LightningModule, not a network")
     return found
 
 

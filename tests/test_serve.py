@@ -210,6 +210,12 @@ BAD_REQUESTS = {
     "JSON without an image": (b'{"picture": "x"}', "application/json", 400, '"image"'),
     "not base64": (b'{"image": "%%%"}', "application/json", 400, "base64"),
     "not an image": (as_json(b"hello, I am text"), "application/json", 422, "not an image"),
+    "EPS, which Pillow would hand to Ghostscript": (
+        as_json(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"),
+        "application/json",
+        422,
+        "not an image",
+    ),
     "a PNG cut short": (as_json(png(Image.new("L", (64, 64), 90))[:60]), "application/json", 422, "not a readable"),
     "blank drawing": (as_json(png(Image.new("RGB", (280, 280), "white"))), "application/json", 422, "blank"),
     "20000x20000 PNG": (as_json(png_header(20000, 20000)), "application/json", 413, "20000x20000"),

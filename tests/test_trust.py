@@ -74,6 +74,10 @@ HOSTILE: dict[str, tuple[Callable[[str], Callable[[dict], None]], str]] = {
         "not a plain value",
     ),
     "init_from naming a file to read": (lambda m: hparam("init_from", m), "--model.init_from"),
+    "a LightningModule as the network, naming a file to read": (
+        lambda m: hparam("net", spec("mnist_lit.model.LitMNIST", init_from=m)),
+        "is a LightningModule, not a network",
+    ),
     "another instantiator": (lambda m: hparam("_instantiator", "os.system"), "os.system"),
     "hyperparameters that are a list": (
         lambda m: lambda checkpoint: checkpoint.__setitem__("hyper_parameters", ["os.system"]),
@@ -264,9 +268,13 @@ def digit_image() -> Image.Image:
     return image
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\nshowpage\n"
+
+
 def hostile_images(folder: Path, outside: Path) -> None:
     """Beside good.png: non-finite pixels, a broken chunk after the image data, a header declaring 20000x20000
-    pixels over a few bytes, and a link to an image outside the folder."""
+    pixels over a few bytes, an EPS file (Pillow would run Ghostscript on it), and a link to an image outside the
+    folder."""
     folder.mkdir(parents=True, exist_ok=True)
     digit_image().save(folder / "good.png")
     pixels = np.zeros((28, 28), dtype=np.float32)
@@ -279,6 +287,7 @@ def hostile_images(folder: Path, outside: Path) -> None:
     (folder / "huge.png").write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
     )
+    (folder / "page.eps").write_bytes(EPS)
     digit_image().save(outside)
     (folder / "link.png").symlink_to(outside)
 
@@ -290,8 +299,9 @@ def test_predict_skips_hostile_images_in_one_line_and_predicts_the_good_one(root
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(tmp_path / "photos" / "good.png")]
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
-    assert len(skipped) == 1 and skipped[0].startswith("skipped 3 of 4 files"), result.stderr  # the link: not listed
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 4 of 5 files"), result.stderr  # the link: not listed
     assert "broken-chunk.png" in skipped[0] and "huge.png: its header declares more pixels than the limit" in skipped[0]
+    assert "Ghostscript" not in result.stderr  # page.eps: not opened as EPS, so no program was looked for
 
 
 def test_image_dir_skips_hostile_images_and_refuses_a_linked_class_folder(tmp_path, capsys):
@@ -306,7 +316,7 @@ def test_image_dir_skips_hostile_images_and_refuses_a_linked_class_folder(tmp_pa
     module.setup("fit")
     assert len(module.splits["train"][1]) == 10
     err = capsys.readouterr().err
-    assert err.startswith("skipped 4 of 14 files under") and "link.png: a symbolic link, not followed" in err, err
+    assert err.startswith("skipped 5 of 15 files under") and "link.png: a symbolic link, not followed" in err, err
     shutil.rmtree(tmp_path / "digits" / "9")
     (tmp_path / "digits" / "9").symlink_to(tmp_path / "digits" / "8")
     with pytest.raises(RuntimeError, match="class folder 9 is a symbolic link"):
@@ -332,6 +342,31 @@ def test_a_signal_while_the_figures_are_drawn_names_the_final_checkpoint(tmp_pat
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("SIGTERM: stopped at once; the newest checkpoint is") and "last.ckpt" in last_line
+
+
+def test_paths_in_a_checkpoint_are_never_followed_to_remove_a_file(root, mnist_dir, run_main):
+    """ModelCheckpoint removes the files it restores as its earlier saves: a checkpoint naming "<folder>/../x" (or
+    any file elsewhere) must not get a resume to delete it."""
+    victim = root.parent / "victim.txt"
+    victim.write_text("precious")
+    folder = root / "checkpoints"
+
+    def aim(checkpoint: dict) -> None:
+        for key, state in checkpoint["callbacks"].items():
+            if key.startswith("Checkpoint"):
+                state["dirpath"] = str(folder.resolve())  # as if written here: ModelCheckpoint restores it all
+                state["best_model_path"] = state["last_model_path"] = f"{folder.resolve()}/../../{victim.name}"
+                state["kth_best_model_path"] = str(victim)
+                state["best_k_models"] = {str(victim): torch.tensor(1.0)}
+
+    reseal(folder / "last.ckpt", folder / "last.ckpt", aim)
+    # the run's own checkpoint settings (ModelCheckpoint's state is keyed by them): its state is restored
+    status, _, err = run_main(
+        "fit", "--ckpt_path", "last", "--trainer.max_epochs", "3", "--checkpoint.every_n_train_steps", "3",
+        *data_args(mnist_dir), cwd=root,
+    )  # fmt: skip
+    assert status == 0, err[-2000:]
+    assert victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize(
