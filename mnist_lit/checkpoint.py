@@ -61,6 +61,128 @@ def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
         raise CheckpointError(f"{path} cannot be resumed: {wrong}")
 
 
+def check_training_state(path: str | os.PathLike, checkpoint: dict[str, Any], trainer: Trainer) -> None:
+    """Fail unless the state a resume restores fits this run, before Lightning restores any of it: the loops'
+    counters, the optimizers' state and settings, the schedulers' state. Called once the optimizers exist.
+
+    Each is compared with what this run's own objects hold (their fresh state, or a twin optimizer stepped once on
+    copies of the parameters) by its layout: the same keys, numbers where numbers go, tensors of the same shape. A
+    file is data: a momentum buffer of another shape would have the fused optimizer write past it, a text where a
+    count goes would end the run in a traceback, and a scheduler's state sets any attribute it names.
+    """
+
+    def refuse(why: str) -> None:
+        raise CheckpointError(f"{path} cannot be resumed: {why}")
+
+    if wrong := _misfit(trainer.fit_loop.state_dict(), (checkpoint.get("loops") or {}).get("fit_loop"), "fit_loop"):
+        refuse(f"its loops' state does not fit Lightning's ({wrong})")
+    states, optimizers = checkpoint.get("optimizer_states") or [], trainer.optimizers
+    if len(states) != len(optimizers):
+        refuse(f"it holds the state of {len(states)} optimizers, and this run has {len(optimizers)}")
+    for optimizer, state in zip(optimizers, states, strict=True):
+        if wrong := _optimizer_misfit(optimizer, state):
+            refuse(f"its {type(optimizer).__name__} state does not fit the model ({wrong})")
+    schedulers, configs = checkpoint.get("lr_schedulers") or [], trainer.lr_scheduler_configs
+    if len(schedulers) != len(configs):
+        refuse(f"it holds the state of {len(schedulers)} schedulers, and this run has {len(configs)}")
+    for config, state in zip(configs, schedulers, strict=True):
+        # a scheduler takes its state as attributes: none may replace one of its methods, or its optimizer
+        scheduler = config.scheduler
+        if isinstance(state, dict) and (shadow := [k for k in state if not isinstance(k, str) or k == "optimizer"
+                                                   or hasattr(type(scheduler), k)]):  # fmt: skip
+            refuse(f"its {type(scheduler).__name__} state sets {shadow[0]!r}, which is not a setting of it")
+        if wrong := _misfit(scheduler.state_dict(), state, "scheduler"):
+            refuse(f"its {type(scheduler).__name__} state does not fit ({wrong})")
+
+
+_ABSENT = object()
+
+
+def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str | None:
+    """What in value does not have reference's layout (None: nothing). Keys reference lacks are allowed unless
+    exact (or reference's mapping holds numbers only, as Lightning's progress counters do, which take any key)."""
+    if value is _ABSENT:
+        return f"{where} is missing"
+    if isinstance(reference, dict):
+        if not isinstance(value, dict):
+            return f"{where} is not a mapping"
+        counters = all(isinstance(v, (int, float, dict)) for v in reference.values()) and "state_dict" not in reference
+        if (exact or counters) and (extra := [k for k in value if k not in reference]):
+            return f"{where} has {extra[0]!r}, which it does not take"
+        for key, item in reference.items():
+            if key == "state_dict" and not exact:  # a loop's own state (the data's place): checked where it loads
+                continue
+            if key not in value and not (exact or counters):  # Lightning passes over a loop it does not find
+                continue
+            if wrong := _misfit(item, value.get(key, _ABSENT), f"{where}.{key}", exact):
+                return wrong
+        return None
+    if isinstance(reference, bool):
+        return None if isinstance(value, bool) else f"{where} is not true or false"
+    if isinstance(reference, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{where} is not a number"
+        return None if not isinstance(reference, int) or value >= 0 or reference < 0 else f"{where} is negative"
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != reference.shape:
+            return f"{where} is not a tensor of shape {tuple(reference.shape)}"
+        return None
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(reference):
+            return f"{where} is not a list of {len(reference)}"
+        for index, (item, given) in enumerate(zip(reference, value, strict=True)):
+            if wrong := _misfit(item, given, f"{where}[{index}]", exact):
+                return wrong
+        return None
+    if isinstance(reference, str):
+        return None if isinstance(value, str) else f"{where} is not a text"
+    return None  # None, or an object a state_dict holds as it is: any plain value
+
+
+def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | None:
+    """What in an optimizer's saved state does not fit the optimizer (None: nothing)."""
+    groups, saved_groups = optimizer.param_groups, state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups) or not isinstance(state["state"], dict):
+        return f"its parameter groups are not {len(groups)}"
+    params = [p for group in groups for p in group["params"]]
+    ids = [i for group in saved_groups if isinstance(group, dict) for i in group.get("params", ())]
+    if sorted(ids, key=repr) != list(range(len(params))) or [len(g.get("params", ())) for g in saved_groups] != [
+        len(g["params"]) for g in groups
+    ]:
+        return f"its parameter groups do not name the model's {len(params)} parameters"
+    for group, saved in zip(groups, saved_groups, strict=True):
+        settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        if missing := [k for k in settings if k not in saved]:  # torch takes the saved group as it is
+            return f"its settings lack {missing[0]!r}"
+        if wrong := _misfit(settings, {k: v for k, v in saved.items() if k != "params"}, "settings"):
+            return wrong
+    # The state this optimizer keeps per parameter, as it makes it: a twin stepped once on zero gradients of copies
+    twins = [torch.zeros_like(p, requires_grad=True) for p in params]
+    for twin in twins:
+        twin.grad = torch.zeros_like(twin)
+    it = iter(twins)
+    twin_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [next(it) for _ in g["params"]]}
+                   for g in groups]  # fmt: skip
+    twin_optimizer = type(optimizer)(twin_groups)
+    twin_optimizer.step(lambda: torch.zeros(()))
+    for index, twin in enumerate(twins):
+        saved = state["state"].get(index)
+        if saved is None:  # not stepped yet: made afresh
+            continue
+        own = twin_optimizer.state.get(twin, {})
+        for key, reference in own.items():
+            value = saved.get(key, _ABSENT) if isinstance(saved, dict) else _ABSENT
+            if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                continue  # a step count written as a number (older torch)
+            if reference is None and (value is None or isinstance(value, torch.Tensor)):
+                reference = params[index].detach()  # e.g. SGD's momentum buffer, once there is one
+                if value is None:
+                    continue
+            if wrong := _misfit(reference, value, f"parameter {index}'s {key}"):
+                return wrong
+    return None
+
+
 def run_seed(checkpoint: dict[str, Any]) -> int | None:
     """The --seed_everything a checkpoint's run started with (older checkpoints: its data order's seed)."""
     seed = (checkpoint.get("rng_state") or {}).get("seed")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.checkpoint import check_weights
+from mnist_lit.checkpoint import check_training_state, check_weights
 from mnist_lit.lean import LeanHooks
 from mnist_lit.storage import load_checkpoint
 from mnist_lit.trust import check_model_hparams, check_spec
@@ -191,6 +191,7 @@ class LitMNIST(LeanHooks, LightningModule):
         for name in freeze:
             getattr(self.net, name).requires_grad_(False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._resuming: dict[str, Any] | None = None  # a resume's checkpoint, until on_fit_start checks it
         self.net.to(memory_format=self.memory_format)
         check_optimizer(self.make_optimizer)
         # Loss metrics average per-image losses in float64: summed NLL / N, exactly the guide's test loss.
@@ -296,6 +297,21 @@ class LitMNIST(LeanHooks, LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resume's training state, checked before Lightning restores it (once the optimizers exist)."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        if trainer.optimizers:  # a strategy that restores after its setup: the optimizers are there now
+            check_training_state(trainer.ckpt_path, checkpoint, trainer)
+        else:
+            self._resuming = checkpoint
+
+    def on_fit_start(self) -> None:
+        checkpoint, self._resuming = self._resuming, None
+        if checkpoint is not None:  # after the optimizers are made, before Lightning restores their state
+            check_training_state(self.trainer.ckpt_path, checkpoint, self.trainer)
 
     def on_train_start(self) -> None:
         """A resumed run's optimizer options given anew (e.g. --model.optimizer.lr) replace the restored ones."""
