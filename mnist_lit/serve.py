@@ -28,7 +28,7 @@ from mnist_lit.checkpoint import check_weights
 from mnist_lit.datasets import DATASETS, DEFAULT
 from mnist_lit.images import FORMATS, open_image, prepare
 from mnist_lit.model import Net, build_net, log_probabilities
-from mnist_lit.storage import CheckpointError, read_bytes
+from mnist_lit.storage import CheckpointError, check_dense, check_stored, read_bytes
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
@@ -52,6 +52,7 @@ def load_net(ckpt_path: str, directory: Path | None = None) -> tuple[nn.Module, 
         trained = runs.load(ckpt_path, directory)
         return trained.net, trained.dataset, trained.path
     data = read_bytes(ckpt_path)  # a regular file only, and within the size cap: a FIFO must not hang us
+    check_stored(ckpt_path, data)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # pickled code or objects, or bytes that are no pickle at all
@@ -60,6 +61,7 @@ def load_net(ckpt_path: str, directory: Path | None = None) -> tuple[nn.Module, 
         ) from None
     except Exception as err:  # a truncated file, another format: torch raises many kinds
         raise CheckpointError(f"{ckpt_path} is not a readable .pth file ({type(err).__name__})") from None
+    check_dense(ckpt_path, state)
     if isinstance(state, dict) and "state_dict" in state and "net" not in state:
         raise CheckpointError(f"{ckpt_path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
     if not isinstance(state, dict):

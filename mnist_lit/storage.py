@@ -86,10 +86,47 @@ def _ours(checkpoint: dict[str, Any]) -> bool:
     )
 
 
+MAX_DEPTH = 64  # nesting a checkpoint may have: Lightning's is 6 deep; walking a deeper one would overflow the stack
+
+
+def check_stored(path: str | os.PathLike, data: bytes) -> None:
+    """torch.save stores its records uncompressed: a compressed one would expand, as it loads, to what its header
+    says (hundreds of MB from a small file) before any check could see it."""
+    with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError, EOFError):  # not a zip: torch.load says so
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                raise CheckpointError(f"{path} is not a checkpoint torch.save wrote: its records are compressed")
+
+
+def check_dense(path: str | os.PathLike, value: Any, depth: int = 0) -> None:
+    """Every tensor a loaded file holds is a plain one in this machine's memory, no larger than the bytes behind it:
+    a sparse, meta or quantized tensor would fail in our code with a traceback, and a view that repeats its bytes
+    (an expand) would be made real the first time it is read whole (17 TB from a 190 KB file)."""
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{path} is not a checkpoint: it is nested over {MAX_DEPTH} deep")
+    if isinstance(value, dict):
+        for item in value.values():
+            check_dense(path, item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_dense(path, item, depth + 1)
+    elif isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            raise CheckpointError(
+                f"{path} holds a tensor that is not a plain one ({value.layout}, {value.device.type})"
+            )
+        if value.numel() and value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"{path} holds a tensor of {tuple(value.shape)} over {value.untyped_storage().nbytes()} bytes: a view"
+                " that repeats its data, which torch.save never writes for a checkpoint"
+            )
+
+
 def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
     unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
     data = read_bytes(path) if data is None else data
+    check_stored(path, data)
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -105,6 +142,7 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
         raise CheckpointError(unreadable) from None
+    check_dense(path, checkpoint)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, so it has"
                               " no state_dict)")  # fmt: skip

@@ -10,6 +10,7 @@ import shutil
 import signal
 import struct
 import sys
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -342,6 +343,47 @@ def test_a_signal_while_the_figures_are_drawn_names_the_final_checkpoint(tmp_pat
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("SIGTERM: stopped at once; the newest checkpoint is") and "last.ckpt" in last_line
+
+
+def deflated(source: Path, target: Path) -> None:
+    """The same records, compressed: a file that expands as it loads."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in original.infolist():
+            packed.writestr(info.filename, original.read(info.filename))
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("meta", "not a plain one"),
+        ("sparse", "not a plain one"),
+        ("sparse weights, no digest", "not a plain one"),
+        ("expanded", "a view that repeats its data"),
+        ("deflated", "its records are compressed"),
+    ],
+)
+def test_tensors_a_checkpoint_holds_are_plain_and_no_larger_than_its_bytes(kind, words, root, run_main):
+    last, hostile = root / "checkpoints" / "last.ckpt", root / "hostile.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint.pop(DIGEST_KEY)  # the digest itself could not be computed over such tensors
+    if kind == "meta":
+        checkpoint["extra"] = torch.empty(3, device="meta")
+    elif kind == "sparse":
+        checkpoint["extra"] = torch.zeros(3).to_sparse()
+    elif kind == "sparse weights, no digest":
+        checkpoint["state_dict"]["net.fc2.bias"] = checkpoint["state_dict"]["net.fc2.bias"].to_sparse()
+        checkpoint.pop("rng_state")  # and no other mark of mnist_lit: a Lightning checkpoint from elsewhere
+    elif kind == "expanded":
+        checkpoint["extra"] = torch.zeros(1).expand(2**21, 2**21)  # 16 TB of float32 over 4 bytes
+    if kind == "deflated":
+        deflated(last, hostile)
+    else:
+        torch.save(checkpoint, hostile)
+    for command in (["export", "--ckpt_path", "hostile.ckpt", "--output", "out.pth"], ["serve", "--ckpt_path",
+                                                                                          "hostile.ckpt"]):  # fmt: skip
+        status, _, err = run_main(*command, cwd=root)
+        assert status != 0 and words in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
+    assert not (root / "out.pth").exists()
 
 
 def test_paths_in_a_checkpoint_are_never_followed_to_remove_a_file(root, mnist_dir, run_main):
