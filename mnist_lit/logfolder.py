@@ -4,6 +4,7 @@ again for a run that trained nothing."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -51,7 +52,10 @@ class SaveConfig(SaveConfigCallback):
 
 
 def claim_version(folder: Path) -> int:
-    """The next free version_N in folder, created here: the first run to create it owns it."""
+    """The next free version_N in folder, created here: the first run to create it owns it. The logs' folder is a
+    folder, never a link (one planted in a shared run folder would have the run's logs written where it points)."""
+    if folder.is_symlink():
+        raise OSError(errno.ELOOP, "a symbolic link, and a run's log folder is never followed", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
     version = max(taken, default=-1) + 1

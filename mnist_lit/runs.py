@@ -28,7 +28,17 @@ from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.errors import ConfigError
 from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
 from mnist_lit.runlock import RunLock
-from mnist_lit.storage import AUTO, LAST, CheckpointError, hand_over, load_ckpt_path, newest_checkpoint, resolve
+from mnist_lit.storage import (
+    AUTO,
+    EXTENSION,
+    LAST,
+    CheckpointError,
+    hand_over,
+    load_ckpt_path,
+    newest_checkpoint,
+    refuse_linked_folder,
+    resolve,
+)
 
 
 @dataclass(eq=False)
@@ -94,8 +104,17 @@ def open_run(
     fit's run lock (one per run, not one per DDP process).
     """
     fitting = subcommand == "fit"
-    if fitting and directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+    if fitting:
+        refuse_linked_folder(directory)
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
+        # what a fit writes there must be a file or nothing: refused now, not after training (a link planted as
+        # last.ckpt, a folder named like a checkpoint)
+        if planted := [p for p in sorted(directory.glob(f"*{EXTENSION}")) if not p.is_file() or p.is_symlink()]:
+            raise CheckpointError(
+                f"{planted[0]} is not a checkpoint file (a link, a folder or a device) in the folder this run writes"
+                " to; remove it, or pass another --trainer.default_root_dir"
+            )
     run = Run()
     if init_from is not None:
         run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)

@@ -272,6 +272,7 @@ def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "
         raise CheckpointError("--ckpt_path auto is for fit (resume if there is a run, else start one): pass 'last'")
     if ckpt_path not in (LAST, AUTO):
         return ckpt_path
+    refuse_linked_folder(directory)
     if (newest := newest_checkpoint(directory)) is None:
         last = directory / f"{LAST}{EXTENSION}"
         if fitting:
@@ -309,6 +310,16 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def refuse_linked_folder(directory: Path) -> None:
+    """A run's checkpoint folder is a folder, never a link: one planted in a shared run folder would have a fit
+    write (and remove) checkpoints, or `last` read one, wherever it points."""
+    if directory.is_symlink():
+        raise CheckpointError(
+            f"{directory} is a symbolic link, and a run's checkpoint folder is never followed: pass the folder it"
+            " points to as --checkpoint.dirpath if it is yours"
+        )
 
 
 def refuse_link(path: str | os.PathLike) -> None:

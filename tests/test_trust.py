@@ -229,8 +229,31 @@ def test_a_link_planted_as_the_lock_or_a_checkpoint_is_refused_and_its_target_un
     (tmp_path / "b" / "checkpoints" / "last.ckpt").symlink_to(target)
     (tmp_path / "b" / "checkpoints" / "last.ckpt.part").symlink_to(target)  # where older versions wrote first
     status, _, err = run_main("fit", *data_args(mnist_dir), "--trainer.max_steps", "2", cwd=tmp_path / "b")
-    assert status != 0 and "error: refusing to write" in err and "last.ckpt: it is a symbolic link" in err, err
+    assert status != 0 and "last.ckpt is not a checkpoint file (a link" in err, err  # refused before training
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["last.ckpt", "last.ckpt.part"]
     assert target.read_text() == "precious"
+
+
+def test_a_linked_checkpoint_or_log_folder_is_never_followed(tmp_path, mnist_dir, run_main, trained_run):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(trained_run / "checkpoints", elsewhere)
+    before = {p.name: p.read_bytes() for p in elsewhere.iterdir()}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "checkpoints").symlink_to(elsewhere)
+    for command in (
+        ["fit", *data_args(mnist_dir), "--trainer.max_steps", "2"],
+        ["fit", *data_args(mnist_dir), "--ckpt_path", "last", "--trainer.max_epochs", "3"],
+        ["test", *data_args(mnist_dir), "--ckpt_path", "last"],
+        ["export", "--ckpt_path", "last", "--output", "out.pth"],
+    ):
+        status, _, err = run_main(*command, cwd=tmp_path / "a")
+        assert status != 0 and "checkpoints is a symbolic link" in err.strip().splitlines()[-1], (command, err[-2000:])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "lightning_logs").symlink_to(elsewhere)
+    status, _, err = run_main("fit", *data_args(mnist_dir), "--trainer.max_steps", "2", cwd=tmp_path / "b")
+    assert status != 0 and "lightning_logs: a symbolic link" in err, err[-2000:]
+    assert {p.name: p.read_bytes() for p in elsewhere.iterdir()} == before
+    assert not (tmp_path / "a" / "out.pth").exists()
 
 
 def test_a_link_planted_where_a_figure_goes_is_passed_over(tmp_path, mnist_dir, run_main):
