@@ -4,6 +4,7 @@ signal or a limit with a checkpoint of the step reached."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import sys
@@ -89,13 +90,19 @@ def check_training_state(path: str | os.PathLike, checkpoint: dict[str, Any], tr
         # a scheduler takes its state as attributes: none may replace one of its methods, or its optimizer
         scheduler = config.scheduler
         if isinstance(state, dict) and (shadow := [k for k in state if not isinstance(k, str) or k == "optimizer"
-                                                   or hasattr(type(scheduler), k)]):  # fmt: skip
+                                                   or _method(type(scheduler), k)]):  # fmt: skip
             refuse(f"its {type(scheduler).__name__} state sets {shadow[0]!r}, which is not a setting of it")
         if wrong := _misfit(scheduler.state_dict(), state, "scheduler"):
             refuse(f"its {type(scheduler).__name__} state does not fit ({wrong})")
 
 
 _ABSENT = object()
+
+
+def _method(cls: type, name: str) -> bool:
+    """Whether name is one of cls's methods or properties (not a plain class attribute such as a default)."""
+    found = inspect.getattr_static(cls, name, None)
+    return callable(found) or isinstance(found, (property, staticmethod, classmethod))
 
 
 def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str | None:

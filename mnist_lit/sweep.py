@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from mnist_lit.errors import ConfigError
-from mnist_lit.sweep_study import _first_line, open_study
+from mnist_lit.sweep_study import FINGERPRINT, _first_line, open_study
 
 
 class Sweep:
@@ -172,6 +173,10 @@ def run_sweep(args: list[str]) -> None:
         if report:
             from mnist_lit.sweep_report import report as print_report
 
+            if (root / FINGERPRINT).is_file():  # (else open_study says there is no sweep here)
+                own = json.loads((root / FINGERPRINT).read_text()).get("study", {}).get("name", sweep.study_name)
+                if own != sweep.study_name:
+                    raise ConfigError(f"{root} holds the sweep of the study {own!r}: pass --sweep.study_name {own}")
             study, _ = open_study(sweep, root, create=False)
             print_report(study, root, sweep.metric, Space.from_fingerprint(root))
             return

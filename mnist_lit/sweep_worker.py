@@ -19,7 +19,16 @@ import yaml
 
 from mnist_lit.runlock import RunLock
 from mnist_lit.storage import CheckpointError, checkpoint_dir, newest_checkpoint
-from mnist_lit.sweep_study import FINGERPRINT, _difference, _first_line, _retry, counted, open_study, storage_url
+from mnist_lit.sweep_study import (
+    FINGERPRINT,
+    _difference,
+    _first_line,
+    _retry,
+    _safe,
+    counted,
+    open_study,
+    storage_url,
+)
 from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
 
 # Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
@@ -43,6 +52,7 @@ class Sweeper:
         self.signum = 0
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
+        self.asking = threading.Lock()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.errors: list[str] = []
 
@@ -52,20 +62,46 @@ class Sweeper:
         fingerprint = {"space": self.sweep.space, "base": self.base, "metric": self.sweep.metric,
                        "direction": self.sweep.direction}  # fmt: skip
         fingerprint = json.loads(json.dumps(fingerprint))
+        # One root, one study: its trial folders are numbered by that study's trials. Its storage is recorded as
+        # None when it is the root's own sweep.db (however the root is spelt).
+        default = not (self.sweep.storage or os.environ.get(STORAGE_ENV))
+        study = {"name": self.sweep.study_name, "storage": None if default else _safe(self.url)}
         recorded = self.root / FINGERPRINT
-        if recorded.is_file():  # before anything in the root or the storage is touched
-            earlier = json.loads(recorded.read_text())
-            if earlier != fingerprint:
+        earlier = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if earlier is not None:  # before anything in the root or the storage is touched
+            if (own := {k: v for k, v in earlier.items() if k != "study"}) != fingerprint:
                 raise CheckpointError(
-                    f"{self.root} holds a sweep started with {_difference(earlier, fingerprint)}: resume it with"
+                    f"{self.root} holds a sweep started with {_difference(own, fingerprint)}: resume it with"
                     " its own options, or start this one in another --trainer.default_root_dir"
                 )
+            if earlier.get("study", study) != study:  # (absent in roots from before it was recorded)
+                where = earlier["study"]["storage"] or "the root's sweep.db"
+                raise CheckpointError(
+                    f"{self.root} holds the sweep of the study {earlier['study']['name']!r} in {where}: resume it with"
+                    " its own --sweep.study_name and --sweep.storage, or start this one in another"
+                    " --trainer.default_root_dir"
+                )
         # The storage itself for the trial states the study's API has no call for (heartbeats, failing a trial)
-        self.study, self._storage = open_study(self.sweep, self.root, create=True, fingerprint=fingerprint)
-        if not recorded.is_file():
+        new_root = not self.root.exists()
+        try:
+            self.study, self._storage = open_study(self.sweep, self.root, create=True, fingerprint=fingerprint)
+            here, home = str(self.root.resolve()), self.study.user_attrs.get("root")
+            if earlier is None and home not in (None, here) and self.study.get_trials(deepcopy=False):
+                raise CheckpointError(
+                    f"the study {self.sweep.study_name!r} in {_safe(self.url)} holds the trials of the sweep in"
+                    f" {home}: run this command there, or give this sweep another --sweep.study_name"
+                )
+        except BaseException:
+            if new_root:  # made for this sweep, which did not start: gone again if nothing went in
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
+            raise
+        if home is None:
+            self.study.set_user_attr("root", here)
+        if earlier is None or "study" not in earlier:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = recorded.with_name(f"{FINGERPRINT}.{os.getpid()}.part")
-            tmp.write_text(json.dumps(fingerprint, indent=1))
+            tmp.write_text(json.dumps({**fingerprint, "study": study}, indent=1))
             os.replace(tmp, recorded)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -125,7 +161,10 @@ class Sweeper:
         if not any(t.state == TrialState.WAITING for t in trials) and len(live) >= self.sweep.trials:
             self.stopping.wait(min(2.0, self.sweep.heartbeat_interval))  # the others' last trials may yet fail
             return False
-        trial = self.study.ask(self.space.distributions)
+        # One ask at a time on this machine: Optuna hands a waiting (enqueued) trial to whoever sets it running first,
+        # and SQLite has no row lock, so two workers could both take the same one.
+        with self.asking:
+            trial = self.study.ask(self.space.distributions)
         self._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", self.worker)
         frozen = self._storage.get_trial(trial._trial_id)

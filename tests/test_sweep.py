@@ -175,6 +175,19 @@ def test_a_second_sweep_with_another_space_is_refused_and_touches_nothing(tmp_pa
     message = f"{root} holds a sweep started with another space"
     assert_clean_error(subprocess.CompletedProcess([], status, "", err), message)
     assert snapshot(root) == before
+    # one root, one study: another study's trials would be numbered into this one's folders
+    status, _, err = run_main(*sweep_args(root, mnist_dir, *SHORT, "--sweep.study_name", "other", trials=1),
+                              cwd=tmp_path)  # fmt: skip
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), "holds the sweep of the study 'mnist_lit'")
+    # ... and this study is this root's: another root on its storage is refused, and left as it was (none)
+    elsewhere = tmp_path / "elsewhere"
+    status, _, err = run_main(
+        *sweep_args(elsewhere, mnist_dir, *SHORT, "--sweep.storage", f"sqlite:///{root / 'sweep.db'}", trials=1),
+        cwd=tmp_path,
+    )
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), f"holds the trials of the sweep in {root}")
+    assert not elsewhere.exists()
+    assert {k: v for k, v in snapshot(root).items() if not k.endswith(("-wal", "-shm"))} == before  # SQLite's own
     # the same command again: the sweep is finished; the answer is printed again
     status, out, err = run_main(*sweep_args(root, mnist_dir, *SHORT, "--report", trials=1), cwd=tmp_path)
     assert status == 0 and "trials/0" in out and "complete" in out, err
@@ -255,9 +268,10 @@ def test_sigterm_stops_every_trial_at_a_checkpoint_and_the_same_command_resumes_
     assert "SIGTERM: sweep stopped" in err.splitlines()[-1]
     assert all(t.state.name in ("FAIL", "WAITING") for t in study(root))  # none counted yet: both enqueued again
     assert all((f / "checkpoints" / "last.ckpt").is_file() for f in folders)  # saved at the signal
-    second = run(args, cwd=tmp_path)
+    second = run([*args, "--sweep.workers", "2"], cwd=tmp_path)  # two workers never take the same stopped trial
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("resuming trial") == 2 and "starting trial" not in second.stderr
+    assert "in use by another fit" not in second.stderr
     trials = study(root)
     assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 1]
 
