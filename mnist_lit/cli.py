@@ -28,6 +28,7 @@ from mnist_lit.checkpoint import Checkpoint, Diverged
 from mnist_lit.data import DataError, MNISTDataModule
 from mnist_lit.errors import ConfigError, explain, explain_accelerator, explain_class_option, one_line
 from mnist_lit.export import ExportError
+from mnist_lit.images import printable
 from mnist_lit.lean import QuietProfiler
 from mnist_lit.logfolder import SaveConfig, claim_version
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
@@ -308,20 +309,22 @@ def main(args: list[str] | None = None) -> None:
                 commands.run(argv[0], argv[1:])
             else:
                 run_lightning(args)
+    # Every error line escapes control characters: it may name a file from elsewhere, whose name may hold a
+    # terminal's escape sequences (or a newline that would forge a second line).
     except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
         where = f"{err.filename}: " if err.filename else ""
-        sys.exit(f"error: {where}{err.strerror or one_line(str(err))}")
+        sys.exit(printable(f"error: {where}{err.strerror or one_line(str(err))}"))
     except (DataError, CheckpointError, ExportError, Diverged, PeerLost, MisconfigurationException) as err:
-        sys.exit(f"error: {one_line(str(err))}")
+        sys.exit(printable(f"error: {one_line(str(err))}"))
     except argparse.ArgumentError as err:
-        sys.exit(f"error: {explain(str(err), names=getattr(err, 'option_names', None))} (see --help)")
+        sys.exit(printable(f"error: {explain(str(err), names=getattr(err, 'option_names', None))} (see --help)"))
     except ConfigError as err:
-        sys.exit(f"error: {err} (see --help)")
+        sys.exit(printable(f"error: {err} (see --help)"))
     except ValueError as err:
         # Lightning checks val_check_interval against the epoch's batches only once the data is there
         if "`val_check_interval`" not in str(err):
             raise
-        sys.exit(f"error: --trainer.{one_line(str(err)).replace('`', '')}")
+        sys.exit(printable(f"error: --trainer.{one_line(str(err)).replace('`', '')}"))
     except signals.Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"

@@ -36,6 +36,12 @@ class DataError(RuntimeError):
     """A problem with the data that the user can fix; its message says how."""
 
 
+def printable(text: str) -> str:
+    """A name from elsewhere (a file's), safe to print as one line: control characters (a newline, a terminal's
+    escape sequences) shown escaped."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
 def regular(path: Path) -> bool:
     """A regular file, not a link: links inside a folder of images are not followed (a folder from elsewhere may
     hold links planted to make us read a file outside it, or a device that never ends)."""
@@ -82,7 +88,7 @@ def loose_images(directory: Path) -> list[Path]:
 
 def loose_line(directory: Path, loose: Sequence[Path]) -> str:
     """One line for the images outside any class folder: how many, the first, and where images go."""
-    return (
+    return printable(
         f"--data.image_dir {directory}: ignored {len(loose)} image{'s' if len(loose) > 1 else ''} directly in it"
         f" (first: {loose[0].name}), outside any class folder: images to train on go in a folder per class"
         f" ({directory / '3' / loose[0].name}); a flat folder of images is predict's layout (--data.predict_path)"
@@ -166,7 +172,7 @@ def _one_line(text: str) -> str:
 
 def skipped_line(skipped: Sequence[tuple[str, str]], total: int, where: str) -> str:
     """One line for every file that could not be used: how many, and the first with its reason."""
-    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:SKIPS_NAMED])
+    shown = "; ".join(printable(f"{path}: {why}") for path, why in skipped[:SKIPS_NAMED])
     more = f"; and {len(skipped) - SKIPS_NAMED} more" if len(skipped) > SKIPS_NAMED else ""
     return f"skipped {len(skipped)} of {total} files {where} that are not readable images ({shown}{more})"
 

@@ -7,7 +7,6 @@ import csv
 import io
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from mnist_lit.datasets import DATASETS, DEFAULT, Known
 from mnist_lit.figures import confusion_figure, curves_figure, image_bytes, mistakes_figure, pyplot
-from mnist_lit.images import DataError, skipped_line
+from mnist_lit.images import DataError, printable, skipped_line
 from mnist_lit.storage import write_atomically
 
 MAX_MISTAKES_SHOWN = 100
@@ -323,12 +322,6 @@ def write_file(path: str, data: bytes) -> None:
         write_atomically(path, data)
     except OSError as err:
         raise OSError(err.errno, err.strerror, path) from None
-
-
-def printable(text: str) -> str:
-    """A name from elsewhere (a file's), safe to print as one line: control characters (a newline, a terminal's
-    escape sequences) shown escaped."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 class PredictionWriter(BasePredictionWriter):

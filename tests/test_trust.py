@@ -328,6 +328,22 @@ def test_predict_skips_hostile_images_in_one_line_and_predicts_the_good_one(root
     assert "Ghostscript" not in result.stderr  # page.eps: not opened as EPS, so no program was looked for
 
 
+def test_a_file_name_from_elsewhere_is_printed_escaped(root, tmp_path, mnist_dir, run_main):
+    """A name may hold a terminal's escape sequences, or a newline that would forge a line of our own."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "evil\x1b[2J\x1b[31mFAKE\nerror: x.png").write_text("not an image")
+    status, _, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(photos),
+                              *data_args(mnist_dir), cwd=root)  # fmt: skip
+    assert status != 0 and "\x1b" not in err and "evil\\x1b[2J\\x1b[31mFAKE\\x0aerror: x.png" in err, err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        "error: no readable images among the files --data.predict_path names"
+    ]
+    status, _, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(photos / "a\x1b[31m"),
+                              *data_args(mnist_dir), cwd=root)  # fmt: skip
+    assert status != 0 and "\x1b" not in err and "a\\x1b[31m" in err, err
+
+
 def test_image_dir_skips_hostile_images_and_refuses_a_linked_class_folder(tmp_path, capsys):
     from mnist_lit.data import MNISTDataModule
 
