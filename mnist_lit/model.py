@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from mnist_lit.checkpoint import check_training_state, check_weights
 from mnist_lit.lean import LeanHooks
-from mnist_lit.storage import load_checkpoint
+from mnist_lit.storage import CheckpointError, load_checkpoint
 from mnist_lit.trust import check_model_hparams, check_spec
 
 # The guide's optimizer, as the class_path spec jsonargparse shows in --print_config and saves in checkpoints (a
@@ -364,6 +364,10 @@ def net_from(
     check_weights(ckpt_path, checkpoint, nn.ModuleDict({"net": net}))
     state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
     net.load_state_dict(state, strict=True)
+    try:  # what serve and export would otherwise find out from a request, or not at all
+        check_contract(net)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt_path} holds a network that is of no use here: {err}") from None
     return net.eval()
 
 

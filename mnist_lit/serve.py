@@ -27,7 +27,7 @@ from mnist_lit import runs, signals
 from mnist_lit.checkpoint import check_weights
 from mnist_lit.datasets import DATASETS, DEFAULT
 from mnist_lit.images import FORMATS, open_image, prepare
-from mnist_lit.model import Net, build_net, log_probabilities
+from mnist_lit.model import Net, build_net, check_contract, log_probabilities
 from mnist_lit.storage import CheckpointError, check_dense, check_stored, read_bytes
 
 PAGE = Path(__file__).with_name("page.html")
@@ -75,6 +75,10 @@ def load_net(ckpt_path: str, directory: Path | None = None) -> tuple[nn.Module, 
         state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else {}
     check_weights(ckpt_path, {"state_dict": state}, net)
     net.load_state_dict(state, strict=True)
+    try:
+        check_contract(net)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt_path} holds a network that is of no use here: {err}") from None
     return net.eval(), DEFAULT, ckpt_path
 
 

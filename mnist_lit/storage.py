@@ -164,7 +164,9 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
     try:  # a digest proves the bytes unchanged, not who wrote them: what they ask for is checked as data
         check_model_hparams(checkpoint.get("hyper_parameters"))
     except Untrusted as err:
-        raise CheckpointError(f"refusing to load {path}: {err}; nothing it names was imported or run") from None
+        raise CheckpointError(
+            f"refusing to load {path}: {err}; it was read as data, and nothing it asks for was done"
+        ) from None
     return checkpoint
 
 

@@ -186,6 +186,10 @@ def _check_size(kind: Kind, cls: type, init_args: dict[str, Any]) -> None:
             probe = cls(**init_args)
     except Exception as err:  # the arguments do not fit the class
         raise Untrusted(f"{kind.option} {cls.__name__}: cannot be built from {_short(init_args)} ({err})") from None
+    if any(nn.parameter.is_lazy(t) for t in (*probe.parameters(), *probe.buffers())):
+        raise Untrusted(
+            f"{kind.option} {cls.__name__}: has layers of no set size (a lazy module), so it cannot be counted"
+        )
     numbers = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
     if numbers > MAX_NET_NUMBERS:
         raise Untrusted(

@@ -75,6 +75,10 @@ HOSTILE: dict[str, tuple[Callable[[str], Callable[[dict], None]], str]] = {
         "not a plain value",
     ),
     "init_from naming a file to read": (lambda m: hparam("init_from", m), "--model.init_from"),
+    "a lazy network, whose size cannot be counted": (
+        lambda m: hparam("net", spec("torch.nn.LazyLinear", out_features=10)),
+        "a lazy module",
+    ),
     "a LightningModule as the network, naming a file to read": (
         lambda m: hparam("net", spec("mnist_lit.model.LitMNIST", init_from=m)),
         "is a LightningModule, not a network",
@@ -119,6 +123,22 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_nothing_it_names_runs(c
         LitMNIST.load_from_checkpoint(root / "hostile.ckpt")  # a user's own code
     assert not marker.exists()
     assert "this" not in sys.modules  # importing it would print the Zen of Python: nothing was imported
+    assert not (root / "out.pth").exists()
+
+
+def test_a_network_that_breaks_the_contract_is_refused_by_export_and_serve(root, run_main):
+    """One output per class for a batch of images: checked when a checkpoint's network is built, not left for a
+    request to find (serve would answer 500)."""
+
+    def identity(checkpoint: dict) -> None:
+        checkpoint["hyper_parameters"]["net"] = spec("torch.nn.Identity")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.")}
+
+    reseal(root / "checkpoints" / "last.ckpt", root / "identity.ckpt", identity)
+    for command in (["export", "--ckpt_path", "identity.ckpt", "--output", "out.pth"],
+                    ["serve", "--ckpt_path", "identity.ckpt"]):  # fmt: skip
+        status, _, err = run_main(*command, cwd=root)
+        assert status != 0 and "a network that is of no use here" in err and "it must give (2, 10)" in err, err
     assert not (root / "out.pth").exists()
 
 
