@@ -43,6 +43,7 @@ def serve(
     batch_timeout: float = 0.005,
     workers: int = 1,
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto",
+    body_timeout: float = 30.0,
 ) -> None:
     """Serve a trained Net with LitServe: a page to draw digits on at /, POST /predict, GET /health.
 
@@ -56,6 +57,7 @@ def serve(
         batch_timeout: Seconds a batch waits to fill.
         workers: Model processes per device, and as many HTTP server processes.
         accelerator: Where the model runs (auto: a GPU if there is one).
+        body_timeout: Seconds a request's body may take to arrive (a client that stalls is answered 408).
     """
     if ckpt_path is None:
         raise CheckpointError("serve needs trained weights: pass --ckpt_path last or a checkpoint file")
@@ -66,6 +68,8 @@ def serve(
             raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
     if not 0 <= batch_timeout < 1:
         raise ConfigError(f"--batch_timeout: {batch_timeout} is out of range; it must be >= 0 and < 1")
+    if not 0 < body_timeout <= 3600:
+        raise ConfigError(f"--body_timeout: {body_timeout} is out of range; it must be > 0 and <= 3600")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(accelerator, True):  # LitServe would fail later, with a traceback
         raise ConfigError(f"--accelerator {accelerator}: this machine has no such device")
@@ -84,7 +88,7 @@ def serve(
             raise ConfigError(f"--port: cannot listen on {host} port {port}: {err.strerror}") from None
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
-    run_server(net, dataset, host, port, max_batch_size, batch_timeout, workers, accelerator)
+    run_server(net, dataset, host, port, max_batch_size, batch_timeout, workers, accelerator, body_timeout)
     print("stopped", file=sys.stderr)
 
 

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: LitServe reads decode_request's and encode_response's annotations
 # as objects to build its route, and a string there would break it.
 
+import asyncio
 import base64
 import binascii
 import io
@@ -32,6 +33,8 @@ from mnist_lit.storage import CheckpointError, check_dense, check_stored, read_b
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
+# bytes of request bodies one HTTP process holds while they arrive: many slow uploads must not exhaust memory
+MAX_HELD = 4 * MAX_BODY
 MAX_PIXELS = 4096 * 4096  # read from the image's header, before anything is decoded
 USAGE = 'send {"image": "<base64 of a PNG, JPEG or BMP>"} as application/json'
 
@@ -177,9 +180,14 @@ class Gate:
     """ASGI middleware in front of LitServe's routes: the page at GET /, early refusal of a POST /predict whose
     body cannot be a request (LitServe would answer a body that is not JSON with a 500), one log line a request."""
 
-    def __init__(self, app: ASGIApp, classes: tuple[str, ...] = DATASETS[DEFAULT].classes) -> None:
+    held = 0  # bytes of bodies this process is receiving (one event loop: no lock needed)
+
+    def __init__(
+        self, app: ASGIApp, classes: tuple[str, ...] = DATASETS[DEFAULT].classes, body_timeout: float = 30.0
+    ) -> None:
         self.app = app
         self.page = page(classes)
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,22 +214,33 @@ class Gate:
         else:
             await self.app(scope, receive, logged)
 
-    @staticmethod
-    async def read(scope: Scope, receive: Receive) -> bytes | JSONResponse:
+    async def read(self, scope: Scope, receive: Receive) -> bytes | JSONResponse:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
             return refusal(415, f"content type {headers.get('content-type', '(none)')!r}: {USAGE}")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY:  # refused before a byte of it is read
             return refusal(413, f"the body is {int(length)} bytes; this server takes at most {MAX_BODY}")
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
-                return refusal(413, f"the body is over {MAX_BODY} bytes, the most this server takes")
-            if not message.get("more_body"):
-                break
+        # A client that sends slowly, or stops, holds its part of the body here: for body_timeout at most, and
+        # all of them together for MAX_HELD bytes at most.
+        body, deadline = bytearray(), time.monotonic() + self.body_timeout
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    return refusal(408, f"the body did not arrive within {self.body_timeout:g} s")
+                chunk = message.get("body", b"")
+                if Gate.held + len(chunk) > MAX_HELD:
+                    return refusal(503, "the server is receiving too many large requests at once: try again later")
+                body += chunk
+                Gate.held += len(chunk)
+                if len(body) > MAX_BODY:
+                    return refusal(413, f"the body is over {MAX_BODY} bytes, the most this server takes")
+                if not message.get("more_body"):
+                    break
+        finally:
+            Gate.held -= len(body)
         if not body:
             return refusal(400, f"the body is empty: {USAGE}")
         try:
@@ -256,6 +275,7 @@ def serve(
     batch_timeout: float,
     workers: int,
     accelerator: str,
+    body_timeout: float = 30.0,
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM."""
     api = DigitAPI(net, dataset, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
@@ -263,7 +283,7 @@ def serve(
         api,
         accelerator=accelerator,
         workers_per_device=workers,
-        middlewares=[(Gate, {"classes": DATASETS[dataset].classes})],
+        middlewares=[(Gate, {"classes": DATASETS[dataset].classes, "body_timeout": body_timeout})],
     )
     stopping = False
 

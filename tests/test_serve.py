@@ -109,9 +109,22 @@ def trained(tmp_path_factory, trained_run) -> Path:
 
 @pytest.fixture(scope="module")
 def server(trained):
-    server = Server(trained, "--ckpt_path", "last")
+    server = Server(trained, "--ckpt_path", "last", "--body_timeout", "2")
     yield server
     server.stop()
+
+
+def test_a_body_that_stalls_is_answered_408_and_let_go(server):
+    """A client that sends part of a body and stops holds the server's memory for --body_timeout at most."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000\r\n\r\n" + b"{" + b" " * 100_000)  # fmt: skip
+        started, answer = time.monotonic(), b""
+        while b"}" not in answer and (part := sock.recv(4096)):  # the status line and the JSON may come apart
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
+    assert time.monotonic() - started < 10
+    assert server.get("/health")[0] == 200
 
 
 def same_as_predict(server: Server, images: dict[str, bytes], folder: Path, run_main) -> None:
