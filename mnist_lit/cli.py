@@ -230,7 +230,9 @@ class MNISTCLI(LightningCLI):
         """The model's hyperparameters and the data's dataset from the checkpoint, except those given on this command
         line (Lightning's own overlay puts the checkpoint's over them, silently); a resume's rules applied."""
         subcommand = self.config.subcommand
-        hparams = {subcommand: {"model": trained.hparams}}
+        hparams: dict[str, Any] = {subcommand: {"model": trained.hparams}}
+        if (split := runs.run_split(trained.checkpoint, subcommand)) is not None:  # the run's own held-out images
+            hparams[subcommand]["data"] = {"val_size": split}
         # The command line once more, over the defaults and the checkpoint's hyperparameters: what it gives wins.
         # (Over the defaults, not over the config parsed already, where `--trainer.callbacks+=X` would add X twice.)
         base = self.parser.parse_object(hparams, self.parser.get_defaults())
@@ -244,6 +246,8 @@ class MNISTCLI(LightningCLI):
             self.resumed_step = trained.checkpoint.get("global_step")
         final[subcommand].ckpt_path = trained.path
         final[subcommand].data.dataset = trained.dataset
+        runs.check_split(trained.path, runs.run_split(trained.checkpoint, subcommand), final[subcommand].data.val_size,
+                         subcommand)  # fmt: skip
         self.config = final
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,7 @@ def open_run(
         refuse_linked_folder(directory)
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
-        # what a fit writes there must be a file or nothing: refused now, not after training (a link planted as
-        # last.ckpt, a folder named like a checkpoint)
-        if planted := [p for p in sorted(directory.glob(f"*{EXTENSION}")) if not p.is_file() or p.is_symlink()]:
-            raise CheckpointError(
-                f"{planted[0]} is not a checkpoint file (a link, a folder or a device) in the folder this run writes"
-                " to; remove it, or pass another --trainer.default_root_dir"
-            )
+
     run = Run()
     if init_from is not None:
         run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)
@@ -124,6 +119,13 @@ def open_run(
             # Before the look for an earlier run: two fits started together must not both find none.
             run.lock = RunLock(directory)
             run.lock.acquire()
+            # what a fit writes there must be a file or nothing: refused now, not after training (a link planted
+            # as last.ckpt, a folder named like a checkpoint); looked for once no other fit can be writing there
+            if planted := [p for p in sorted(directory.glob(f"*{EXTENSION}")) if not _regular(p)]:
+                raise CheckpointError(
+                    f"{planted[0]} is not a checkpoint file (a link, a folder or a device) in the folder this run"
+                    " writes to; remove it, or pass another --trainer.default_root_dir"
+                )
         earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
         if fitting and ckpt_path == AUTO:  # resume if there is a run to resume, else start one
             ckpt_path = None if earlier is None else resolve(AUTO, directory, fitting)
@@ -158,6 +160,13 @@ def open_run(
         raise
 
 
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:  # gone since the listing: nothing planted there
+        return True
+
+
 def _open_init_from(init_from: str, ckpt_path: str | None, source: Path, directory: Path) -> Trained:
     """--model.init_from's checkpoint, checked: not with --ckpt_path, not the folder this run writes to."""
     if ckpt_path is not None:
@@ -190,6 +199,38 @@ def resumed_seed(trained: Trained, seed: Any, given: bool) -> Any:
             " run goes on with that run's random state and data order); start a new run for another seed"
         )
     return own
+
+
+def run_split(checkpoint: dict[str, Any], subcommand: str) -> int | None:
+    """The --data.val_size a fit or validate of this checkpoint's run takes (None: not one to keep): its own, so
+    that the images it trains on, and those it is validated on, stay the ones it held out."""
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if subcommand not in ("fit", "validate") or not isinstance(data, dict) or data.get("image_dir") is not None:
+        return None
+    size = data.get("val_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+def check_split(ckpt_path: str, then: int | None, now: int, subcommand: str) -> None:
+    """Refuse a --data.val_size given anew that would change a resumed run's training images, or have validate
+    score images the run trained on (then: the run's own, from run_split)."""
+    if then is None:
+        return
+    if subcommand == "fit" and now != then:
+        raise ConfigError(
+            f"--data.val_size cannot change when resuming {ckpt_path} (it was {then}: the images it trains on would"
+            " change); start a new run for another split"
+        )
+    if subcommand == "validate" and then == 0:
+        raise DataError(
+            f"{ckpt_path} was trained on all the training images (--data.val_size 0): none were held out to validate"
+            " on; use test"
+        )
+    if subcommand == "validate" and now > then:
+        raise DataError(
+            f"{ckpt_path} was trained with --data.val_size {then}: a validation set of {now} would score images it"
+            f" trained on; pass --data.val_size {then} or less"
+        )
 
 
 def _spec(value: Any) -> Any:

@@ -173,3 +173,29 @@ def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path)
     run = runs.open_run("fit", None, tmp_path / "new", init_from="last", init_directory=path.parent)
     assert load_checkpoint(str(path)) is run.init.checkpoint  # LitMNIST's load of --model.init_from: the same
     run.close()
+
+
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
+def test_a_resume_and_a_validate_keep_to_the_runs_own_held_out_images(tmp_path, mnist_dir, run_main):
+    """--data.val_size is the run's own unless given: a resume trains on the same images, a validate scores only
+    images the run held out (none, for a run of all the training images)."""
+    from conftest import QUIET, SYNTHETIC
+
+    synthetic = [a for a in SYNTHETIC if a not in ("--data.val_size", "64")]
+    data = ["--data.data_dir", str(mnist_dir), *synthetic, *QUIET]  # val_size: the default, 5000, unless given
+    assert run_main("fit", *data, "--data.val_size", "0", "--trainer.max_steps", "2", cwd=tmp_path)[0] == 0
+    status, _, err = run_main("fit", *data, "--ckpt_path", "last", "--trainer.max_steps", "4", cwd=tmp_path)
+    assert status == 0, err  # val_size 0, the run's own (not the default)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    status, _, err = run_main("validate", *data, "--ckpt_path", "last", cwd=tmp_path)
+    assert status != 0 and "none were held out to validate on; use test" in err, err
+    status, _, err = run_main("fit", *data, "--ckpt_path", "last", "--data.val_size", "64", "--trainer.max_steps", "6",
+                              cwd=tmp_path)  # fmt: skip
+    assert status != 0 and "--data.val_size cannot change when resuming" in err, err
+    other = tmp_path / "held"
+    other.mkdir()
+    assert run_main("fit", *data, "--data.val_size", "64", "--trainer.max_steps", "2", cwd=other)[0] == 0
+    assert run_main("validate", *data, "--ckpt_path", "last", cwd=other)[0] == 0  # its own 64
+    status, _, err = run_main("validate", *data, "--ckpt_path", "last", "--data.val_size", "65", cwd=other)
+    assert status != 0 and "a validation set of 65 would score images it trained on" in err, err
+    assert run_main("validate", *data, "--ckpt_path", "last", "--data.val_size", "32", cwd=other)[0] == 0

@@ -254,6 +254,7 @@ def test_a_link_planted_as_the_lock_or_a_checkpoint_is_refused_and_its_target_un
     assert target.read_text() == "precious"
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_a_linked_checkpoint_or_log_folder_is_never_followed(tmp_path, mnist_dir, run_main, trained_run):
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(trained_run / "checkpoints", elsewhere)
@@ -445,6 +446,7 @@ def test_tensors_a_checkpoint_holds_are_plain_and_no_larger_than_its_bytes(kind,
     assert not (root / "out.pth").exists()
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_paths_in_a_checkpoint_are_never_followed_to_remove_a_file(root, mnist_dir, run_main):
     """ModelCheckpoint removes the files it restores as its earlier saves: a checkpoint naming "<folder>/../x" (or
     any file elsewhere) must not get a resume to delete it."""
