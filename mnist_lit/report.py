@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -84,6 +84,12 @@ class ProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start, self._images = time.monotonic(), 0
+        # A run resumed mid-epoch goes on without an epoch start (Lightning counts that epoch as started): its bar
+        # is named and sized here, or it would show "Training" and no total.
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable:
+            bar.reset(total=convert_inf(self.total_train_batches))
+            bar.set_description(f"Epoch {trainer.current_epoch}")
 
     def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)

@@ -314,3 +314,14 @@ def test_a_run_with_early_stopping_killed_and_resumed_stops_where_an_uninterrupt
     result = run_cli(*args(mnist_dir, epochs=6), *early, "--ckpt_path", "last", cwd=stopped)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(stopped, whole)
+
+
+def test_a_run_resumed_mid_epoch_shows_its_epoch_and_the_batches_it_will_run(tmp_path, mnist_dir, run_main):
+    fit = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, "--trainer.enable_model_summary", "false"]
+    assert run_main(*fit, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false", cwd=tmp_path)[0] == 0
+    status, out, err = run_main(*fit, "--trainer.max_steps", "8", "--ckpt_path", "last", cwd=tmp_path)
+    assert status == 0, err
+    drawn = out.replace("\r", "\n").splitlines()  # Lightning's training bar goes to stdout
+    # Lightning starts no epoch on a mid-epoch resume: the bar is named and sized all the same (4 done, 4 to go)
+    bars = [line for line in drawn if "|" in line]
+    assert bars[-1].startswith("Epoch 0: 100%") and "8/8" in bars[-1], bars[-3:]
