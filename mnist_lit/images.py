@@ -58,8 +58,17 @@ def expand(path: str) -> list[Path]:
         files = [Path(path)]
     elif Path(path).is_dir():
         files = sorted(p for p in Path(path).iterdir() if regular(p) and not p.name.startswith("."))
+    elif Path(path).exists():
+        raise DataError(f"--data.predict_path {path}: not a regular file or a folder (a device, a pipe or a socket)")
     elif any(c in path for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if regular(Path(p))]
+        # below the glob's own folder, a link to a folder is not followed either ('**' would walk into it)
+        parts = Path(path).parts
+        base = Path(*parts[: next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))] or ("",))
+        files = [
+            Path(p)
+            for p in sorted(glob.glob(path, recursive=True))
+            if regular(Path(p)) and not any(d.is_symlink() for d in Path(p).parents if base in d.parents)
+        ]
     else:
         raise DataError(f"--data.predict_path {path}: no such file, folder or matching glob")
     if not files and Path(path).is_dir() and (folders := [p.name for p in Path(path).iterdir() if p.is_dir()]):

@@ -365,6 +365,23 @@ def test_a_file_name_from_elsewhere_is_printed_escaped(root, tmp_path, mnist_dir
     assert status != 0 and "\x1b" not in err and "a\\x1b[31m" in err, err
 
 
+def test_a_glob_walks_into_no_linked_folder_and_a_pipe_is_named_as_one(tmp_path):
+    from mnist_lit.data import DataError
+    from mnist_lit.images import expand
+
+    (tmp_path / "photos" / "day").mkdir(parents=True)
+    digit_image().save(tmp_path / "photos" / "day" / "a.png")
+    (tmp_path / "secret").mkdir()
+    digit_image().save(tmp_path / "secret" / "s.png")
+    (tmp_path / "photos" / "link").symlink_to(tmp_path / "secret")
+    for pattern in ("photos/**/*.png", "photos/*/*.png", "*/*/*.png"):
+        found = [p.relative_to(tmp_path) for p in expand(str(tmp_path / pattern))]
+        assert found == [Path("photos/day/a.png")], (pattern, found)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match="pipe: not a regular file or a folder"):
+        expand(str(tmp_path / "pipe"))
+
+
 def test_image_dir_skips_hostile_images_and_refuses_a_linked_class_folder(tmp_path, capsys):
     from mnist_lit.data import MNISTDataModule
 
