@@ -149,13 +149,20 @@ def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str 
 def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | None:
     """What in an optimizer's saved state does not fit the optimizer (None: nothing)."""
     groups, saved_groups = optimizer.param_groups, state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups) or not isinstance(state["state"], dict):
+    if (
+        not isinstance(saved_groups, list)
+        or len(saved_groups) != len(groups)
+        or not isinstance(state.get("state"), dict)
+    ):
         return f"its parameter groups are not {len(groups)}"
     params = [p for group in groups for p in group["params"]]
-    ids = [i for group in saved_groups if isinstance(group, dict) for i in group.get("params", ())]
-    if sorted(ids, key=repr) != list(range(len(params))) or [len(g.get("params", ())) for g in saved_groups] != [
-        len(g["params"]) for g in groups
-    ]:
+    named = [g.get("params") if isinstance(g, dict) and isinstance(g.get("params"), list) else [] for g in saved_groups]
+    ids = [i for names in named for i in names]
+    if (
+        not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        or sorted(ids) != list(range(len(params)))
+        or [len(names) for names in named] != [len(g["params"]) for g in groups]
+    ):
         return f"its parameter groups do not name the model's {len(params)} parameters"
     for group, saved in zip(groups, saved_groups, strict=True):
         settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
@@ -170,8 +177,11 @@ def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | Non
     it = iter(twins)
     twin_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [next(it) for _ in g["params"]]}
                    for g in groups]  # fmt: skip
-    twin_optimizer = type(optimizer)(twin_groups)
-    twin_optimizer.step(lambda: torch.zeros(()))
+    try:
+        twin_optimizer = type(optimizer)(twin_groups)
+        twin_optimizer.step(lambda: torch.zeros(()))
+    except Exception:  # an optimizer that cannot be made again this way: its state goes unchecked, as in Lightning
+        return None
     for index, twin in enumerate(twins):
         saved = state["state"].get(index)
         if saved is None:  # not stepped yet: made afresh

@@ -197,3 +197,25 @@ def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_no
     assert (tmp_path / "run" / "last.ckpt").read_bytes() == b"new"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["last.ckpt", taken.name])
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(storage.PART)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, fused=True),
+    lambda p: torch.optim.Adam(p),
+    lambda p: torch.optim.Adafactor(p),  # its state is not of the parameters' shapes
+], ids=["SGD", "Adam", "Adafactor"])  # fmt: skip
+def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(make):
+    from mnist_lit.checkpoint import _optimizer_misfit
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(6)])  # 12 parameters: ids past 9
+    optimizer = make(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    assert _optimizer_misfit(optimizer, optimizer.state_dict()) is None
+    state = optimizer.state_dict()
+    key = next(k for k, v in state["state"][11].items() if isinstance(v, torch.Tensor) and v.dim())
+    state["state"][11][key] = torch.zeros(2)
+    assert f"parameter 11's {key} is not a tensor of shape" in _optimizer_misfit(optimizer, state)
+    state = optimizer.state_dict()
+    state["param_groups"][0]["params"] = [*range(11), True]
+    assert "do not name the model's 12 parameters" in _optimizer_misfit(optimizer, state)
