@@ -246,8 +246,7 @@ class MNISTCLI(LightningCLI):
             self.resumed_step = trained.checkpoint.get("global_step")
         final[subcommand].ckpt_path = trained.path
         final[subcommand].data.dataset = trained.dataset
-        runs.check_split(trained.path, runs.run_split(trained.checkpoint, subcommand), final[subcommand].data.val_size,
-                         subcommand)  # fmt: skip
+        runs.check_split(trained.path, split, final[subcommand].data.val_size, subcommand)
         self.config = final
 
 

@@ -109,7 +109,6 @@ def open_run(
         refuse_linked_folder(directory)
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file, but checkpoints go there: pass another --checkpoint.dirpath")
-
     run = Run()
     if init_from is not None:
         run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)
