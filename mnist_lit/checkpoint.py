@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import signal
 import sys
@@ -87,16 +88,29 @@ def check_training_state(path: str | os.PathLike, checkpoint: dict[str, Any], tr
     if len(schedulers) != len(configs):
         refuse(f"it holds the state of {len(schedulers)} schedulers, and this run has {len(configs)}")
     for config, state in zip(configs, schedulers, strict=True):
-        # a scheduler takes its state as attributes: none may replace one of its methods, or its optimizer
         scheduler = config.scheduler
-        if isinstance(state, dict) and (shadow := [k for k in state if not isinstance(k, str) or k == "optimizer"
-                                                   or _method(type(scheduler), k)]):  # fmt: skip
-            refuse(f"its {type(scheduler).__name__} state sets {shadow[0]!r}, which is not a setting of it")
+        if shadow := _shadowing(scheduler, state):
+            refuse(f"its {type(scheduler).__name__} state sets {shadow}, which is not a setting of it")
         if wrong := _misfit(scheduler.state_dict(), state, "scheduler"):
             refuse(f"its {type(scheduler).__name__} state does not fit ({wrong})")
 
 
 _ABSENT = object()
+
+
+def _shadowing(scheduler: Any, state: Any) -> str | None:
+    """The key of a scheduler's saved state that would replace one of its methods, or its optimizer (a scheduler
+    takes its state as attributes; SequentialLR and ChainedScheduler hand theirs on to their own schedulers)."""
+    if not isinstance(state, dict):
+        return None
+    if bad := [k for k in state if not isinstance(k, str) or k == "optimizer" or _method(type(scheduler), k)]:
+        return repr(bad[0])
+    inner, states = getattr(scheduler, "_schedulers", None), state.get("_schedulers")
+    if isinstance(inner, list) and isinstance(states, list):
+        for index, (each, each_state) in enumerate(zip(inner, states, strict=False)):
+            if shadow := _shadowing(each, each_state):
+                return f"{shadow} of its scheduler {index}"
+    return None
 
 
 def _method(cls: type, name: str) -> bool:
@@ -129,6 +143,8 @@ def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str 
     if isinstance(reference, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"{where} is not a number"
+        if math.isfinite(reference) and not math.isfinite(value):  # a learning rate of nan: a run that diverges
+            return f"{where} is not a finite number"
         return None if not isinstance(reference, int) or value >= 0 or reference < 0 else f"{where} is negative"
     if isinstance(reference, torch.Tensor):
         if not isinstance(value, torch.Tensor) or value.shape != reference.shape:
@@ -157,7 +173,7 @@ def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | Non
         return f"its parameter groups are not {len(groups)}"
     params = [p for group in groups for p in group["params"]]
     named = [g.get("params") if isinstance(g, dict) and isinstance(g.get("params"), list) else [] for g in saved_groups]
-    ids = [i for names in named for i in names]
+    ids = [i for names in named for i in names]  # torch gives the state saved under ids[k] to params[k]
     if (
         not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
         or sorted(ids) != list(range(len(params)))
@@ -166,9 +182,10 @@ def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | Non
         return f"its parameter groups do not name the model's {len(params)} parameters"
     for group, saved in zip(groups, saved_groups, strict=True):
         settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        if missing := [k for k in settings if k not in saved]:  # torch takes the saved group as it is
+        loaded = _as_loaded(optimizer, saved)
+        if missing := [k for k in settings if k not in loaded]:
             return f"its settings lack {missing[0]!r}"
-        if wrong := _misfit(settings, {k: v for k, v in saved.items() if k != "params"}, "settings"):
+        if wrong := _misfit(settings, {k: v for k, v in loaded.items() if k != "params"}, "settings"):
             return wrong
     # The state this optimizer keeps per parameter, as it makes it: a twin stepped once on zero gradients of copies
     twins = [torch.zeros_like(p, requires_grad=True) for p in params]
@@ -182,8 +199,8 @@ def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | Non
         twin_optimizer.step(lambda: torch.zeros(()))
     except Exception:  # an optimizer that cannot be made again this way: its state goes unchecked, as in Lightning
         return None
-    for index, twin in enumerate(twins):
-        saved = state["state"].get(index)
+    for index, (saved_id, twin) in enumerate(zip(ids, twins, strict=True)):
+        saved = state["state"].get(saved_id)
         if saved is None:  # not stepped yet: made afresh
             continue
         own = twin_optimizer.state.get(twin, {})
@@ -198,6 +215,67 @@ def _optimizer_misfit(optimizer: torch.optim.Optimizer, state: Any) -> str | Non
             if wrong := _misfit(reference, value, f"parameter {index}'s {key}"):
                 return wrong
     return None
+
+
+def own_files(state: Any, dirpath: str | None) -> dict[str, Any] | None:
+    """A ModelCheckpoint's record of its files, from a checkpoint, as data (None: not a record at all).
+
+    ModelCheckpoint removes the files it restores as its earlier saves once a new one is written, and takes
+    "<dirpath>/../../x" for a file in its folder: a file could have a resume delete any file the user may. Only
+    checkpoint files directly in dirpath are kept, by name; any other path is forgotten (a run moved from elsewhere:
+    its old files are not this run's to remove), and scores that are not numbers are dropped.
+    """
+    if not isinstance(state, dict):
+        return None
+    folder = os.path.abspath(dirpath or ".")
+
+    def own(path: Any) -> str:
+        if not isinstance(path, str) or not path.endswith(".ckpt") or "\0" in path:
+            return ""
+        normal = os.path.abspath(path)  # "..", "." and doubled slashes resolved, as a string
+        return normal if os.path.dirname(normal) == folder else ""
+
+    def score(value: Any) -> torch.Tensor | None:
+        return value if isinstance(value, torch.Tensor) and value.numel() == 1 else None
+
+    best_k = state.get("best_k_models")
+    return {
+        "dirpath": state.get("dirpath") if isinstance(state.get("dirpath"), str) else None,
+        "best_model_score": score(state.get("best_model_score")),
+        "best_model_path": own(state.get("best_model_path")),
+        "kth_best_model_path": own(state.get("kth_best_model_path")),
+        "kth_value": score(state.get("kth_value")),
+        "last_model_path": own(state.get("last_model_path")),
+        "best_k_models": {
+            own(k): v
+            for k, v in (best_k.items() if isinstance(best_k, dict) else ())
+            if own(k) and score(v) is not None
+        },
+    }
+
+
+def keep_own_files(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Every ModelCheckpoint's record of its files in a checkpoint a fit resumes made data (own_files), before
+    Lightning restores the callbacks from it: mnist_lit's Checkpoint, and one a user adds (--trainer.callbacks)."""
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.state_key in states:
+            states[callback.state_key] = own_files(states[callback.state_key], callback.dirpath) or {}
+
+
+def _as_loaded(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved parameter group as torch's load_state_dict leaves it: the settings newer than the file (fused,
+    decoupled_weight_decay, ...) filled in by the optimizer's own __setstate__."""
+    probe = object.__new__(type(optimizer))
+    try:
+        probe.__setstate__(
+            {"defaults": dict(optimizer.defaults), "state": {}, "param_groups": [{**saved, "params": []}]}
+        )
+        return probe.param_groups[0]
+    except Exception:  # (its own __setstate__ failed on the saved group: compared as it is)
+        return saved
 
 
 def run_seed(checkpoint: dict[str, Any]) -> int | None:
@@ -398,42 +476,8 @@ class Checkpoint(ModelCheckpoint):
         self._rng_to_restore = checkpoint.get("rng_state")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """ModelCheckpoint's record of its files, from a checkpoint: data, never a path to follow.
-
-        ModelCheckpoint removes the files it restores as its earlier saves once a new one is written, and takes
-        "<dirpath>/../../x" for a file in its folder: a file could have a resume delete any file the user may. Only
-        checkpoint files directly in this run's folder are kept, by name; any other path is forgotten (a run moved
-        from elsewhere: its old files are not this run's to remove), and scores that are not numbers are dropped.
-        """
-        if not isinstance(state_dict, dict):
-            return
-        folder = os.path.abspath(self.dirpath or ".")
-
-        def own(path: Any) -> str:
-            if not isinstance(path, str) or not path.endswith(".ckpt") or "\0" in path:
-                return ""
-            normal = os.path.abspath(path)  # "..", "." and doubled slashes resolved, as a string
-            return normal if os.path.dirname(normal) == folder else ""
-
-        def score(value: Any) -> torch.Tensor | None:
-            return value if isinstance(value, torch.Tensor) and value.numel() == 1 else None
-
-        best_k = state_dict.get("best_k_models")
-        super().load_state_dict(
-            {
-                "dirpath": state_dict.get("dirpath") if isinstance(state_dict.get("dirpath"), str) else None,
-                "best_model_score": score(state_dict.get("best_model_score")),
-                "best_model_path": own(state_dict.get("best_model_path")),
-                "kth_best_model_path": own(state_dict.get("kth_best_model_path")),
-                "kth_value": score(state_dict.get("kth_value")),
-                "last_model_path": own(state_dict.get("last_model_path")),
-                "best_k_models": {
-                    own(k): v
-                    for k, v in (best_k.items() if isinstance(best_k, dict) else ())
-                    if own(k) and score(v) is not None
-                },
-            }
-        )
+        if (kept := own_files(state_dict, self.dirpath)) is not None:
+            super().load_state_dict(kept)
 
     # private-lightning[loops]: two Lightning 2.6 resume workarounds inside its loops (see each comment)
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.checkpoint import check_training_state, check_weights
+from mnist_lit.checkpoint import check_training_state, check_weights, keep_own_files
 from mnist_lit.lean import LeanHooks
 from mnist_lit.storage import CheckpointError, load_checkpoint
 from mnist_lit.trust import check_model_hparams, check_spec
@@ -303,6 +303,7 @@ class LitMNIST(LeanHooks, LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return
+        keep_own_files(trainer, checkpoint)  # before Lightning restores the callbacks from it
         if trainer.optimizers:  # a strategy that restores after its setup: the optimizers are there now
             check_training_state(trainer.ckpt_path, checkpoint, trainer)
         else:

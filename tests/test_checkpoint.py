@@ -219,3 +219,42 @@ def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(
     state = optimizer.state_dict()
     state["param_groups"][0]["params"] = [*range(11), True]
     assert "do not name the model's 12 parameters" in _optimizer_misfit(optimizer, state)
+
+
+def test_a_resumed_optimizer_state_goes_to_the_parameter_torch_gives_it_and_older_settings_are_filled_in():
+    from mnist_lit.checkpoint import _optimizer_misfit
+
+    model = torch.nn.Linear(3, 4)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, fused=True)
+    model(torch.randn(2, 3)).sum().backward()
+    sgd.step()
+    state = sgd.state_dict()
+    state["param_groups"][0]["params"] = [1, 0]  # torch would give the bias's buffer to the weight
+    assert "parameter 0's momentum_buffer is not a tensor of shape (4, 3)" in _optimizer_misfit(sgd, state)
+    adam = torch.optim.Adam(model.parameters())
+    adam.step()
+    state = adam.state_dict()
+    for newer in ("decoupled_weight_decay", "foreach", "fused"):  # settings an older torch did not write
+        state["param_groups"][0].pop(newer, None)
+    assert _optimizer_misfit(adam, state) is None
+    state["param_groups"][0]["lr"] = float("nan")
+    assert "settings.lr is not a finite number" in _optimizer_misfit(adam, state)
+
+
+def test_every_model_checkpoints_record_of_its_files_keeps_to_its_folder(tmp_path):
+    """mnist_lit's Checkpoint and a ModelCheckpoint a user adds alike: ModelCheckpoint removes what it restores."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mnist_lit.checkpoint import keep_own_files
+
+    mine = ModelCheckpoint(dirpath=str(tmp_path / "ck"))
+    inside, outside = str(tmp_path / "ck" / "a.ckpt"), f"{tmp_path / 'ck'}/../../victim.ckpt"
+    record = {"best_model_path": outside, "last_model_path": inside, "best_k_models": {outside: torch.tensor(1.0)}}
+    checkpoint = {"callbacks": {mine.state_key: {**record, "dirpath": 3}}}
+    keep_own_files(SimpleNamespace(callbacks=[mine]), checkpoint)
+    kept = checkpoint["callbacks"][mine.state_key]
+    assert kept["best_model_path"] == "" and kept["last_model_path"] == inside and kept["best_k_models"] == {}
+    mine.load_state_dict(kept)  # what Lightning then does with it
+    assert mine.best_model_path == ""
