@@ -161,7 +161,7 @@ class Sweeper:
         if not any(t.state == TrialState.WAITING for t in trials) and len(live) >= self.sweep.trials:
             self.stopping.wait(min(2.0, self.sweep.heartbeat_interval))  # the others' last trials may yet fail
             return False
-        # One ask at a time on this machine: Optuna hands a waiting (enqueued) trial to whoever sets it running first,
+        # One ask at a time in this process: Optuna hands a waiting (enqueued) trial to whoever sets it running first,
         # and SQLite has no row lock, so two workers could both take the same one.
         with self.asking:
             trial = self.study.ask(self.space.distributions)
