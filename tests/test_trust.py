@@ -126,6 +126,7 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_nothing_it_names_runs(c
     assert not (root / "out.pth").exists()
 
 
+@pytest.mark.slow  # in the slow suite, so the default one stays under 4 minutes
 def test_a_network_that_breaks_the_contract_is_refused_by_export_and_serve(root, run_main):
     """One output per class for a batch of images: checked when a checkpoint's network is built, not left for a
     request to find (serve would answer 500)."""
@@ -429,6 +430,7 @@ def deflated(source: Path, target: Path) -> None:
             packed.writestr(info.filename, original.read(info.filename))
 
 
+@pytest.mark.slow  # in the slow suite, so the default one stays under 4 minutes
 @pytest.mark.parametrize(
     "kind, words",
     [
