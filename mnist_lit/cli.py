@@ -18,6 +18,7 @@ from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -140,6 +141,14 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
         if self.subcommand == "fit":
             self._check_monitors(trainer)
+            saving = any(isinstance(c, ModelCheckpoint) and (c.save_last or c.save_top_k) for c in trainer.callbacks)
+            if not saving and rank_zero_only.rank == 0:
+                # a choice (a benchmark, a throwaway run), but one that loses the run's work: said, not silent
+                print(
+                    "note: this fit saves no checkpoint (--trainer.enable_checkpointing false, or"
+                    " --checkpoint.save_last false with save_top_k 0): what it trains is not kept",
+                    file=sys.stderr,
+                )
         share_cores(trainer.num_devices, self.datamodule.num_workers)
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)

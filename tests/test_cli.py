@@ -148,10 +148,15 @@ def test_help_lists_the_options_with_their_docs(tmp_path):
     assert "export" in top.stdout
 
 
-def test_checkpointing_can_be_switched_off(tmp_path, mnist_dir, run_main):
-    status, _, err = run_main(*fit_args(mnist_dir, "--trainer.enable_checkpointing", "false"), cwd=tmp_path)
-    assert status == 0, err[-2000:]
-    assert not (tmp_path / "checkpoints").exists()
+def test_checkpointing_can_be_switched_off_and_the_run_says_so(tmp_path, mnist_dir, run_main):
+    for off in (["--trainer.enable_checkpointing", "false"], ["--checkpoint.save_last", "false",
+                                                              "--checkpoint.save_top_k", "0"]):  # fmt: skip
+        root = tmp_path / off[0].rpartition(".")[2]
+        root.mkdir()
+        status, _, err = run_main(*fit_args(mnist_dir, *off), cwd=root)
+        assert status == 0, err[-2000:]
+        assert not list(root.glob("checkpoints/*.ckpt"))
+        assert "note: this fit saves no checkpoint" in err  # not a silent loss of the run's work
 
 
 def test_progress_bar_shows_loss_and_throughput(tmp_path, mnist_dir, run_main):
