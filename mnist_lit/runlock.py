@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -44,6 +45,11 @@ class RunLock:
         except Timeout:
             self._clean_up()
             holder = self._read_holder()
+            for _ in range(20):  # a holder that has just taken the lock writes its PID a moment later
+                if holder.isdigit():
+                    break
+                time.sleep(0.005)
+                holder = self._read_holder()
             who = f"PID {holder}" if holder.isdigit() else "another process"
             raise CheckpointError(
                 f"{self.directory} is in use by another fit ({who}): wait for it to end, or give this run its own"
