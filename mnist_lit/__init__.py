@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-# Every subcommand and its line of help: the one list. The top-level help below, the dispatch in cli.main and the
-# "did you mean" of a misspelt subcommand (errors.py) read it. Here, so that `python -m mnist_lit --help` answers
-# without importing torch.
+# Every subcommand and its line of help: the one list. The top-level help below, the dispatch in mnist_lit.__main__
+# and the "did you mean" of a misspelt subcommand (cli/messages.py) read it. Here, so that `python -m mnist_lit --help`
+# answers without importing torch.
 COMMANDS = {
     "fit": "Train. A checkpoint every 10 steps; resume a stopped run with --ckpt_path last.",
     "validate": "Evaluate on the validation hold-out.",

@@ -1,13 +1,71 @@
-"""`python -m mnist_lit` and the `mnist-lit` command."""
+"""`python -m mnist_lit` and the `mnist-lit` command: the subcommands' registry, dispatch, and the one boundary
+where every user error becomes one line on stderr and a non-zero exit status."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from collections.abc import Callable
 
-from mnist_lit import USAGE
+from mnist_lit import LIGHTNING_COMMANDS, USAGE
 from mnist_lit.signals import stop_at_once
+
+
+def _lightning(args: list[str]) -> None:
+    from mnist_lit.cli import run_lightning
+
+    run_lightning(args)
+
+
+def _own(command: str) -> Callable[[list[str]], None]:
+    def run(args: list[str]) -> None:
+        from mnist_lit.cli import run_command
+
+        run_command(command, args)
+
+    return run
+
+
+def _sweep(args: list[str]) -> None:
+    from mnist_lit.errors import ConfigError
+
+    try:
+        from mnist_lit.sweep import run_sweep
+    except ImportError as err:  # optuna is an optional extra
+        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
+    run_sweep(args)
+
+
+# What runs each subcommand (mnist_lit.COMMANDS has their lines of help). Lightning's own take the whole command
+# line, their subcommand first: LightningCLI parses it.
+RUNNERS: dict[str, Callable[[list[str]], None]] = {
+    **{name: _lightning for name in LIGHTNING_COMMANDS},
+    "export": _own("export"),
+    "serve": _own("serve"),
+    "sweep": _sweep,
+}
+
+
+def run(args: list[str]) -> None:
+    """Run one command line; a user error ends in one line on stderr and exit status 1 (SystemExit)."""
+    from mnist_lit import signals
+    from mnist_lit.cli import error_line
+
+    command = args[0] if args and args[0] in RUNNERS and args[0] not in LIGHTNING_COMMANDS else None
+    try:
+        with signals.handling():  # Ctrl-C and SIGTERM: see mnist_lit.signals
+            if command is None:
+                _lightning(args)  # a misspelt subcommand, too: LightningCLI says which it takes
+            else:
+                RUNNERS[command](args[1:])
+    except signals.Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
+    except Exception as err:
+        if (line := error_line(err)) is None:
+            raise
+        sys.exit(line)
 
 
 def main() -> None:
@@ -31,9 +89,7 @@ def _main() -> None:
     # (mnist_lit.signals lists every place a signal is handled).
     signal.signal(signal.SIGTERM, stop_at_once)
     try:
-        from mnist_lit.cli import main as run
-
-        run()
+        run(args)
     except KeyboardInterrupt as err:  # before anything was built: nothing to save
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
         print(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved", file=sys.stderr)

@@ -16,19 +16,25 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from mnist_lit.batches import BatchLoader, EpochBatches
 from mnist_lit.datasets import (
     DATASETS,
     DEFAULT,
     DEFAULT_DATA_DIR,
     FILE_NAMES,
+    BatchLoader,
     DatasetName,
+    EpochBatches,
+    ImageFiles,
     download,
     find_files,
+    load_split,
+    loose_images,
+    loose_line,
     missing_message,
+    read_class_folders,
+    skipped_line,
 )
-from mnist_lit.idx import load_split
-from mnist_lit.images import DataError, ImageFiles, loose_images, loose_line, read_class_folders, skipped_line
+from mnist_lit.errors import DataError
 
 # The validation hold-out never depends on the run's seed, so every run and resume sees the same split.
 SPLIT_SEED = 0
@@ -213,3 +219,4 @@ class MNISTDataModule(LightningDataModule):
             raise DataError("predict needs images: pass --data.predict_path with an image file, folder or glob")
         files = ImageFiles(self.predict_path, self.known.mean, self.known.std, self.known.box)
         return DataLoader(files, batch_size=self.test_batch_size, collate_fn=ImageFiles.collate)
+

@@ -1,159 +1,56 @@
-"""User errors as one line: jsonargparse's and Lightning's messages about a bad option, rewritten to name the option,
-the value given and what would fit (with a "did you mean" for a misspelt option or subcommand)."""
+"""Every kind of error a user can cause, and how any message reaches the terminal: as one line, with whatever came
+from elsewhere (a file's name, a library's text) escaped. Imports nothing of mnist_lit, so every module may use it.
+
+The command line's boundary (mnist_lit.__main__) turns a UserError into `error: <message>` and exit status 1."""
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import re
 
-from lightning.pytorch import Trainer
 
-from mnist_lit import COMMANDS
-from mnist_lit.checkpoint import Checkpoint
-from mnist_lit.data import MNISTDataModule
-from mnist_lit.model import GUIDE_SGD, LitMNIST
+class UserError(Exception):
+    """A failure the user caused or can fix; its message says which and how, in one line."""
 
 
-class ConfigError(ValueError):
-    """The options parsed, but the objects they describe cannot be built (e.g. an unknown strategy)."""
+class ConfigError(UserError, ValueError):
+    """The options parsed, but what they ask for cannot be done (a value out of range, a device this machine lacks)."""
 
 
-# jsonargparse's restricted number types, as a value of each is described
-_RESTRICTED = {
-    "PositiveInt": "an int > 0",
-    "NonNegativeInt": "an int >= 0",
-    "PositiveFloat": "a number > 0",
-    "NonNegativeFloat": "a number >= 0",
-    "ClosedUnitInterval": "a number >= 0 and <= 1",
-    "OpenUnitInterval": "a number > 0 and < 1",
-}
+class DataError(UserError, RuntimeError):
+    """A problem with the data that the user can fix; its message says how."""
 
 
-def _finite(names: list[str], value: str) -> list[str]:
-    """jsonargparse takes no inf or nan where a float goes: for those, "it takes float" would puzzle."""
-    if re.fullmatch(r"[+-]?(inf|infinity|nan)", value.strip(), re.IGNORECASE):
-        return ["a finite float" if name == "float" else name for name in names]
-    return names
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used or written; the message says which and why."""
+
+
+class ExportError(UserError, RuntimeError):
+    """An export that cannot be done or did not check out; the message says why."""
+
+
+class Diverged(UserError, RuntimeError):
+    """Training produced weights that are not finite numbers; they were not saved."""
+
+
+class PeerLost(UserError, RuntimeError):
+    """Another process of a DDP run stopped, so this one cannot go on."""
+
+
+class Untrusted(ValueError):
+    """A file from elsewhere names something it may not: the message says what, and how to allow it."""
 
 
 def one_line(message: str) -> str:
+    """A message of several lines (a library's, say) as one."""
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
-def explain(message: str, classes: bool = True, names: list[str] | None = None) -> str:
-    """jsonargparse's parse error as one line naming the option, the value given and what would fit (names: the
-    options the command takes, for a "did you mean"; default: the Lightning subcommands')."""
-    if classes and (classy := explain_class_option(message)) is not None:
-        return classy
-    message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
-    if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
-        bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
-        return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
-    if union := re.search(
-        r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
-    ):
-        expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
-        names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
-        return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(_finite(names, union[2]))}"
-    if typed := re.search(r"(--\S+): Expected a <class '(\w+)'>\. Got value: (.*)$", message):
-        return f"{typed[1]}: {typed[3]!r} is not valid; it takes {' or '.join(_finite([typed[2]], typed[3]))}"
-    if restricted := re.search(r"(--\S+): Not of type (\w+): (?:invalid literal for int\(\) with base 10|could not "
-                               r"convert string to float): (.*)$", message):  # fmt: skip
-        return (
-            f"{restricted[1]}: {restricted[3]} is not valid; it takes {_RESTRICTED.get(restricted[2], restricted[2])}"
-        )
-    if literal := re.search(r"(--\S+): Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", message):
-        return f"{literal[1]}: {literal[3]!r} is not valid; it takes one of {literal[2]}"
-    if required := re.fullmatch(r"the following arguments are required: (.*)", message):
-        return f"the following options are required: {', '.join('--' + n.lstrip('-') for n in required[1].split(', '))}"
-    if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
-        names = list(COMMANDS)
-        close = difflib.get_close_matches(choice[1], names, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
-    if unknown := re.search(r"unrecognized arguments: (--[\w.-]+)", message):
-        names = names or _option_names()
-        given = unknown[1].replace("-", "_").replace("__", "--", 1)  # --ckpt-path: the option is --ckpt_path
-        tail = given.rpartition(".")[2].lstrip("-")  # --lr: an option that ends in .lr
-        close = [n for n in names if n == given] or [n for n in names if n.endswith(f".{tail}")][:1]
-        if close := close or difflib.get_close_matches(given, names, n=1, cutoff=0.75):
-            return f"{message}; did you mean {close[0]}?"
-    return message
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def explain_accelerator(message: str, origin: str | None) -> str | None:
-    """Lightning's "No supported gpu backend found!" (and its like for cuda, mps) as one line naming the option or
-    the config file that asked for a device this machine lacks, and the fix. origin: where the command line set
-    --trainer.accelerator (mnist_lit.options.origin)."""
-    if found := re.search(r"No supported (\w+) backend found", message):
-        wanted = found[1].lower()
-    elif found := re.search(r"`(\w+)Accelerator` can not run on your system", message):
-        wanted = found[1].lower()
-    else:
-        return None
-    device = {"gpu": "a GPU (CUDA or Apple MPS)", "cuda": "a CUDA GPU", "mps": "an Apple MPS GPU"}.get(wanted, wanted)
-    if origin is None or origin.startswith("--config"):
-        where = origin.removeprefix("--config ") if origin else f"--trainer.accelerator {wanted}"
-        fix = "use configs/cpu.yaml instead, or add --trainer.accelerator cpu after it"
-    else:
-        where, fix = origin, "drop it, or pass --trainer.accelerator cpu"
-    return f"{where} needs {device}; this machine has none: {fix}"
-
-
-def explain_class_option(message: str) -> str | None:
-    """The real cause of a bad class-typed option (a logger, a callback, the optimizer, the scheduler), which
-    jsonargparse buries under the other types the option would also take: a missing argument of the class, its
-    missing package, a class it cannot find, a bad value of one of its arguments."""
-    key = re.search(r'Parser key "([^"]+)"', message)
-    option = f"--{key[1]}" if key else _option_of_type(message)
-    end = r"(?=\n\s*- |\n\s*Given value|\. Got value: |\Z)"
-    if ambiguous := re.search(r"(Multiple subclasses with name [^\n]*)", message):
-        return f"{option}: {ambiguous[1].rstrip('.')}"
-    if problem := re.search(rf"Problem with given class_path '([^']+)':\s*(.*?){end}", message, re.S):
-        cls, cause = problem[1].rpartition(".")[2], one_line(problem[2])
-    elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):
-        cause = callable_[1].strip()
-        # one of the class's own arguments: its message, less the last "Got value" (the whole class's)
-        if inner := re.search(
-            r'callable class: Parser key "([^"]+)":\s*(.*?)(?:\. Got value: (?:(?!\. Got value: ).)*)?\Z', message, re.S
-        ):
-            return explain(f'Parser key "{option[2:]}.{inner[1]}":\n{inner[2]}', classes=False)
-        if re.search(r"has no attribute|No module named", cause):
-            given = re.search(r"Got value: (\S+)\Z", message)
-            return f"{option}: no class named {given[1] if given else '?'!r} ({one_line(cause)})"
-        given = re.search(r"class_path='([^']+)'", message)
-        cls, cause = given[1].rpartition(".")[2] if given else "", one_line(cause)
-    elif unknown := re.search(r"Expected a dot import path string: (\S+)", message):
-        return f"{option}: no class named {unknown[1]!r} (give the name of a class it takes, or its import path)"
-    else:
-        return None
-    if required := re.match(r"the following arguments are required: (.*)", cause):
-        names = [name.strip() for name in required[1].split(",")]
-        needed = " ".join(f"{option}.{name} VALUE" for name in names)
-        return f"{option} {cls} needs {', '.join(names)}: add {needed}"
-    if unaccepted := re.match(r"Option '(\w+)' is not accepted", cause):
-        return f"{option}.{unaccepted[1]}: {cls} has no option {unaccepted[1]!r}"
-    return f"{option} {cls}: {cause}"
-
-
-def _option_of_type(message: str) -> str:
-    """The option a type error without a parser key is about, from the types it names."""
-    for pattern, option in (
-        (r"callbacks\.callback\.Callback", "--trainer.callbacks"),
-        (r"loggers\.logger\.Logger", "--trainer.logger"),
-        (r"lr_scheduler", "--model.lr_scheduler"),
-        (r"optim\.optimizer\.Optimizer", "--model.optimizer"),
-    ):
-        if re.search(pattern, message):
-            return option
-    return "an option"
-
-
-def _option_names() -> list[str]:
-    """Every --group.option the CLI takes, for suggestions on a misspelt one."""
-    groups = {"model": LitMNIST, "data": MNISTDataModule, "checkpoint": Checkpoint, "trainer": Trainer}
-    names = [f"--{g}.{p}" for g, cls in groups.items() for p in inspect.signature(cls.__init__).parameters]
-    optimizer = [f"--model.optimizer.{name}" for name in GUIDE_SGD["init_args"]]  # --lr: --model.optimizer.lr
-    general = ["--config", "--print_config", "--seed_everything", "--ckpt_path", "--weights_only", "--ddp_timeout"]
-    return [*names, *optimizer, *general]
+def printable(text: str) -> str:
+    """Text from elsewhere (a file's name, a study's record), safe to print as one line: control characters (a
+    newline, a terminal's escape sequences) shown escaped."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)

@@ -11,15 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from mnist_lit import runs
+from mnist_lit.checkpoints import write_atomically
 from mnist_lit.datasets import DATASETS
+from mnist_lit.errors import ExportError
 from mnist_lit.model import Net, log_probabilities
-from mnist_lit.storage import write_atomically
 
 ONNX_TOLERANCE = 1e-4
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done or did not check out; the message says why."""
 
 
 class Classifier(nn.Module):

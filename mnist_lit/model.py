@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.checkpoint import check_training_state, check_weights, keep_own_files
+from mnist_lit.checkpoints import check_training_state, check_weights, keep_own_files, load_checkpoint
+from mnist_lit.errors import CheckpointError
 from mnist_lit.lean import LeanHooks
-from mnist_lit.storage import CheckpointError, load_checkpoint
 from mnist_lit.trust import check_model_hparams, check_spec
 
 # The guide's optimizer, as the class_path spec jsonargparse shows in --print_config and saves in checkpoints (a

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint
+from mnist_lit.checkpoints import DIGEST_KEY, load_checkpoint
+from mnist_lit.errors import CheckpointError, one_line
 
 # Long enough for what makes processes wait for each other in a healthy run (a checkpoint on a slow shared disk,
 # loading the data, a validation); short enough that a lost node ends the run in minutes, not gloo's 30.
@@ -150,7 +151,7 @@ def explain(err: BaseException) -> str | None:
     """One line for a DDP run's process that lost the others (or never reached them); None for other errors."""
     if not torch.distributed.is_available() or not isinstance(err, RuntimeError):
         return None
-    text = _one_line(str(err))
+    text = one_line(str(err))
     cause = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:200]  # gloo's first sentence, its source file off
     if torch.distributed.is_initialized():
         if not (isinstance(err, torch.distributed.DistError) or re.search(PEER_FAILURES, text, re.I)):
@@ -188,7 +189,3 @@ def explain(err: BaseException) -> str | None:
             " to that address in /etc/hosts"
         )
     return None
-
-
-def _one_line(message: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", message.strip())

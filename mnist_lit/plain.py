@@ -4,11 +4,10 @@ mnist_lit extends. It imports nothing from mnist_lit; read it before model.py an
     python -m mnist_lit.plain [--data_dir ~/.torch/datasets/mnist] [--max_steps N] [--default_root_dir plain]
 
 What it leaves out, and where the project adds it: the data decoded once into memory, checked against its
-checksums, in batches that resume mid-epoch (data.py, datasets.py, idx.py, batches.py); any network, optimizer or
-schedule by class path (model.py); atomic, digest-sealed checkpoints and one run per folder (checkpoint_io.py,
-storage.py, digest.py, runlock.py); exact resume at any batch and on signals (checkpoint.py, signals.py); checks on
-what a file from elsewhere may name (trust.py); every option on the command line, `last` and one-line errors
-(cli.py, runs.py, errors.py).
+checksums, in batches that resume mid-epoch (data.py, datasets/); any network, optimizer or schedule by class path
+(model.py); atomic, digest-sealed checkpoints, one run per folder, exact resume at any batch and on signals
+(checkpoints/, signals.py); checks on what a file from elsewhere may name (trust.py); every option on the command
+line, `last` and one-line errors (cli/, runs.py, errors.py, __main__.py).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from mnist_lit.datasets import DATASETS, DEFAULT, Known
+from mnist_lit.checkpoints import write_atomically
+from mnist_lit.datasets import DATASETS, DEFAULT, Known, skipped_line
+from mnist_lit.errors import DataError, printable
 from mnist_lit.figures import confusion_figure, curves_figure, image_bytes, mistakes_figure, pyplot
-from mnist_lit.images import DataError, printable, skipped_line
-from mnist_lit.storage import write_atomically
 
 MAX_MISTAKES_SHOWN = 100
 

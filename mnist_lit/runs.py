@@ -1,14 +1,14 @@
 """A trained run on disk, as every command opens it: the one front door to checkpoints for fit, validate, test,
 predict, export, serve and --model.init_from.
 
-- `load` resolves 'last' (the run's newest checkpoint), reads and verifies the file once (storage: digest, weights
+- `load` resolves 'last' (the run's newest checkpoint), reads and verifies the file once (checkpoints: digest, weights
   only, hyperparameters checked as data) and hands back a `Trained`: its path, contents, hyperparameters, dataset
   and network, each worked out once.
 - `open_run` is what a Lightning subcommand does before anything is built: takes fit's run lock, refuses to write
   over an earlier run, resolves fit's 'auto', loads --ckpt_path and --model.init_from through `load`, and applies
   the rules of a resume (`check_resume_changes`, `resumed_seed`).
 
-Taking the checkpoint's hyperparameters into the parsed options is the command line's part (mnist_lit.cli), as
+Taking the checkpoint's hyperparameters into the parsed options is the command line's part (mnist_lit.cli.lightning), as
 only it holds the parser.
 """
 
@@ -23,23 +23,22 @@ from typing import Any
 
 from torch import nn
 
-from mnist_lit.checkpoint import check_resumable, run_seed
-from mnist_lit.data import DataError
-from mnist_lit.datasets import DATASETS, recorded_dataset
-from mnist_lit.errors import ConfigError
-from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
-from mnist_lit.runlock import RunLock
-from mnist_lit.storage import (
+from mnist_lit.checkpoints import (
     AUTO,
     EXTENSION,
     LAST,
-    CheckpointError,
+    RunLock,
+    check_resumable,
     hand_over,
     load_ckpt_path,
     newest_checkpoint,
     refuse_linked_folder,
     resolve,
+    run_seed,
 )
+from mnist_lit.datasets import DATASETS, recorded_dataset
+from mnist_lit.errors import CheckpointError, ConfigError, DataError
+from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
 
 
 @dataclass(eq=False)

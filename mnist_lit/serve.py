@@ -25,11 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
 from mnist_lit import runs, signals
-from mnist_lit.checkpoint import check_weights
-from mnist_lit.datasets import DATASETS, DEFAULT
-from mnist_lit.images import FORMATS, open_image, prepare
+from mnist_lit.checkpoints import check_dense, check_stored, check_weights, read_bytes
+from mnist_lit.datasets import DATASETS, DEFAULT, FORMATS, open_image, prepare
+from mnist_lit.errors import CheckpointError
 from mnist_lit.model import Net, build_net, check_contract, log_probabilities
-from mnist_lit.storage import CheckpointError, check_dense, check_stored, read_bytes
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits

@@ -4,9 +4,9 @@ Where each signal is handled, and why:
 
 - `python -m mnist_lit` starts (__main__.py, before the slow imports): SIGTERM raises KeyboardInterrupt, so that a
   signal stops at once, in one line ("stopped at once; nothing new was saved"), instead of Python's silent death.
-- Any command (cli.main, `handling()`): `_on_signal` owns SIGINT and SIGTERM until the command ends, then the
-  handlers before it come back. It raises `Interrupted`: one line and the shell's status 128 + signal.
-- A fit's training loop (checkpoint.Checkpoint, `arm`/`disarm`): the armed callback takes the first signal and
+- Any command (mnist_lit.__main__.run, `handling()`): `_on_signal` owns SIGINT and SIGTERM until the command
+  ends, then the handlers before it come back. It raises `Interrupted`: one line and the shell's status 128 + signal.
+- A fit's training loop (checkpoints.Checkpoint, `arm`/`disarm`): the armed callback takes the first signal and
   stops at the next batch boundary with a checkpoint (under DDP every process stops at the same batch); a second
   signal, or one before or after the loop, stops at once, naming the newest checkpoint saved.
 - Lightning's own SIGTERM handler is switched off (`silence_lightning`): it broadcasts from inside the handler (one
@@ -14,7 +14,7 @@ Where each signal is handled, and why:
 - serve (serve.py): its main process turns SIGTERM into Ctrl-C (`stop_server_on_signals`), which LitServer
   handles by stopping its processes; those it forks keep SIGTERM's default and die with their parent
   (`die_with_parent`, PR_SET_PDEATHSIG); the model processes ignore SIGINT (the main process stops them).
-- sweep (sweep_worker.py, its own): the sweep passes a signal on to its trials' fits and waits for their
+- sweep (sweep/worker.py, its own): the sweep passes a signal on to its trials' fits and waits for their
   checkpoints; each trial's fit dies with its worker thread's process (the same PDEATHSIG, in _ORPHAN_GUARD).
 
 Imports nothing heavy: __main__ uses it before torch is imported.

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnist_lit.errors import Untrusted
+
 TRUST_ENV = "MNIST_LIT_TRUST"
 # Names a signature's annotation may hold for an argument a file may set: plain values and containers of them.
 PLAIN_TYPE_NAMES = {
@@ -30,10 +32,6 @@ PLAIN_TYPE_NAMES = {
     "Sequence", "Iterable", "collections", "abc", "typing", "Optional", "Union", "Literal",
 }  # fmt: skip
 MAX_DEPTH = 2  # a list of lists at most (OneCycleLR's max_lr per group, Adafactor's eps pair)
-
-
-class Untrusted(ValueError):
-    """A value from a file that asks for something it may not: its message names the field and why."""
 
 
 @dataclass(frozen=True)

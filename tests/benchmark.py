@@ -74,8 +74,8 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
         model = FlatNet().to(device, memory_format=torch.channels_last)
         optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5, fused=True)
     if kind in ("best", "plain", "plain_ckpt"):
-        from mnist_lit.datasets import find_files
-        from mnist_lit.idx import load_split
+        from mnist_lit.datasets.catalog import find_files
+        from mnist_lit.datasets.idx import load_split
 
         files = find_files(Path(data_dir))
         x, y = load_split(files, train=True, verify=True)
@@ -185,7 +185,7 @@ def run_fit(side: str, args: list[str]) -> None:
     from concurrent.futures import Future
 
     if side in ("-digest", "-thread", "nice", "-write", "-copy"):
-        from mnist_lit import checkpoint_io
+        from mnist_lit.checkpoints import io as checkpoint_io
     if side == "nice":  # the writer thread at the lowest priority: it takes the cores only when training leaves one
         import threading
         from concurrent.futures import ThreadPoolExecutor
@@ -245,10 +245,11 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
     import torch.nn.functional as F
     from lightning.pytorch import Callback, Trainer
 
-    from mnist_lit import cli
-    from mnist_lit.checkpoint import Checkpoint
-    from mnist_lit.datasets import find_files
-    from mnist_lit.idx import load_split
+    from mnist_lit.__main__ import run
+    from mnist_lit.checkpoints.callback import Checkpoint
+    from mnist_lit.cli import lightning as cli
+    from mnist_lit.datasets.catalog import find_files
+    from mnist_lit.datasets.idx import load_split
     from mnist_lit.model import Net as FlatNet
     from mnist_lit.report import ProgressBar, TrainingCurves
 
@@ -315,7 +316,7 @@ def interleaved_benchmark(data_dir: str, epochs: int, chunk: int, sides: list[st
 
     cli.MNISTCLI.instantiate_trainer = with_interleave  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as root:
-        cli.main(["fit", "--data.data_dir", data_dir, "--data.val_size", "0", "--trainer.max_epochs", str(epochs),
+        run(["fit", "--data.data_dir", data_dir, "--data.val_size", "0", "--trainer.max_epochs", str(epochs),
                   "--trainer.default_root_dir", root, *extra])  # fmt: skip
     print(f"\nms per step, median over chunks of {chunk} steps; x best: median of each chunk's ratio to the best loop's"
           " chunk right after it")  # fmt: skip
@@ -355,9 +356,9 @@ def loader_benchmark(data_dir: str, rounds: int) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mnist_lit.batches import BatchLoader, EpochBatches
-    from mnist_lit.datasets import find_files
-    from mnist_lit.idx import load_split
+    from mnist_lit.datasets.batches import BatchLoader, EpochBatches
+    from mnist_lit.datasets.catalog import find_files
+    from mnist_lit.datasets.idx import load_split
 
     torch.set_num_threads(1)
     x, y = load_split(find_files(Path(data_dir)), train=True, verify=False)

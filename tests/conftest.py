@@ -85,8 +85,8 @@ def guide_evaluation(checkpoint: Path, data_dir: Path, verify: bool) -> tuple[fl
     code on the test set: (accuracy, summed NLL / N)."""
     from guide import Net, evaluate
 
-    from mnist_lit.datasets import find_files
-    from mnist_lit.idx import load_split
+    from mnist_lit.datasets.catalog import find_files
+    from mnist_lit.datasets.idx import load_split
 
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     net = Net()
@@ -115,7 +115,7 @@ def run_main(monkeypatch, capsys):
     """`python -m mnist_lit ARGS` in this process (no start-up cost): returns (exit status, stdout, stderr)."""
 
     def run(*args: str, cwd: Path) -> tuple[int, str, str]:
-        from mnist_lit.cli import main
+        from mnist_lit.__main__ import run as main
 
         monkeypatch.chdir(cwd)
         monkeypatch.setattr("sys.argv", ["mnist_lit"])

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit import batches, checkpoint_io
-from mnist_lit.cli import main
+from mnist_lit.__main__ import run as main
+from mnist_lit.checkpoints import io as checkpoint_io
+from mnist_lit.datasets import batches
 
 
 def rank() -> int:

@@ -30,8 +30,8 @@ import signal
 import sys
 import time
 
-from mnist_lit import storage
-from mnist_lit.cli import main
+from mnist_lit.__main__ import run as main
+from mnist_lit.checkpoints import files as storage
 from mnist_lit.model import LitMNIST
 
 

@@ -10,8 +10,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from mnist_lit.checkpoint_io import AtomicCheckpointIO
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint, newest_checkpoint, resolve
+from mnist_lit.checkpoints.files import DIGEST_KEY, load_checkpoint, newest_checkpoint, resolve
+from mnist_lit.checkpoints.io import AtomicCheckpointIO
+from mnist_lit.errors import CheckpointError
 
 
 def test_atomic_write_replaces_the_old_file_only_when_the_new_one_is_complete(tmp_path, monkeypatch):
@@ -112,7 +113,7 @@ def test_load_refuses_what_is_not_a_lightning_checkpoint(tmp_path):
 
 
 def reference_digest(checkpoint: dict) -> str:
-    """The digest's definition, one hash update per value: what mnist_lit.digest computes faster."""
+    """The digest's definition, one hash update per value: what mnist_lit.checkpoints.digest computes faster."""
     import hashlib
 
     h = hashlib.sha256()
@@ -139,7 +140,7 @@ def reference_digest(checkpoint: dict) -> str:
 
 
 def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
-    from mnist_lit.digest import digest
+    from mnist_lit.checkpoints.digest import digest
 
     odd = {
         "scalar": torch.tensor(3.5),
@@ -160,7 +161,7 @@ def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
 
 
 def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_none_behind(tmp_path, monkeypatch):
-    from mnist_lit import storage
+    from mnist_lit.checkpoints import files as storage
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
@@ -205,7 +206,7 @@ def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_no
     lambda p: torch.optim.Adafactor(p),  # its state is not of the parameters' shapes
 ], ids=["SGD", "Adam", "Adafactor"])  # fmt: skip
 def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(make):
-    from mnist_lit.checkpoint import _optimizer_misfit
+    from mnist_lit.checkpoints.callback import _optimizer_misfit
 
     model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(6)])  # 12 parameters: ids past 9
     optimizer = make(model.parameters())
@@ -222,7 +223,7 @@ def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(
 
 
 def test_a_resumed_optimizer_state_goes_to_the_parameter_torch_gives_it_and_older_settings_are_filled_in():
-    from mnist_lit.checkpoint import _optimizer_misfit
+    from mnist_lit.checkpoints.callback import _optimizer_misfit
 
     model = torch.nn.Linear(3, 4)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, fused=True)
@@ -247,7 +248,7 @@ def test_every_model_checkpoints_record_of_its_files_keeps_to_its_folder(tmp_pat
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mnist_lit.checkpoint import keep_own_files
+    from mnist_lit.checkpoints.callback import keep_own_files
 
     mine = ModelCheckpoint(dirpath=str(tmp_path / "ck"))
     inside, outside = str(tmp_path / "ck" / "a.ckpt"), f"{tmp_path / 'ck'}/../../victim.ckpt"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, assert_clean_error, guide_evaluation, printed_metrics, run_cli
 
-from mnist_lit.cli import share_cores
+from mnist_lit.cli.lightning import share_cores
 
 
 def fit_args(data: Path, *extra: str) -> list[str]:

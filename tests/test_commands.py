@@ -1,5 +1,5 @@
-"""mnist_lit's own subcommands (mnist_lit.commands) and the command line's words before parsing (mnist_lit.options):
-parse-only checks, in process, no training."""
+"""mnist_lit's own subcommands (mnist_lit.cli.commands) and the command line's words before parsing
+(mnist_lit.cli.options): parse-only checks, in process, no training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, options
+from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE
+from mnist_lit.cli import commands, options
 from mnist_lit.errors import ConfigError
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import idx_bytes, write_mnist
 
-from mnist_lit.batches import BatchLoader, EpochBatches
-from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.datasets import FILE_NAMES
-from mnist_lit.idx import normalize
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.datasets.batches import BatchLoader, EpochBatches
+from mnist_lit.datasets.catalog import FILE_NAMES
+from mnist_lit.datasets.idx import normalize
+from mnist_lit.errors import DataError
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -257,7 +258,7 @@ def test_datamodule_loaders_follow_the_trainer(tmp_path):
 
 def test_mnists_files_in_the_default_folder_do_not_shadow_another_datasets_own(tmp_path, monkeypatch):
     # The Offline advice puts MNIST's four files directly in the default folder; Fashion-MNIST's own folder wins there
-    from mnist_lit import datasets
+    from mnist_lit.datasets import catalog as datasets
 
     monkeypatch.setattr(datasets, "DEFAULT_DATA_DIR", str(tmp_path))
     write_mnist(tmp_path, gz=False)

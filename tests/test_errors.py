@@ -16,8 +16,9 @@ import torch
 from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
 from PIL import Image
 
-from mnist_lit.cli import main
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint
+from mnist_lit.__main__ import run as main
+from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint
+from mnist_lit.errors import CheckpointError
 
 
 class EvilShell:

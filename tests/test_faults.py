@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
 
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, load_checkpoint
+from mnist_lit.checkpoints.files import DIGEST_KEY, load_checkpoint
+from mnist_lit.errors import CheckpointError
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 

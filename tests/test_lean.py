@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch import nn
 
-from mnist_lit.batches import BatchLoader, EpochBatches
+from mnist_lit.datasets.batches import BatchLoader, EpochBatches
 from mnist_lit.lean import QuietProfiler
 from mnist_lit.model import LitMNIST
 

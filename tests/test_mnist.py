@@ -10,7 +10,7 @@ import torch
 from conftest import QUIET, guide_evaluation, printed_metrics, run_cli
 from PIL import Image, ImageFilter
 
-from mnist_lit.idx import parse_idx, read_idx
+from mnist_lit.datasets.idx import parse_idx, read_idx
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import torch
 from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
 from test_trust import reseal, spec
 
+from mnist_lit.errors import CheckpointError
 from mnist_lit.model import ConvNet, LitMNIST, Net, check_contract
-from mnist_lit.storage import CheckpointError
 
 TINY = ["--model.net", "tinynet.TinyNet", "--model.net.width", "3"]
 

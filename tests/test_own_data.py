@@ -11,12 +11,13 @@ import torch
 from conftest import QUIET, REAL_MNIST, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
 from PIL import Image
 
-from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.datasets import DATASETS
-from mnist_lit.idx import parse_idx, read_idx
-from mnist_lit.images import read
+from mnist_lit.checkpoints.files import load_checkpoint
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.datasets.catalog import DATASETS
+from mnist_lit.datasets.idx import parse_idx, read_idx
+from mnist_lit.datasets.images import read
+from mnist_lit.errors import DataError
 from mnist_lit.model import LitMNIST
-from mnist_lit.storage import load_checkpoint
 
 FASHION = DATASETS["fashion_mnist"]
 KILLPOINTS = [str(Path(__file__).parent / "killpoints.py")]

@@ -16,10 +16,10 @@ from conftest import QUIET, SYNTHETIC, printed_metrics, run_cli
 from guide import Net as GuideNet
 from PIL import Image
 
-from mnist_lit.data import DataError
-from mnist_lit.datasets import DATASETS
-from mnist_lit.images import expand
-from mnist_lit.images import prepare as prepare_as
+from mnist_lit.datasets.catalog import DATASETS
+from mnist_lit.datasets.images import expand
+from mnist_lit.datasets.images import prepare as prepare_as
+from mnist_lit.errors import DataError
 from mnist_lit.report import results_table
 
 MNIST = DATASETS["mnist"]

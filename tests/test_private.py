@@ -147,7 +147,7 @@ REGISTER: dict[str, Callable[[], None]] = {
 def tagged() -> list[tuple[str, int, str, str]]:
     """(file, line, NAME, why) for every tag in the package (and the names in brackets on its comment lines)."""
     found = []
-    for path in sorted((ROOT / "mnist_lit").glob("*.py")):
+    for path in sorted((ROOT / "mnist_lit").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if match := TAG.search(line):
                 found += [(path.name, number, name, match[2]) for name in match[1].split(",")]

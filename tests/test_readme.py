@@ -205,7 +205,7 @@ def test_every_mnist_lit_line_parses(trained_run, tmp_path, run_main, monkeypatc
     assert not failures, "README lines that do not parse:\n" + "\n".join(failures)
 
 
-TOUR = re.compile(r"`(?:\w+\.)?(\w+)` \(`(mnist_lit/\w+\.py):(\d+)`\)")
+TOUR = re.compile(r"`(?:\w+\.)?(\w+)` \(`(mnist_lit/[\w/]+\.py):(\d+)`\)")
 
 
 def test_the_code_tour_points_at_what_it_names():

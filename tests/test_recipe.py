@@ -14,7 +14,7 @@ from conftest import QUIET, SYNTHETIC, cli_env, run_cli
 from test_predict import digit
 from test_resume import KILLPOINTS, args
 
-from mnist_lit.storage import DIGEST_KEY, digest
+from mnist_lit.checkpoints.files import DIGEST_KEY, digest
 
 ADAM_ONE_CYCLE = [
     "--model.optimizer", "Adam", "--model.optimizer.lr", "0.003",

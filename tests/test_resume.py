@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, cli_env, run_cli
 
-from mnist_lit.storage import load_checkpoint, newest_checkpoint
+from mnist_lit.checkpoints.files import load_checkpoint, newest_checkpoint
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 

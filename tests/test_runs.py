@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from mnist_lit import runs
-from mnist_lit.data import DataError
-from mnist_lit.errors import ConfigError
+from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint
+from mnist_lit.errors import CheckpointError, ConfigError, DataError
 from mnist_lit.model import GUIDE_SGD, Net
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint
 
 
 def write_checkpoint(path: Path, step: int = 9, dataset: str = "mnist", resumable: bool = True, seed: int = 7) -> Path:
@@ -138,7 +137,7 @@ def test_a_resume_takes_a_new_learning_rate_but_not_a_new_optimizer_or_network()
 
 
 def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_files(tmp_path):
-    from mnist_lit.runlock import RunLock
+    from mnist_lit.checkpoints.runlock import RunLock
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -159,7 +158,7 @@ def test_the_run_lock_takes_a_dead_holders_file_and_refuses_links_and_special_fi
 
 
 def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path):
-    from mnist_lit.checkpoint_io import AtomicCheckpointIO
+    from mnist_lit.checkpoints.io import AtomicCheckpointIO
 
     path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     run = runs.open_run("test", "last", path.parent)

@@ -179,7 +179,7 @@ def class_labels(html: bytes) -> list[str]:
 
 
 def test_the_pages_bars_carry_the_models_class_names(server):
-    from mnist_lit.datasets import DATASETS
+    from mnist_lit.datasets.catalog import DATASETS
     from mnist_lit.serve import page
 
     assert class_labels(server.get("/")[1]) == [str(d) for d in range(10)]

@@ -61,7 +61,7 @@ def study(root: Path, url: str | None = None) -> list:
 
 
 def counted(trials: list) -> list:
-    from mnist_lit.sweep_study import counted as counts
+    from mnist_lit.sweep.study import counted as counts
 
     return [t for t in trials if counts(t)]
 
@@ -151,8 +151,8 @@ def test_help_and_print_config(tmp_path, mnist_dir, run_main):
 def test_the_shipped_sweep_config_parses_and_its_space_is_valid(tmp_path, mnist_dir, run_main):
     import yaml
 
-    from mnist_lit.sweep import parse_fit
-    from mnist_lit.sweep_space import Space
+    from mnist_lit.sweep.command import parse_fit
+    from mnist_lit.sweep.space import Space
 
     config = ROOT / "configs" / "sweep.yaml"
     status, out, err = run_main("sweep", "--config", str(config), "--print_config", cwd=tmp_path)

@@ -21,9 +21,10 @@ import torch
 from conftest import QUIET, ROOT, SYNTHETIC, run_cli
 from PIL import Image
 
-from mnist_lit.logfolder import claim_version
+from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint, load_ckpt_path
+from mnist_lit.cli.logfolder import claim_version
+from mnist_lit.errors import CheckpointError
 from mnist_lit.model import LitMNIST
-from mnist_lit.storage import DIGEST_KEY, CheckpointError, digest, load_checkpoint, load_ckpt_path
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
@@ -165,7 +166,8 @@ def test_a_class_the_user_names_on_the_command_line_is_trusted(root, mnist_dir, 
     status, _out, err = run_main("test", "--ckpt_path", "asgd.ckpt", *data_args(mnist_dir), cwd=root)
     assert status == 0, err[-2000:]  # torch.optim's own: allowed
     monkeypatch.setenv("MNIST_LIT_TRUST", "")
-    from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
+    from mnist_lit.errors import Untrusted
+    from mnist_lit.trust import KINDS, check_spec, trust_command_line
 
     with pytest.raises(Untrusted, match=r"a file may name classes of torch\.optim only"):
         check_spec("optimizer", spec("json.JSONDecoder"), trusted=())
@@ -220,7 +222,7 @@ def test_test_last_beside_a_fit_that_removes_the_file_it_found_takes_the_newer_o
     (directory / "last.ckpt").unlink()
     old = directory / "epoch=2-step=18.ckpt"
     newer = directory / "epoch=2-step=19.ckpt"
-    from mnist_lit import storage
+    from mnist_lit.checkpoints import files as storage
 
     load = storage.load_checkpoint
 
@@ -367,8 +369,8 @@ def test_a_file_name_from_elsewhere_is_printed_escaped(root, tmp_path, mnist_dir
 
 
 def test_a_glob_walks_into_no_linked_folder_and_a_pipe_is_named_as_one(tmp_path):
-    from mnist_lit.data import DataError
-    from mnist_lit.images import expand
+    from mnist_lit.datasets.images import expand
+    from mnist_lit.errors import DataError
 
     (tmp_path / "photos" / "day").mkdir(parents=True)
     digit_image().save(tmp_path / "photos" / "day" / "a.png")
@@ -536,8 +538,8 @@ def test_state_a_resume_restores_is_checked_as_data_before_lightning_sees_it(cha
 
 
 def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
-    from mnist_lit.batches import EpochBatches
-    from mnist_lit.data import DataError
+    from mnist_lit.datasets.batches import EpochBatches
+    from mnist_lit.errors import DataError
 
     sampler = EpochBatches(100, 10, shuffle=True)
     sampler.load_state_dict({"seed": 1, "epoch": 2, "seen": 30, "position": 30})

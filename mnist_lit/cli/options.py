@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.errors import ConfigError, one_line
-from mnist_lit.trust import KINDS, Untrusted, check_spec, trust_command_line
+from mnist_lit.errors import ConfigError, Untrusted, one_line
+from mnist_lit.trust import KINDS, check_spec, trust_command_line
 
 # The options before the optimizer became injectable still mean the guide's SGD's own (on the command line; in
 # YAML it is model.optimizer.init_args.lr).

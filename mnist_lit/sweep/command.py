@@ -10,8 +10,6 @@ resumes it from its folder's last.ckpt.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
@@ -19,8 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from mnist_lit.errors import ConfigError
-from mnist_lit.sweep_study import FINGERPRINT, _first_line, open_study
+from mnist_lit.cli import error_line, fit_config
+from mnist_lit.errors import ConfigError, first_line
+from mnist_lit.sweep.study import FINGERPRINT, open_study
 
 
 class Sweep:
@@ -113,7 +112,7 @@ def split_args(args: list[str], scratch: Path) -> tuple[list[str], list[str], bo
             try:
                 config = yaml.safe_load(Path(value).read_text()) or {}
             except (OSError, yaml.YAMLError) as err:
-                raise ConfigError(f"--config {value}: {_first_line(err)}") from None
+                raise ConfigError(f"--config {value}: {first_line(err)}") from None
             if not isinstance(config, dict):
                 raise ConfigError(f"--config {value}: not a YAML mapping of options")
             for part, target in ((config.pop("sweep", None), sweep), (config, fit)):
@@ -132,22 +131,19 @@ def split_args(args: list[str], scratch: Path) -> tuple[list[str], list[str], bo
 def parse_fit(args: list[str]) -> str | dict[str, Any]:
     """fit's complete config for these arguments, parsed in this process by the fit command line itself; or its
     one-line error."""
-    from mnist_lit.cli import main
-
-    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
-            main(["fit", *args, "--print_config"])
+        return fit_config(args)
     except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            message = str(exit_.code).removeprefix("error: ").removesuffix(" (see --help)")
-            return message if isinstance(exit_.code, str) else f"fit's options are not valid (exit {exit_.code})"
-    return yaml.safe_load(out.getvalue())
+        return f"fit's options are not valid (exit {exit_.code})"
+    except Exception as err:
+        if (line := error_line(err)) is None:
+            raise
+        return line.removeprefix("error: ").removesuffix(" (see --help)")
 
 
 def run_sweep(args: list[str]) -> None:
-    from mnist_lit.sweep_space import Space
-    from mnist_lit.sweep_worker import Sweeper
+    from mnist_lit.sweep.space import Space
+    from mnist_lit.sweep.worker import Sweeper
 
     if any(a in ("-h", "--help") for a in args):
         _parser().parse_args(["--help"])
@@ -171,7 +167,7 @@ def run_sweep(args: list[str]) -> None:
         if base.get("checkpoint", {}).get("dirpath") is not None:
             raise ConfigError("--checkpoint.dirpath: each trial keeps its checkpoints in its own folder; leave it out")
         if report:
-            from mnist_lit.sweep_report import report as print_report
+            from mnist_lit.sweep.report import report as print_report
 
             if (root / FINGERPRINT).is_file():  # (else open_study says there is no sweep here)
                 own = json.loads((root / FINGERPRINT).read_text()).get("study", {}).get("name", sweep.study_name)

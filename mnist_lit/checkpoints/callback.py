@@ -17,13 +17,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
 from mnist_lit import signals
-from mnist_lit.checkpoint_io import AtomicCheckpointIO
+from mnist_lit.checkpoints.files import checkpoint_dir
+from mnist_lit.checkpoints.io import AtomicCheckpointIO
+from mnist_lit.errors import CheckpointError, Diverged
 from mnist_lit.signals import Interrupted
-from mnist_lit.storage import CheckpointError, checkpoint_dir
-
-
-class Diverged(RuntimeError):
-    """Training produced weights that are not finite numbers; they were not saved."""
 
 
 def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
@@ -314,7 +311,7 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint whose files are never half-written, never silently damaged, and resume a run exactly.
 
-    - Every file is written through AtomicCheckpointIO (mnist_lit.checkpoint_io): sealed with a digest, written to a
+    - Every file is written through AtomicCheckpointIO (mnist_lit.checkpoints.io): sealed with a digest, written to a
       temporary name, fsynced and renamed; an older file is removed only after its successor is on disk.
     - last.ckpt is a second copy of the newest periodic file (its own inode): one damaged file never takes the
       run's only checkpoint with it.

@@ -17,19 +17,10 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.runlock import RunLock
-from mnist_lit.storage import CheckpointError, checkpoint_dir, newest_checkpoint
-from mnist_lit.sweep_study import (
-    FINGERPRINT,
-    _difference,
-    _first_line,
-    _retry,
-    _safe,
-    counted,
-    open_study,
-    storage_url,
-)
-from mnist_lit.sweep_trial import STORAGE_ENV, TRIAL_ENV, read_result
+from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint
+from mnist_lit.errors import CheckpointError, first_line
+from mnist_lit.sweep.study import FINGERPRINT, _difference, _retry, _safe, counted, open_study, storage_url
+from mnist_lit.sweep.trial import STORAGE_ENV, TRIAL_ENV, read_result
 
 # Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
 # kill the fit when the worker thread that started it dies (a `kill -9` of the sweep), instead of leaving it
@@ -57,7 +48,7 @@ class Sweeper:
         self.errors: list[str] = []
 
     def run(self) -> None:
-        from mnist_lit.sweep_report import report
+        from mnist_lit.sweep.report import report
 
         fingerprint = {"space": self.sweep.space, "base": self.base, "metric": self.sweep.metric,
                        "direction": self.sweep.direction}  # fmt: skip
@@ -144,7 +135,7 @@ class Sweeper:
                 if trial is not False:
                     self._run(trial)
         except Exception as err:  # the storage out of reach, a full disk: stop every trial here, resumable
-            self.errors.append(f"the sweep stopped: {_first_line(err)}")
+            self.errors.append(f"the sweep stopped: {first_line(err)}")
             self._stop(signal.SIGTERM)
 
     def _next_trial(self) -> Any:
@@ -243,7 +234,7 @@ class Sweeper:
         command = [
             sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), "-m", "mnist_lit", "fit", "--config", str(config),
             "--trainer.default_root_dir", str(folder), "--trainer.enable_progress_bar", "false",
-            "--trainer.callbacks+=mnist_lit.sweep_trial.Report", *(["--ckpt_path", "last"] if resume else []),
+            "--trainer.callbacks+=mnist_lit.sweep.trial.Report", *(["--ckpt_path", "last"] if resume else []),
         ]  # fmt: skip
         env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
         env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial._trial_id, "folder": str(folder),

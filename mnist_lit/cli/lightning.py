@@ -1,11 +1,11 @@
 """The command line: LightningCLI's fit, validate, test and predict, which open a run's checkpoints through
-mnist_lit.runs; mnist_lit's own subcommands are in mnist_lit.commands; every user error ends here, in main, as one
+mnist_lit.runs; mnist_lit's own subcommands are in mnist_lit.cli.commands; every user error ends here, in main, as one
 line."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -24,17 +25,20 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE, commands, nodes, options, runs, signals
-from mnist_lit.checkpoint import Checkpoint, Diverged
-from mnist_lit.data import DataError, MNISTDataModule
-from mnist_lit.errors import ConfigError, explain, explain_accelerator, explain_class_option, one_line
-from mnist_lit.export import ExportError
-from mnist_lit.images import printable
+from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
+from mnist_lit.checkpoints import Checkpoint, checkpoint_dir
+from mnist_lit.cli import options
+from mnist_lit.cli.logfolder import SaveConfig, claim_version
+from mnist_lit.cli.messages import explain_accelerator, explain_class_option
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.errors import (
+    ConfigError,
+    PeerLost,
+    one_line,
+)
 from mnist_lit.lean import QuietProfiler
-from mnist_lit.logfolder import SaveConfig, claim_version
 from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
-from mnist_lit.storage import CheckpointError, checkpoint_dir
 from mnist_lit.trust import check_spec
 
 
@@ -259,11 +263,29 @@ class MNISTCLI(LightningCLI):
         self.config = final
 
 
-class PeerLost(RuntimeError):
-    """Another process of a DDP run stopped, so this one cannot go on."""
+def quiet_lightning() -> None:
+    """Lightning's warnings and log lines that say nothing true about this project's runs, filtered out."""
+    # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
+    # ... and a resume or test whose checkpoint callback had other settings: its state is keyed by them, and what a
+    # resume needs of it (the random state, the epoch's place) rides at the checkpoint's top level instead.
+    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \[.*(TrainingCurves|Checkpoint)")
+    # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
+    # "exists and is not empty" would only ever be seen about the run lock's own file.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # No validation set (val_size 0) is an empty list of loaders by design; and a run shorter than the logging
+    # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 
-def run_lightning(args: list[str] | None) -> None:
+def run_lightning(args: list[str]) -> None:
+    """fit, validate, test or predict: LightningCLI with the project's checks (errors raised; mnist_lit.__main__
+    reports them)."""
+    quiet_lightning()
     distributed = torch.distributed.is_available
     try:
         _run_lightning(args)
@@ -281,7 +303,7 @@ def run_lightning(args: list[str] | None) -> None:
                 torch.distributed.destroy_process_group()
 
 
-def _run_lightning(args: list[str] | None) -> None:
+def _run_lightning(args: list[str]) -> None:
     # no abbreviations: --trainer.max_epoch must not silently mean --trainer.max_epochs
     sub_kwargs = {"exit_on_error": False, "allow_abbrev": False}
     parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": USAGE.split("\n\n")[1]}
@@ -297,46 +319,14 @@ def _run_lightning(args: list[str] | None) -> None:
     )
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the command line; user errors end in one line on stderr and a non-zero exit status."""
-    # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
-    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
-    # ... and a resume or test whose checkpoint callback had other settings: its state is keyed by them, and what a
-    # resume needs of it (the random state, the epoch's place) rides at the checkpoint's top level instead.
-    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \[.*(TrainingCurves|Checkpoint)")
-    # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
-    # "exists and is not empty" would only ever be seen about the run lock's own file.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # No validation set (val_size 0) is an empty list of loaders by design; and a run shorter than the logging
-    # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
-    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
-    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
-    argv = sys.argv[1:] if args is None else list(args)
+def fit_config(args: list[str]) -> dict[str, Any]:
+    """fit's complete config for these arguments, parsed and checked in this process as `fit` parses them, without
+    building anything: for the sweep, whose trials are fits. A bad option raises what `fit` would raise."""
+    out = io.StringIO()
     try:
-        with signals.handling():  # Ctrl-C and SIGTERM: see mnist_lit.signals
-            if argv[:1] and argv[0] in COMMANDS and argv[0] not in LIGHTNING_COMMANDS:
-                commands.run(argv[0], argv[1:])
-            else:
-                run_lightning(args)
-    # Every error line escapes control characters: it may name a file from elsewhere, whose name may hold a
-    # terminal's escape sequences (or a newline that would forge a second line).
-    except OSError as err:  # the machine's, not the program's: a full disk, a folder without write access
-        where = f"{err.filename}: " if err.filename else ""
-        sys.exit(printable(f"error: {where}{err.strerror or one_line(str(err))}"))
-    except (DataError, CheckpointError, ExportError, Diverged, PeerLost, MisconfigurationException) as err:
-        sys.exit(printable(f"error: {one_line(str(err))}"))
-    except argparse.ArgumentError as err:
-        sys.exit(printable(f"error: {explain(str(err), names=getattr(err, 'option_names', None))} (see --help)"))
-    except ConfigError as err:
-        sys.exit(printable(f"error: {err} (see --help)"))
-    except ValueError as err:
-        # Lightning checks val_check_interval against the epoch's batches only once the data is there
-        if "`val_check_interval`" not in str(err):
+        with contextlib.redirect_stdout(out):  # jsonargparse's --print_config prints the config, then exits 0
+            run_lightning(["fit", *args, "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
             raise
-        sys.exit(printable(f"error: --trainer.{one_line(str(err)).replace('`', '')}"))
-    except signals.Interrupted as err:
-        print(f"\n{err}", file=sys.stderr)
-        sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
+    return yaml.safe_load(out.getvalue())

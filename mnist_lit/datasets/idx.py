@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mnist_lit.datasets import DATASETS, DEFAULT
-from mnist_lit.images import DataError
+from mnist_lit.datasets.catalog import DATASETS, DEFAULT
+from mnist_lit.errors import DataError
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
+from mnist_lit.errors import DataError, one_line, printable
+
 # MNIST's recipe: the digit scaled into a 20x20 box, centred by its centre of mass in a 28x28 field.
 BOX, FIELD = 20, 28
 # Ink is what stands out from the paper by more than this fraction of the darkest stroke.
@@ -30,16 +32,6 @@ SKIPS_NAMED = 3  # files named in the one line that counts the skipped ones
 # The only formats opened: Pillow's own decoders. Pillow would also open EPS, say, by running Ghostscript on the file,
 # a program a file from elsewhere must never get to run.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-
-
-class DataError(RuntimeError):
-    """A problem with the data that the user can fix; its message says how."""
-
-
-def printable(text: str) -> str:
-    """A name from elsewhere (a file's), safe to print as one line: control characters (a newline, a terminal's
-    escape sequences) shown escaped."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def regular(path: Path) -> bool:
@@ -171,12 +163,8 @@ def reason(err: Exception) -> str:
     if isinstance(err, Image.DecompressionBombError):  # Pillow's own limit, above ours, also read from the header
         return f"its header declares more pixels than the limit of {MAX_PIXELS / 1e6:g} megapixels"
     if isinstance(err, (ValueError, OSError)) and str(err):
-        return _one_line(str(err))
-    return f"not a readable image ({type(err).__name__}: {_one_line(str(err))})"
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()[:200]
+        return one_line(str(err))[:200]
+    return f"not a readable image ({type(err).__name__}: {one_line(str(err))[:200]})"
 
 
 def skipped_line(skipped: Sequence[tuple[str, str]], total: int, where: str) -> str:

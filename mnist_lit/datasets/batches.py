@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from mnist_lit.images import DataError
+from mnist_lit.errors import DataError
 
 
 class EpochBatches(Sampler[Tensor]):

@@ -1,7 +1,6 @@
-"""mnist_lit's own subcommands beside Lightning's: export, serve and sweep. export and serve are functions whose
-typed, documented parameters are their options and their --help (jsonargparse reads them); `run` parses a command
-line for one. sweep parses its own options (mnist_lit.sweep). Their errors are raised, and reported as one line by
-cli.main with every other."""
+"""mnist_lit's own subcommands beside Lightning's, export and serve: functions whose typed, documented parameters
+are their options and their --help (jsonargparse reads them); `run_command` parses a command line for one. Their
+errors are raised, and reported as one line by mnist_lit.__main__ with every other."""
 
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ from typing import Literal
 import torch
 from jsonargparse import ArgumentParser
 
-from mnist_lit.errors import ConfigError
-from mnist_lit.storage import CheckpointError, checkpoint_dir
+from mnist_lit.checkpoints import checkpoint_dir
+from mnist_lit.errors import CheckpointError, ConfigError
 
 
 def export(ckpt_path: str, output: Path, default_root_dir: str = ".") -> None:
@@ -92,22 +91,11 @@ def serve(
     print("stopped", file=sys.stderr)
 
 
-def sweep(args: list[str]) -> None:
-    """Search fit options with Optuna (its options: mnist_lit.sweep)."""
-    try:
-        from mnist_lit.sweep import run_sweep
-    except ImportError as err:  # optuna is an optional extra
-        raise ConfigError(f"sweep needs {err.name}: pip install -e '.[sweep]' in the project's folder") from None
-    run_sweep(args)
+ENTRIES: dict[str, Callable[..., None]] = {"export": export, "serve": serve}
 
 
-ENTRIES: dict[str, Callable[..., None]] = {"export": export, "serve": serve}  # sweep parses its own options
-
-
-def run(command: str, args: list[str]) -> None:
-    """Parse args for one of mnist_lit's own subcommands and run it."""
-    if command not in ENTRIES:
-        return sweep(args)
+def run_command(command: str, args: list[str]) -> None:
+    """Parse args for export or serve and run it."""
     function = ENTRIES[command]
     doc = function.__doc__ or ""
     # no abbreviations, as for fit: --out must not silently mean --output
@@ -120,7 +108,7 @@ def run(command: str, args: list[str]) -> None:
     parser.add_argument("--trainer.default_root_dir", default=".", help=folder[1] if folder else None)
     try:
         options = parser.parse_args(args).as_dict()
-    except ArgumentError as err:  # reported by cli.main, with a "did you mean" among this command's own options
+    except ArgumentError as err:  # reported by mnist_lit.__main__, with a "did you mean" among this command's options
         names = [f"--{name}" for name in inspect.signature(function).parameters if name != "default_root_dir"]
         err.option_names = [*names, "--trainer.default_root_dir"]  # type: ignore[attr-defined]
         raise

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_lit.sweep_space import Space, short, show
+from mnist_lit.sweep.space import Space, short, show
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -19,8 +19,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
-from mnist_lit.digest import DIGEST_KEY, digest
-from mnist_lit.storage import CheckpointError, load_checkpoint, newest_intact, write_atomically
+from mnist_lit.checkpoints.digest import DIGEST_KEY, digest
+from mnist_lit.checkpoints.files import load_checkpoint, newest_intact, write_atomically
+from mnist_lit.errors import CheckpointError
 
 
 def _copy_file(target: str, source: str) -> None:

@@ -12,9 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_lit.errors import ConfigError
-from mnist_lit.storage import CheckpointError
-from mnist_lit.sweep_trial import STORAGE_ENV, engine_kwargs, make_pruner
+from mnist_lit.errors import CheckpointError, ConfigError, first_line
+from mnist_lit.sweep.trial import STORAGE_ENV, engine_kwargs, make_pruner
 
 FINGERPRINT = "sweep.json"  # in the root: the space and base config this root's sweep was started with
 
@@ -63,7 +62,7 @@ def open_study(sweep: Any, root: Path, create: bool, fingerprint: dict[str, Any]
         except (ImportError, ValueError, KeyError, sqlite3.Error) as err:
             problem = err
             break
-    raise ConfigError(f"--sweep.storage: cannot open the study {sweep.study_name!r}: {_first_line(problem)}")
+    raise ConfigError(f"--sweep.storage: cannot open the study {sweep.study_name!r}: {first_line(problem)}")
 
 
 def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None) -> tuple[Any, Any]:
@@ -97,10 +96,6 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
             " run it with its own options, or give this sweep another --sweep.study_name"
         )
     return study, storage
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _safe(url: str) -> str:

@@ -1,6 +1,6 @@
 """Checkpoint files on disk: loaded safely (weights only, the digest checked, hyperparameters checked as data), found
-('last': a run's newest), and written atomically. Lightning's writer thread is mnist_lit.checkpoint_io; the run lock
-mnist_lit.runlock; the digest mnist_lit.digest."""
+('last': a run's newest), and written atomically. Lightning's writer thread is mnist_lit.checkpoints.io; the run lock
+mnist_lit.checkpoints.runlock; the digest mnist_lit.checkpoints.digest."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from mnist_lit.digest import DIGEST_KEY, digest
-from mnist_lit.trust import Untrusted, check_model_hparams
+from mnist_lit.checkpoints.digest import DIGEST_KEY, digest
+from mnist_lit.errors import CheckpointError, Untrusted, first_line
+from mnist_lit.trust import check_model_hparams
 
 LAST, EXTENSION = "last", ".ckpt"
 # fit --ckpt_path auto: resume the run's latest checkpoint if there is one, else start the run. For commands that
@@ -26,10 +27,6 @@ LAST, EXTENSION = "last", ".ckpt"
 AUTO = "auto"
 MAX_CHECKPOINT_BYTES = 2 * 2**30  # read whole into memory: a file from elsewhere must not exhaust it
 PART = ".part"  # a file being written: .<random>.<name>.part, renamed to <name> once complete
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used or written; the message says which and why."""
 
 
 def checkpoint_dir(default_root_dir: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> Path:
@@ -138,8 +135,7 @@ def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{unreadable}; it may be damaged") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
         raise CheckpointError(unreadable) from None
     check_dense(path, checkpoint)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from mnist_lit.storage import EXTENSION, PART, CheckpointError
+from mnist_lit.checkpoints.files import EXTENSION, PART
+from mnist_lit.errors import CheckpointError
 
 LOCK_NAME = ".lock"
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 
-from mnist_lit.images import DataError
+from mnist_lit.errors import DataError
 
 
 @dataclass(frozen=True)

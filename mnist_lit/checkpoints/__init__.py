@@ -1,0 +1,41 @@
+"""Checkpoints: a lower layer that knows no model and no data.
+
+The callback that decides when to save and stops on a signal or a limit (callback); whether a file's training state
+fits this run (resume); reading and verifying a file from elsewhere, and finding a run's `last` (files); the one
+atomic writer every file of the project goes through (writer); Lightning's checkpoint I/O on a writer thread (io);
+the digest sealed into every checkpoint (digest); one fit per folder (runlock)."""
+
+from mnist_lit.checkpoints.callback import (
+    Checkpoint,
+    check_resumable,
+    check_training_state,
+    check_weights,
+    keep_own_files,
+    run_seed,
+)
+from mnist_lit.checkpoints.files import (
+    AUTO,
+    DIGEST_KEY,
+    EXTENSION,
+    LAST,
+    check_dense,
+    check_stored,
+    checkpoint_dir,
+    hand_over,
+    load_checkpoint,
+    load_ckpt_path,
+    newest_checkpoint,
+    read_bytes,
+    refuse_linked_folder,
+    resolve,
+    write_atomically,
+)
+from mnist_lit.checkpoints.io import AtomicCheckpointIO
+from mnist_lit.checkpoints.runlock import RunLock
+
+__all__ = [
+    "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "AtomicCheckpointIO", "Checkpoint", "RunLock", "check_dense",
+    "check_resumable", "check_stored", "check_training_state", "check_weights", "checkpoint_dir", "hand_over",
+    "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "read_bytes", "refuse_linked_folder",
+    "resolve", "run_seed", "write_atomically",
+]  # fmt: skip

@@ -1,0 +1,9 @@
+"""The command line: LightningCLI's fit, validate, test and predict with the project's checks (lightning), export and
+serve as typed functions (commands), the words before parsing (options), other libraries' messages rewritten as one
+line (messages) and the run's log folder (logfolder). Errors are raised; mnist_lit.__main__ reports them."""
+
+from mnist_lit.cli.commands import run_command
+from mnist_lit.cli.lightning import fit_config, run_lightning
+from mnist_lit.cli.messages import error_line
+
+__all__ = ["error_line", "fit_config", "run_command", "run_lightning"]
