@@ -31,7 +31,7 @@ import sys
 import time
 
 from mnist_lit.__main__ import run as main
-from mnist_lit.checkpoints import files as storage
+from mnist_lit.checkpoints import writer
 from mnist_lit.model import LitMNIST
 
 
@@ -67,7 +67,7 @@ def plant(moment: str, n: int) -> None:
                 die()
             fsync(fd)
 
-        storage.os.fsync = torn_fsync
+        writer.os.fsync = torn_fsync
     elif moment in ("rename", "link"):
         replace = os.replace
 
@@ -77,7 +77,7 @@ def plant(moment: str, n: int) -> None:
                 die()
             return replace(src, dst)
 
-        storage.os.replace = replace_or_die
+        writer.os.replace = replace_or_die
     elif moment == "batch-int":
         training_step = LitMNIST.training_step
 

@@ -161,7 +161,7 @@ def test_the_digest_is_its_definition_for_every_kind_of_value(trained_run):
 
 
 def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_none_behind(tmp_path, monkeypatch):
-    from mnist_lit.checkpoints import files as storage
+    from mnist_lit.checkpoints import writer as storage
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
@@ -206,7 +206,7 @@ def test_a_write_creates_its_temporary_file_anew_beside_the_target_and_leaves_no
     lambda p: torch.optim.Adafactor(p),  # its state is not of the parameters' shapes
 ], ids=["SGD", "Adam", "Adafactor"])  # fmt: skip
 def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(make):
-    from mnist_lit.checkpoints.callback import _optimizer_misfit
+    from mnist_lit.checkpoints.resume import _optimizer_misfit
 
     model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(6)])  # 12 parameters: ids past 9
     optimizer = make(model.parameters())
@@ -223,7 +223,7 @@ def test_a_resumed_optimizer_state_is_checked_by_the_layout_the_optimizer_makes(
 
 
 def test_a_resumed_optimizer_state_goes_to_the_parameter_torch_gives_it_and_older_settings_are_filled_in():
-    from mnist_lit.checkpoints.callback import _optimizer_misfit
+    from mnist_lit.checkpoints.resume import _optimizer_misfit
 
     model = torch.nn.Linear(3, 4)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, fused=True)
@@ -248,7 +248,7 @@ def test_every_model_checkpoints_record_of_its_files_keeps_to_its_folder(tmp_pat
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mnist_lit.checkpoints.callback import keep_own_files
+    from mnist_lit.checkpoints.resume import keep_own_files
 
     mine = ModelCheckpoint(dirpath=str(tmp_path / "ck"))
     inside, outside = str(tmp_path / "ck" / "a.ckpt"), f"{tmp_path / 'ck'}/../../victim.ckpt"

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import QUIET, ROOT, SYNTHETIC, write_mnist
 
-from mnist_lit.checkpoints.callback import check_resumable
 from mnist_lit.checkpoints.files import load_checkpoint
+from mnist_lit.checkpoints.resume import check_resumable
 
 KILLPOINTS = str(ROOT / "tests" / "killpoints.py")
 NODES = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2"]

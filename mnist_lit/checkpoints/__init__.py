@@ -5,14 +5,7 @@ fits this run (resume); reading and verifying a file from elsewhere, and finding
 atomic writer every file of the project goes through (writer); Lightning's checkpoint I/O on a writer thread (io);
 the digest sealed into every checkpoint (digest); one fit per folder (runlock)."""
 
-from mnist_lit.checkpoints.callback import (
-    Checkpoint,
-    check_resumable,
-    check_training_state,
-    check_weights,
-    keep_own_files,
-    run_seed,
-)
+from mnist_lit.checkpoints.callback import Checkpoint
 from mnist_lit.checkpoints.files import (
     AUTO,
     DIGEST_KEY,
@@ -28,14 +21,15 @@ from mnist_lit.checkpoints.files import (
     read_bytes,
     refuse_linked_folder,
     resolve,
-    write_atomically,
 )
 from mnist_lit.checkpoints.io import AtomicCheckpointIO
+from mnist_lit.checkpoints.resume import check_resumable, check_training_state, check_weights, keep_own_files, run_seed
 from mnist_lit.checkpoints.runlock import RunLock
+from mnist_lit.checkpoints.writer import PART, open_log, write_atomically
 
 __all__ = [
-    "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "AtomicCheckpointIO", "Checkpoint", "RunLock", "check_dense",
+    "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "PART", "AtomicCheckpointIO", "Checkpoint", "RunLock", "check_dense",
     "check_resumable", "check_stored", "check_training_state", "check_weights", "checkpoint_dir", "hand_over",
-    "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "read_bytes", "refuse_linked_folder",
-    "resolve", "run_seed", "write_atomically",
+    "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "open_log", "read_bytes",
+    "refuse_linked_folder", "resolve", "run_seed", "write_atomically",
 ]  # fmt: skip

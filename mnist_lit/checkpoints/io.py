@@ -20,7 +20,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
 from mnist_lit.checkpoints.digest import DIGEST_KEY, digest
-from mnist_lit.checkpoints.files import load_checkpoint, newest_intact, write_atomically
+from mnist_lit.checkpoints.files import load_checkpoint, newest_intact
+from mnist_lit.checkpoints.writer import write_atomically
 from mnist_lit.errors import CheckpointError
 
 

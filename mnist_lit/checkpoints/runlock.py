@@ -11,7 +11,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from mnist_lit.checkpoints.files import EXTENSION, PART
+from mnist_lit.checkpoints.files import EXTENSION
+from mnist_lit.checkpoints.writer import PART
 from mnist_lit.errors import CheckpointError
 
 LOCK_NAME = ".lock"

@@ -9,17 +9,24 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
+from mnist_lit.checkpoints import write_atomically
+
 
 class SaveConfig(SaveConfigCallback):
     """The run's config.yaml, in the logger's version folder only. Without a logger the folder would be the root
-    itself, where a config.yaml may well be the user's own."""
+    itself, where a config.yaml may well be the user's own. Written by the project's one writer (Lightning's own
+    save, with save_to_log_dir, would write through a link planted there), on the main process only."""
 
     own_folder = False  # whether this run's version folder is new (set when the trainer is built)
     _start_step: int | None = None  # the step training started from, once it has
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})  # save_config below writes it
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.logger is None:
@@ -29,6 +36,12 @@ class SaveConfig(SaveConfigCallback):
         except OSError as err:  # a full disk: name the file, which the error itself does not
             path = err.filename or os.path.join(trainer.log_dir or ".", self.config_filename)
             raise OSError(err.errno, err.strerror, path) from None
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.log_dir is None:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        write_atomically(os.path.join(trainer.log_dir, self.config_filename), text.encode())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step

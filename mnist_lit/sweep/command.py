@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mnist_lit.checkpoints import write_atomically
 from mnist_lit.cli import error_line, fit_config
 from mnist_lit.errors import ConfigError, first_line
 from mnist_lit.sweep.study import FINGERPRINT, open_study
@@ -118,7 +119,8 @@ def split_args(args: list[str], scratch: Path) -> tuple[list[str], list[str], bo
             for part, target in ((config.pop("sweep", None), sweep), (config, fit)):
                 if part:
                     name = scratch / f"{len(fit) + len(sweep)}.yaml"
-                    name.write_text(yaml.safe_dump({"sweep": part} if target is sweep else part))
+                    text = yaml.safe_dump({"sweep": part} if target is sweep else part)
+                    write_atomically(str(name), text.encode())
                     target += ["--config", str(name)]
         elif arg.startswith("--sweep."):
             sweep += [arg, value]

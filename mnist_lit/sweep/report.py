@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from mnist_lit.checkpoints import write_atomically
 from mnist_lit.sweep.space import Space, short, show
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Whole or not at all, and safe when workers on several machines write it at once."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def rows(study: Any, space: Space) -> list[list[str]]:
@@ -68,7 +61,7 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
     # CPU kernels sum in an order that depends on the thread count: with the trial's, a fit repeats it bit for bit
     threads = f"OMP_NUM_THREADS={best.user_attrs['threads']} " if "threads" in best.user_attrs else ""
     run = f"# {threads}python -m mnist_lit fit --config best.yaml --trainer.default_root_dir NEW_FOLDER"
-    _write(root / "best.yaml", f"{header_line}\n{run}\n{config}".encode())
+    write_atomically(str(root / "best.yaml"), f"{header_line}\n{run}\n{config}".encode())
     figures = figures_of(study, root)
     print(f"\nbest: trial {best.number}, {metric} {best.value:.4f} ({len(complete)} completed):"
           f" {root / 'best.yaml'}; figures: {', '.join(figures) or 'none'}")  # fmt: skip
@@ -97,7 +90,7 @@ def figures_of(study: Any, root: Path) -> list[str]:
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
             plt.close(figure)
-            _write(root / name, buffer.getvalue())
+            write_atomically(str(root / name), buffer.getvalue())
             written.append(name)
         except (ValueError, RuntimeError, ZeroDivisionError):  # too few completed trials, or all the same
             continue

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from mnist_lit.checkpoints import write_atomically
 from mnist_lit.errors import ConfigError
 
 # Set by the sweep for each trial: a space cannot choose them.
@@ -84,7 +85,7 @@ class Space:
             for candidate in candidates:
                 config = self.apply(self.base, {key: candidate})
                 path = scratch / "check.yaml"
-                path.write_text(yaml.safe_dump(config))
+                write_atomically(str(path), yaml.safe_dump(config).encode())
                 problem = parse_fit(["--config", str(path)])
                 if not isinstance(problem, str):
                     try:

@@ -18,7 +18,7 @@ from mnist_lit.sweep.trial import STORAGE_ENV, engine_kwargs, make_pruner
 FINGERPRINT = "sweep.json"  # in the root: the space and base config this root's sweep was started with
 
 
-def _retry(study: Any, trial: Any) -> None:
+def retry(study: Any, trial: Any) -> None:
     """Enqueue a stopped trial again with its parameters, user attributes (its folder) and reported values."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -77,7 +77,7 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
         engine_kwargs=engine_kwargs(url),
         heartbeat_interval=sweep.heartbeat_interval,
         grace_period=sweep.grace_period,
-        heartbeat_stale_trial_callback=_retry,
+        heartbeat_stale_trial_callback=retry,
     )
     sampler = optuna.samplers.TPESampler(seed=sweep.seed)
     pruner = make_pruner(sweep.pruner, sweep.startup_trials, sweep.warmup_epochs)
@@ -92,20 +92,20 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
     recorded = study.user_attrs["fingerprint"]
     if recorded != fingerprint:
         raise CheckpointError(
-            f"the study {sweep.study_name!r} in {_safe(url)} was started with {_difference(recorded, fingerprint)}:"
+            f"the study {sweep.study_name!r} in {public_url(url)} was started with {difference(recorded, fingerprint)}:"
             " run it with its own options, or give this sweep another --sweep.study_name"
         )
     return study, storage
 
 
-def _safe(url: str) -> str:
+def public_url(url: str) -> str:
     """The URL without its password, to print."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{userinfo.split(':')[0]}{at}{host}" if at else url
 
 
-def _difference(recorded: dict[str, Any], given: dict[str, Any]) -> str:
+def difference(recorded: dict[str, Any], given: dict[str, Any]) -> str:
     """What differs between two fingerprints, in a few words."""
     for key, what in (("space", "another space"), ("metric", "another metric"), ("direction", "another direction")):
         if recorded.get(key) != given.get(key):

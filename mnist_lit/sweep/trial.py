@@ -18,6 +18,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mnist_lit.checkpoints import write_atomically
+
 TRIAL_ENV = "MNIST_LIT_SWEEP_TRIAL"  # what the sweep tells its fit process: study, trial, metric, pruner
 STORAGE_ENV = "MNIST_LIT_SWEEP_STORAGE"  # the storage URL: in the environment, never on a command line
 RESULT = "result.json"  # in the trial's folder: the last validation's value, the steps, whether it was pruned
@@ -47,9 +49,7 @@ def read_result(folder: Path) -> dict[str, Any]:
 
 
 def write_result(folder: Path, result: dict[str, Any]) -> None:
-    tmp = folder / f"{RESULT}.{os.getpid()}.part"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, folder / RESULT)
+    write_atomically(str(folder / RESULT), json.dumps(result).encode())
 
 
 class Report(Callback):

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint
+from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint, open_log, write_atomically
 from mnist_lit.errors import CheckpointError, first_line
-from mnist_lit.sweep.study import FINGERPRINT, _difference, _retry, _safe, counted, open_study, storage_url
+from mnist_lit.sweep.study import FINGERPRINT, counted, difference, open_study, public_url, retry, storage_url
 from mnist_lit.sweep.trial import STORAGE_ENV, TRIAL_ENV, read_result
 
 # Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
@@ -56,13 +56,13 @@ class Sweeper:
         # One root, one study: its trial folders are numbered by that study's trials. Its storage is recorded as
         # None when it is the root's own sweep.db (however the root is spelt).
         default = not (self.sweep.storage or os.environ.get(STORAGE_ENV))
-        study = {"name": self.sweep.study_name, "storage": None if default else _safe(self.url)}
+        study = {"name": self.sweep.study_name, "storage": None if default else public_url(self.url)}
         recorded = self.root / FINGERPRINT
         earlier = json.loads(recorded.read_text()) if recorded.is_file() else None
         if earlier is not None:  # before anything in the root or the storage is touched
             if (own := {k: v for k, v in earlier.items() if k != "study"}) != fingerprint:
                 raise CheckpointError(
-                    f"{self.root} holds a sweep started with {_difference(own, fingerprint)}: resume it with"
+                    f"{self.root} holds a sweep started with {difference(own, fingerprint)}: resume it with"
                     " its own options, or start this one in another --trainer.default_root_dir"
                 )
             if earlier.get("study", study) != study:  # (absent in roots from before it was recorded)
@@ -79,7 +79,7 @@ class Sweeper:
             here, home = str(self.root.resolve()), self.study.user_attrs.get("root")
             if earlier is None and home not in (None, here) and self.study.get_trials(deepcopy=False):
                 raise CheckpointError(
-                    f"the study {self.sweep.study_name!r} in {_safe(self.url)} holds the trials of the sweep in"
+                    f"the study {self.sweep.study_name!r} in {public_url(self.url)} holds the trials of the sweep in"
                     f" {home}: run this command there, or give this sweep another --sweep.study_name"
                 )
         except BaseException:
@@ -90,10 +90,7 @@ class Sweeper:
         if home is None:
             self.study.set_user_attr("root", here)
         if earlier is None or "study" not in earlier:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = recorded.with_name(f"{FINGERPRINT}.{os.getpid()}.part")
-            tmp.write_text(json.dumps({**fingerprint, "study": study}, indent=1))
-            os.replace(tmp, recorded)
+            write_atomically(str(recorded), json.dumps({**fingerprint, "study": study}, indent=1).encode())
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.sweep.workers)]
@@ -197,7 +194,7 @@ class Sweeper:
         except optuna.exceptions.UpdateFinishedTrialError:
             return
         frozen = copy.deepcopy(self._storage.get_trial(trial_id))
-        _retry(self.study, frozen)
+        retry(self.study, frozen)
 
     def _run(self, trial: Any) -> None:
         from optuna.trial import TrialState
@@ -210,9 +207,8 @@ class Sweeper:
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.yaml"
         if not config.is_file():
-            tmp = folder / f"config.yaml.{os.getpid()}.part"
-            tmp.write_text(yaml.safe_dump(self.space.apply(self.base, trial.params), sort_keys=False))
-            os.replace(tmp, config)
+            text = yaml.safe_dump(self.space.apply(self.base, trial.params), sort_keys=False)
+            write_atomically(str(config), text.encode())
         seconds = float(attrs.get("seconds", 0.0))
         if (result := read_result(folder)).get("pruned") is not None:  # pruned before a kill let it be told
             self._tell(trial, folder, result, seconds)
@@ -248,7 +244,7 @@ class Sweeper:
         threading.Thread(target=self._heartbeat, args=(trial._trial_id, beat), daemon=True).start()
         started = time.monotonic()
         try:
-            with open(folder / "fit.log", "a") as log, self.lock:
+            with open_log(folder / "fit.log") as log, self.lock:
                 # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once
                 proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 self.procs.add(proc)
