@@ -11,15 +11,13 @@ from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.checkpoints import check_training_state, check_weights, keep_own_files, load_checkpoint
+from mnist_lit.checkpoints import check_weights, load_checkpoint
 from mnist_lit.errors import CheckpointError
 from mnist_lit.lean import LeanHooks
 from mnist_lit.trust import check_model_hparams, check_spec
@@ -102,7 +100,7 @@ def build_net(net: nn.Module | dict[str, Any] | None) -> nn.Module:
     return net
 
 
-def check_contract(net: nn.Module, classes: int = 10) -> None:
+def check_contract(net: nn.Module) -> None:
     """What a network must do, checked once, early: take a batch of N x 1 x 28 x 28 images and give N x 10 outputs
     (logits or log-probabilities)."""
     name = type(net).__name__
@@ -116,10 +114,10 @@ def check_contract(net: nn.Module, classes: int = 10) -> None:
         ) from None
     finally:
         net.train(training)
-    if not isinstance(outputs, Tensor) or tuple(outputs.shape) != (2, classes):
+    if not isinstance(outputs, Tensor) or tuple(outputs.shape) != (2, 10):
         shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
         raise ValueError(
-            f"--model.net {name}: gives {shape} for a batch of 2 images of 1x28x28; it must give (2, {classes}):"
+            f"--model.net {name}: gives {shape} for a batch of 2 images of 1x28x28; it must give (2, 10):"
             f" one output per class (logits or log-probabilities)"
         )
 
@@ -191,7 +189,6 @@ class LitMNIST(LeanHooks, LightningModule):
         for name in freeze:
             getattr(self.net, name).requires_grad_(False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._resuming: dict[str, Any] | None = None  # a resume's checkpoint, until on_fit_start checks it
         self.net.to(memory_format=self.memory_format)
         check_optimizer(self.make_optimizer)
         # Loss metrics average per-image losses in float64: summed NLL / N, exactly the guide's test loss.
@@ -220,7 +217,6 @@ class LitMNIST(LeanHooks, LightningModule):
         else:
             checkpoint = load_checkpoint(getattr(checkpoint_path, "name", "the checkpoint"), checkpoint_path.read())
         model = cls(**{**hparams_from(checkpoint), **kwargs})
-        model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
         return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
@@ -298,47 +294,6 @@ class LitMNIST(LeanHooks, LightningModule):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A resume's training state, checked before Lightning restores it (once the optimizers exist)."""
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return
-        keep_own_files(trainer, checkpoint)  # before Lightning restores the callbacks from it
-        if trainer.optimizers:  # a strategy that restores after its setup: the optimizers are there now
-            check_training_state(trainer.ckpt_path, checkpoint, trainer)
-        else:
-            self._resuming = checkpoint
-
-    def on_fit_start(self) -> None:
-        checkpoint, self._resuming = self._resuming, None
-        if checkpoint is not None:  # after the optimizers are made, before Lightning restores their state
-            check_training_state(self.trainer.ckpt_path, checkpoint, self.trainer)
-
-    def on_train_start(self) -> None:
-        """A resumed run's optimizer options given anew (e.g. --model.optimizer.lr) replace the restored ones."""
-        if self.trainer.ckpt_path is None:
-            return
-        for config in self.trainer.lr_scheduler_configs:
-            length = getattr(config.scheduler, "total_steps", None)
-            if isinstance(length, int) and length < self.trainer.estimated_stepping_batches:
-                raise MisconfigurationException(
-                    f"the {type(config.scheduler).__name__} schedule of this run ends at step {length}: a resumed run"
-                    " cannot train beyond it (--trainer.max_epochs or max_steps); start a new run for a longer one"
-                )
-        # with a schedule, the learning rate (and a cycled momentum) is the scheduler's, restored with it
-        scheduled = ("lr", "momentum", "betas") if self.trainer.lr_scheduler_configs else ()
-        changes = []
-        for name, value in _spec_args(self.hparams.optimizer).items():
-            if name in scheduled:
-                continue
-            for optimizer in self.trainer.optimizers:
-                for group in optimizer.param_groups:
-                    if name in group and tunable(value) and tunable(group[name]) and group[name] != _plain(value):
-                        changes.append(f"{name} {_show(group[name])} -> {_show(value)}")
-                        group[name] = _plain(value)
-        if changes:
-            rank_zero_info(f"optimizer: {', '.join(dict.fromkeys(changes))} from this resume on")
-
 
 def spec_of(net: nn.Module) -> dict[str, Any]:
     """A class-path spec for a module given in Python, for the checkpoint: its class, and the arguments it records
@@ -383,21 +338,6 @@ def _from_spec(field: str, value: Any) -> Any:
 
 def _spec_args(spec: Any) -> dict[str, Any]:
     return dict(spec.get("init_args", {})) if isinstance(spec, dict) else {}
-
-
-def tunable(value: Any) -> bool:
-    """A number, or numbers (Adam's betas): the options a resumed optimizer can take anew."""
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(tunable(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _plain(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _show(value: Any) -> str:
-    return f"({', '.join(map(str, value))})" if isinstance(value, (list, tuple)) else str(value)
 
 
 def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:

@@ -35,10 +35,11 @@ from mnist_lit.checkpoints import (
     refuse_linked_folder,
     resolve,
     run_seed,
+    tunable,
 )
 from mnist_lit.datasets import DATASETS, recorded_dataset
 from mnist_lit.errors import CheckpointError, ConfigError, DataError
-from mnist_lit.model import NET_SPEC, hparams_from, net_from, tunable
+from mnist_lit.model import NET_SPEC, hparams_from, net_from
 
 
 @dataclass(eq=False)

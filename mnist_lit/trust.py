@@ -224,7 +224,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
-def check_model_hparams(hparams: Any, trusted: Iterable[str] | None = None) -> dict[str, Any]:
+def check_model_hparams(hparams: Any) -> dict[str, Any]:
     """A checkpoint's LitMNIST hyperparameters, checked as data (the optimizer and the schedule by check_spec)."""
     if hparams is None:
         return {}
@@ -243,7 +243,7 @@ def check_model_hparams(hparams: Any, trusted: Iterable[str] | None = None) -> d
         )
     for field in KINDS:
         if field in fields:
-            check_spec(field, fields[field], trusted)
+            check_spec(field, fields[field])
     if not isinstance(fields.get("channels_last", True), bool):
         raise Untrusted(f"--model.channels_last: {_short(fields['channels_last'])} is not true or false")
     freeze = fields.get("freeze", [])

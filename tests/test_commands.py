@@ -32,8 +32,11 @@ def test_each_commands_options_and_help_come_from_its_signature(command, tmp_pat
     ("args", "message"),
     [
         (["export", "--ckpt_path", "last"], "error: the following options are required: --output (see --help)"),
-        (["serve", "--port", "x"], "error: --port: 'x' is not valid; it takes int (see --help)"),
-        (["serve", "--ckpt_path", "last", "--workers", "0"], "error: --workers: 0 is out of range; it must be >= 1"),
+        (
+            ["serve", "--port", "x"],
+            "error: --port: 'x' is not valid; it takes an int >= 1024 and <= 65535 (see --help)",
+        ),
+        (["serve", "--ckpt_path", "last", "--workers", "0"], "error: --workers: 0 is out of range; it must be > 0"),
         (["serve", "--colour", "red"], "error: unrecognized arguments: --colour red (see --help)"),
         (["serve", "--prot", "9000"], "error: unrecognized arguments: --prot 9000; did you mean --port? (see --help)"),
         (["export", "--outptu", "m.pth"], "error: unrecognized arguments: --outptu m.pth; did you mean --output?"),

@@ -23,13 +23,21 @@ from mnist_lit.checkpoints.files import (
     resolve,
 )
 from mnist_lit.checkpoints.io import AtomicCheckpointIO
-from mnist_lit.checkpoints.resume import check_resumable, check_training_state, check_weights, keep_own_files, run_seed
+from mnist_lit.checkpoints.resume import (
+    ResumeCheck,
+    check_resumable,
+    check_training_state,
+    check_weights,
+    keep_own_files,
+    run_seed,
+    tunable,
+)
 from mnist_lit.checkpoints.runlock import RunLock
 from mnist_lit.checkpoints.writer import PART, open_log, write_atomically
 
 __all__ = [
-    "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "PART", "AtomicCheckpointIO", "Checkpoint", "RunLock", "check_dense",
-    "check_resumable", "check_stored", "check_training_state", "check_weights", "checkpoint_dir", "hand_over",
-    "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "open_log", "read_bytes",
-    "refuse_linked_folder", "resolve", "run_seed", "write_atomically",
+    "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "PART", "AtomicCheckpointIO", "Checkpoint", "ResumeCheck", "RunLock",
+    "check_dense", "check_resumable", "check_stored", "check_training_state", "check_weights", "checkpoint_dir",
+    "hand_over", "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "open_log", "read_bytes",
+    "refuse_linked_folder", "resolve", "run_seed", "tunable", "write_atomically",
 ]  # fmt: skip

@@ -242,9 +242,10 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return newest
 
 
-def load_newest(directory: Path, attempts: int = 5) -> tuple[Path, dict[str, Any]]:
+def load_newest(directory: Path) -> tuple[Path, dict[str, Any]]:
     """The run's latest checkpoint and its verified contents. A fit saving beside us may remove the file we found
-    before we read it (its older periodic file): then the newest is looked for again."""
+    before we read it (its older periodic file): then the newest is looked for again, a few times."""
+    attempts = 5
     for attempt in range(attempts):
         path = newest_checkpoint(directory)
         if path is None:
@@ -257,7 +258,7 @@ def load_newest(directory: Path, attempts: int = 5) -> tuple[Path, dict[str, Any
     raise CheckpointError(f"no checkpoint to load in {directory.absolute()}")
 
 
-def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir") -> str:
+def resolve(ckpt_path: str, directory: Path, fitting: bool) -> str:
     """The file --ckpt_path names: 'last' (and fit's 'auto') is the run's latest checkpoint in directory, which must
     exist."""
     if ckpt_path == "best":
@@ -277,16 +278,14 @@ def resolve(ckpt_path: str, directory: Path, fitting: bool, root_option: str = "
             hint = "no fit saved a checkpoint in this root: run `fit` (with checkpointing on)"
         verb = "resume" if fitting else "load"
         raise CheckpointError(
-            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check {root_option})"
+            f"no checkpoint to {verb}: {last.absolute()} does not exist ({hint}, or check --trainer.default_root_dir)"
         )
     return str(newest)
 
 
-def load_ckpt_path(
-    ckpt_path: str, directory: Path, fitting: bool, root_option: str = "--trainer.default_root_dir"
-) -> tuple[str, dict[str, Any]]:
+def load_ckpt_path(ckpt_path: str, directory: Path, fitting: bool) -> tuple[str, dict[str, Any]]:
     """The file --ckpt_path names ('last': the run's latest in directory) and its verified contents."""
-    path = resolve(ckpt_path, directory, fitting, root_option)
+    path = resolve(ckpt_path, directory, fitting)
     if ckpt_path not in (LAST, AUTO):
         return path, load_checkpoint(path)
     found, checkpoint = load_newest(directory)

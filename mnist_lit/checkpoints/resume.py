@@ -11,8 +11,10 @@ import os
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from mnist_lit.errors import CheckpointError
 
@@ -110,23 +112,23 @@ def _method(cls: type, name: str) -> bool:
     return callable(found) or isinstance(found, (property, staticmethod, classmethod))
 
 
-def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str | None:
+def _misfit(reference: Any, value: Any, where: str) -> str | None:
     """What in value does not have reference's layout (None: nothing). Keys reference lacks are allowed unless
-    exact (or reference's mapping holds numbers only, as Lightning's progress counters do, which take any key)."""
+    reference's mapping holds numbers only (Lightning's progress counters, which would take any key)."""
     if value is _ABSENT:
         return f"{where} is missing"
     if isinstance(reference, dict):
         if not isinstance(value, dict):
             return f"{where} is not a mapping"
         counters = all(isinstance(v, (int, float, dict)) for v in reference.values()) and "state_dict" not in reference
-        if (exact or counters) and (extra := [k for k in value if k not in reference]):
+        if counters and (extra := [k for k in value if k not in reference]):
             return f"{where} has {extra[0]!r}, which it does not take"
         for key, item in reference.items():
-            if key == "state_dict" and not exact:  # a loop's own state (the data's place): checked where it loads
+            if key == "state_dict":  # a loop's own state (the data's place): checked where it loads
                 continue
-            if key not in value and not (exact or counters):  # Lightning passes over a loop it does not find
+            if key not in value and not counters:  # Lightning passes over a loop it does not find
                 continue
-            if wrong := _misfit(item, value.get(key, _ABSENT), f"{where}.{key}", exact):
+            if wrong := _misfit(item, value.get(key, _ABSENT), f"{where}.{key}"):
                 return wrong
         return None
     if isinstance(reference, bool):
@@ -145,7 +147,7 @@ def _misfit(reference: Any, value: Any, where: str, exact: bool = False) -> str 
         if not isinstance(value, (list, tuple)) or len(value) != len(reference):
             return f"{where} is not a list of {len(reference)}"
         for index, (item, given) in enumerate(zip(reference, value, strict=True)):
-            if wrong := _misfit(item, given, f"{where}[{index}]", exact):
+            if wrong := _misfit(item, given, f"{where}[{index}]"):
                 return wrong
         return None
     if isinstance(reference, str):
@@ -300,3 +302,71 @@ def check_weights(path: str | os.PathLike, checkpoint: dict[str, Any], model: to
         or (weights[k].is_floating_point() and not bool(weights[k].isfinite().all()))
     ]:
         raise CheckpointError(f"{path} holds no usable weights: {broken[0]} is not a tensor of finite numbers")
+
+
+class ResumeCheck(Callback):
+    """A resumed fit's training state checked as data before Lightning restores any of it, and the optimizer options
+    given anew on its command line applied. The command line adds it to every fit, whatever its other callbacks.
+
+    Lightning calls every callback's on_load_checkpoint before any callback's load_state_dict (the files its
+    checkpoint callback kept are filtered there), and on_fit_start after the optimizers are made and before their
+    state is restored (the state is checked there, or at once where a strategy restores after its setup)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None  # a resume's checkpoint, until on_fit_start checks it
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != "fit":
+            return
+        keep_own_files(trainer, checkpoint)
+        if trainer.optimizers:  # a strategy that restores after its setup: the optimizers are there now
+            check_training_state(trainer.ckpt_path, checkpoint, trainer)
+        else:
+            self._pending = checkpoint
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint, self._pending = self._pending, None
+        if checkpoint is not None:
+            check_training_state(trainer.ckpt_path, checkpoint, trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run's optimizer options given anew (e.g. --model.optimizer.lr) replace the restored ones."""
+        if trainer.ckpt_path is None:
+            return
+        for config in trainer.lr_scheduler_configs:
+            length = getattr(config.scheduler, "total_steps", None)
+            if isinstance(length, int) and length < trainer.estimated_stepping_batches:
+                raise MisconfigurationException(
+                    f"the {type(config.scheduler).__name__} schedule of this run ends at step {length}: a resumed run"
+                    " cannot train beyond it (--trainer.max_epochs or max_steps); start a new run for a longer one"
+                )
+        # with a schedule, the learning rate (and a cycled momentum) is the scheduler's, restored with it
+        scheduled = ("lr", "momentum", "betas") if trainer.lr_scheduler_configs else ()
+        spec = pl_module.hparams.get("optimizer")
+        given = dict(spec.get("init_args", {})) if isinstance(spec, dict) else {}
+        changes = []
+        for name, value in given.items():
+            if name in scheduled:
+                continue
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if name in group and tunable(value) and tunable(group[name]) and group[name] != _plain(value):
+                        changes.append(f"{name} {_show(group[name])} -> {_show(value)}")
+                        group[name] = _plain(value)
+        if changes:
+            rank_zero_info(f"optimizer: {', '.join(dict.fromkeys(changes))} from this resume on")
+
+
+def tunable(value: Any) -> bool:
+    """A number, or numbers (Adam's betas): the options a resumed optimizer can take anew."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(tunable(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _show(value: Any) -> str:
+    return f"({', '.join(map(str, value))})" if isinstance(value, (list, tuple)) else str(value)

@@ -15,9 +15,15 @@ from typing import Literal
 
 import torch
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt, restricted_number_type
 
 from mnist_lit.checkpoints import checkpoint_dir
 from mnist_lit.errors import CheckpointError, ConfigError
+
+# The ranges of serve's options, checked by jsonargparse as it parses them (cli/messages.py describes each type)
+Port = restricted_number_type("Port", int, [(">=", 1024), ("<=", 65535)])
+BatchTimeout = restricted_number_type("BatchTimeout", float, [(">=", 0), ("<", 1)])
+BodyTimeout = restricted_number_type("BodyTimeout", float, [(">", 0), ("<=", 3600)])
 
 
 def export(ckpt_path: str, output: Path, default_root_dir: str = ".") -> None:
@@ -37,12 +43,12 @@ def serve(
     ckpt_path: str | None = None,
     default_root_dir: str = ".",
     host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
-    port: int = 8000,
-    max_batch_size: int = 1,
-    batch_timeout: float = 0.005,
-    workers: int = 1,
+    port: Port = 8000,
+    max_batch_size: PositiveInt = 1,
+    batch_timeout: BatchTimeout = 0.005,
+    workers: PositiveInt = 1,
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto",
-    body_timeout: float = 30.0,
+    body_timeout: BodyTimeout = 30.0,
 ) -> None:
     """Serve a trained Net with LitServe: a page to draw digits on at /, POST /predict, GET /health.
 
@@ -60,15 +66,6 @@ def serve(
     """
     if ckpt_path is None:
         raise CheckpointError("serve needs trained weights: pass --ckpt_path last or a checkpoint file")
-    if not 1024 <= port <= 65535:
-        raise ConfigError(f"--port: {port} is out of range; it must be >= 1024 and <= 65535")
-    for name, value in (("max_batch_size", max_batch_size), ("workers", workers)):
-        if value < 1:
-            raise ConfigError(f"--{name}: {value} is out of range; it must be >= 1")
-    if not 0 <= batch_timeout < 1:
-        raise ConfigError(f"--batch_timeout: {batch_timeout} is out of range; it must be >= 0 and < 1")
-    if not 0 < body_timeout <= 3600:
-        raise ConfigError(f"--body_timeout: {body_timeout} is out of range; it must be > 0 and <= 3600")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(accelerator, True):  # LitServe would fail later, with a traceback
         raise ConfigError(f"--accelerator {accelerator}: this machine has no such device")

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
-from mnist_lit.checkpoints import Checkpoint, checkpoint_dir
+from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir
 from mnist_lit.cli import options
 from mnist_lit.cli.logfolder import SaveConfig, claim_version
 from mnist_lit.cli.messages import explain_accelerator, explain_class_option
@@ -43,9 +43,10 @@ from mnist_lit.trust import check_spec
 
 
 def reports(subcommand: str | None) -> list[Callback]:
-    """What a subcommand leaves to look at: only its own, as Lightning calls every callback at every step."""
-    return {"fit": [TrainingCurves()], "validate": [ResultsTable()], "test": [TestReport(), ResultsTable()],
-            "predict": [PredictionWriter()]}.get(subcommand, [])  # fmt: skip
+    """What a subcommand checks and leaves to look at: only its own, as Lightning calls every callback at every step
+    (a fit's resume check, whatever the run's other callbacks)."""
+    return {"fit": [ResumeCheck(), TrainingCurves()], "validate": [ResultsTable()],
+            "test": [TestReport(), ResultsTable()], "predict": [PredictionWriter()]}.get(subcommand, [])  # fmt: skip
 
 
 def share_cores(processes: int, workers: int) -> None:

@@ -25,6 +25,10 @@ _RESTRICTED = {
     "NonNegativeFloat": "a number >= 0",
     "ClosedUnitInterval": "a number >= 0 and <= 1",
     "OpenUnitInterval": "a number > 0 and < 1",
+    # serve's own (cli/commands.py)
+    "Port": "an int >= 1024 and <= 65535",
+    "BatchTimeout": "a number >= 0 and < 1",
+    "BodyTimeout": "a number > 0 and <= 3600",
 }
 
 
