@@ -547,3 +547,46 @@ def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
         with pytest.raises(DataError, match="place in the data order"):
             sampler.load_state_dict(bad)
     assert sampler.state_dict() == {"seed": 1, "epoch": 2, "seen": 30, "position": 30}
+
+
+def test_a_link_planted_as_the_runs_config_yaml_is_refused_and_what_it_points_to_is_untouched(tmp_path, mnist_dir):
+    """A log version folder that is already there (a logger given its version) may hold a planted config.yaml link:
+    the run's config goes through the one writer, which never writes through a link."""
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    version = tmp_path / "lightning_logs" / "version_0"
+    version.mkdir(parents=True)
+    (version / "config.yaml").symlink_to(target)
+    logger = [
+        "--trainer.logger",
+        "TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        ".",
+        "--trainer.logger.version",
+        "0",
+    ]
+    fit = run_cli("fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *logger, "--trainer.max_steps", "2",
+                  cwd=tmp_path)  # fmt: skip
+    assert fit.returncode != 0 and "is a symbolic link" in fit.stderr and "config.yaml" in fit.stderr, fit.stderr
+    assert [line for line in fit.stderr.splitlines() if line.startswith("error")] == [
+        fit.stderr.strip().splitlines()[-1]
+    ]
+    assert "Traceback" not in fit.stderr and target.read_text() == "keep me"
+
+
+def test_a_trials_log_opens_only_as_a_regular_file_of_its_own(tmp_path):
+    from mnist_lit.checkpoints import open_log
+
+    with open_log(tmp_path / "fit.log") as log:
+        log.write("one\n")
+    with open_log(tmp_path / "fit.log") as log:
+        log.write("two\n")
+    assert (tmp_path / "fit.log").read_text() == "one\ntwo\n"
+    target = tmp_path / "victim.txt"
+    target.write_text("keep me")
+    (tmp_path / "link.log").symlink_to(target)
+    os.mkfifo(tmp_path / "pipe.log")
+    for name, why in (("link.log", "symbolic link"), ("pipe.log", "not a regular file")):
+        with pytest.raises(CheckpointError, match=why):
+            open_log(tmp_path / name)
+    assert target.read_text() == "keep me"

@@ -100,6 +100,8 @@ def open_log(path: str | os.PathLike) -> io.TextIOWrapper:
             raise CheckpointError(
                 f"refusing to write {path}: it is a symbolic link, and links are not followed"
             ) from None
+        if err.errno == errno.ENXIO:  # a pipe no one reads
+            raise CheckpointError(f"refusing to write {path}: it exists and is not a regular file") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
