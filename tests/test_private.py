@@ -1,6 +1,7 @@
-"""The register of private Lightning names mnist_lit uses. Each use in the package carries the tag
-`# private-lightning[NAME]: why`, and NAME is an entry here that checks the name is still there with the signature
-the code relies on: a Lightning upgrade that moves or changes one fails here, by name, not somewhere mid-run."""
+"""The register of private Lightning and Optuna names mnist_lit uses. Each use in the package carries the tag
+`# private-lightning[NAME]: why` (or private-optuna[NAME]), and NAME is an entry here that checks the name is still
+there with the signature the code relies on: an upgrade that moves or changes one fails here, by name, not somewhere
+mid-run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from conftest import ROOT
 
-TAG = re.compile(r"#\s*private-lightning\[([\w.,-]+)\]:\s*(\S.*)")
+TAG = re.compile(r"#\s*private-(?:lightning|optuna)\[([\w.,-]+)\]:\s*(\S.*)")
 
 
 def parameters(function: Callable) -> list[str]:
@@ -118,6 +119,18 @@ def signature(owner: Callable[[], type], name: str, expected: list[str]) -> Call
     return check
 
 
+def check_trial_id() -> None:
+    import optuna
+
+    from mnist_lit.sweep.study import trial_id_of
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    trial = study.ask()
+    assert isinstance(trial_id_of(trial), int)
+    assert study._storage.get_trial(trial_id_of(trial)).number == trial.number  # the id the storage knows it by
+
+
 REGISTER: dict[str, Callable[[], None]] = {
     "LightningCLI._parse_ckpt_path": check_parse_ckpt_path,
     "LightningCLI._instantiate_trainer": signature(cli, "_instantiate_trainer", ["self", "config", "callbacks"]),
@@ -141,6 +154,7 @@ REGISTER: dict[str, Callable[[], None]] = {
     "cloud_io": check_cloud_io,
     "EvaluationLoop.verbose": check_evaluation_verbose,
     "LightningModule._current_fx_name": check_current_fx_name,
+    "Trial._trial_id": check_trial_id,
 }
 
 

@@ -98,6 +98,12 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
     return study, storage
 
 
+# private-optuna[Trial._trial_id]: the storage's id of a trial, which every storage method takes (heartbeats, a
+# trial's state and attributes) and a trial's fit needs to report to it; Optuna's Trial exposes only its number.
+def trial_id_of(trial: Any) -> int:
+    return trial._trial_id
+
+
 def public_url(url: str) -> str:
     """The URL without its password, to print."""
     scheme, sep, rest = url.partition("://")

@@ -19,7 +19,16 @@ import yaml
 
 from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint, open_log, write_atomically
 from mnist_lit.errors import CheckpointError, first_line
-from mnist_lit.sweep.study import FINGERPRINT, counted, difference, open_study, public_url, retry, storage_url
+from mnist_lit.sweep.study import (
+    FINGERPRINT,
+    counted,
+    difference,
+    open_study,
+    public_url,
+    retry,
+    storage_url,
+    trial_id_of,
+)
 from mnist_lit.sweep.trial import STORAGE_ENV, TRIAL_ENV, read_result
 
 # Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
@@ -153,9 +162,9 @@ class Sweeper:
         # and SQLite has no row lock, so two workers could both take the same one.
         with self.asking:
             trial = self.study.ask(self.space.distributions)
-        self._storage.record_heartbeat(trial._trial_id)
+        self._storage.record_heartbeat(trial_id_of(trial))
         trial.set_user_attr("worker", self.worker)
-        frozen = self._storage.get_trial(trial._trial_id)
+        frozen = self._storage.get_trial(trial_id_of(trial))
         if "failed_trial" not in frozen.system_attrs:  # a new trial, not one taken over: is it one too many?
             trial.set_user_attr("folder", trial.number)
             before = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
@@ -179,7 +188,7 @@ class Sweeper:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
             if owner_host == host and pid.isdigit() and not _sweep_alive(int(pid)):
-                self._release(trial._trial_id)
+                self._release(trial_id_of(trial))
 
     def _release(self, trial_id: int, seconds: float | None = None) -> None:
         """Fail a running trial and enqueue it again (unless another worker has just done so)."""
@@ -200,9 +209,9 @@ class Sweeper:
         from optuna.trial import TrialState
 
         if self.stopping.is_set():  # taken just as the sweep was told to stop
-            self._release(trial._trial_id)
+            self._release(trial_id_of(trial))
             return
-        attrs = self._storage.get_trial(trial._trial_id).user_attrs
+        attrs = self._storage.get_trial(trial_id_of(trial)).user_attrs
         folder = self.root / "trials" / str(attrs["folder"])
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.yaml"
@@ -219,7 +228,7 @@ class Sweeper:
             probe.release()
         except CheckpointError as err:
             print(f"trial {trial.number}: {err}; it goes back to the queue", file=sys.stderr, flush=True)
-            self._release(trial._trial_id, seconds)
+            self._release(trial_id_of(trial), seconds)
             self.stopping.wait(self.sweep.heartbeat_interval)
             return
         resume = newest_checkpoint(checkpoint_dir(folder, None)) is not None
@@ -233,7 +242,8 @@ class Sweeper:
             "--trainer.callbacks+=mnist_lit.sweep.trial.Report", *(["--ckpt_path", "last"] if resume else []),
         ]  # fmt: skip
         env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
-        env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial._trial_id, "folder": str(folder),
+        trial_id = trial_id_of(trial)
+        env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial_id, "folder": str(folder),
                                      "metric": self.sweep.metric, "pruner": self.sweep.pruner,
                                      "startup_trials": self.sweep.startup_trials,
                                      "warmup_epochs": self.sweep.warmup_epochs})  # fmt: skip
@@ -241,7 +251,7 @@ class Sweeper:
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.sweep.workers)))
         trial.set_user_attr("threads", env["OMP_NUM_THREADS"])  # for best.yaml: the same threads, the same sums
         beat = threading.Event()
-        threading.Thread(target=self._heartbeat, args=(trial._trial_id, beat), daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(trial_id_of(trial), beat), daemon=True).start()
         started = time.monotonic()
         try:
             with open_log(folder / "fit.log") as log, self.lock:
@@ -257,7 +267,7 @@ class Sweeper:
             beat.set()
         seconds += time.monotonic() - started
         if status != 0 and self.stopping.is_set():
-            self._release(trial._trial_id, seconds)
+            self._release(trial_id_of(trial), seconds)
             return
         if status != 0:
             error = _last_error(folder / "fit.log") or f"fit exited with status {status}"
