@@ -590,3 +590,32 @@ def test_a_trials_log_opens_only_as_a_regular_file_of_its_own(tmp_path):
         with pytest.raises(CheckpointError, match=why):
             open_log(tmp_path / name)
     assert target.read_text() == "keep me"
+
+
+def _alias_bomb() -> str:
+    """850 bytes of YAML whose aliases name 9**9 values (a "billion laughs")."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join([*lines, "trainer:", "  plugins: *i", ""])
+
+
+CONFIG_FILES = {
+    "an alias bomb": (_alias_bomb().encode(), "over 100,000 values"),
+    "UTF-16": ("trainer:\n  max_epochs: 1\n".encode("utf-16"), "not UTF-8 text (byte 0)"),
+    "Latin-1": (b"trainer:\n  max_epochs: 1  # caf\xe9\n", "not UTF-8 text (byte 31)"),
+    "nested 20,000 deep": (("trainer: " + "[" * 20000 + "]" * 20000 + "\n").encode(), "nested over 50 deep"),
+    "nested 60 deep": (("trainer: " + "[" * 60 + "]" * 60 + "\n").encode(), "nested over 50 deep"),
+    "over a MiB": (b"trainer:\n  max_epochs: 1\n" + b"#" * 2**20 + b"\n", "over 1 MiB"),
+}
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep"])
+@pytest.mark.parametrize("case", list(CONFIG_FILES))
+def test_a_config_file_is_read_bounded_and_refused_in_one_line_naming_it(case, command, tmp_path, run_main):
+    data, needle = CONFIG_FILES[case]
+    (tmp_path / "c.yaml").write_bytes(data)
+    status, _, err = run_main(command, "--config", str(tmp_path / "c.yaml"), cwd=tmp_path)
+    assert status == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert f"--config {tmp_path / 'c.yaml'}: " in err and needle in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written

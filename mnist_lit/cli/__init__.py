@@ -5,5 +5,6 @@ line (messages) and the run's log folder (logfolder). Errors are raised; mnist_l
 from mnist_lit.cli.commands import run_command
 from mnist_lit.cli.lightning import fit_config, run_lightning
 from mnist_lit.cli.messages import error_line
+from mnist_lit.cli.options import read_yaml
 
-__all__ = ["error_line", "fit_config", "run_command", "run_lightning"]
+__all__ = ["error_line", "fit_config", "read_yaml", "run_command", "run_lightning"]

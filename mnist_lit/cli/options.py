@@ -1,13 +1,12 @@
-"""The command line's words before jsonargparse parses them: the options' old names, the --config files (read as
-YAML once, errors named by file and line, class paths checked as data), and a --config that overrides options
-given before it."""
+"""The command line's words before jsonargparse parses them: the options' old names, the --config files (read and
+bounded by the one reader of config files, errors named by file and line, class paths checked as data), and a
+--config that overrides options given before it."""
 
 from __future__ import annotations
 
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -48,20 +47,59 @@ def _configs(args: list[str]) -> list[tuple[int, str]]:
     return found
 
 
+# What a --config file may be: a few options, not a data set. Bounded here, before anything parses it further (a
+# YAML alias "bomb" of 850 bytes names a billion values, and jsonargparse would walk them all).
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_VALUES = 100_000  # counted as they are used: an alias counts every time it is named
+MAX_CONFIG_DEPTH = 50
+
+
 def read_yaml(path: str) -> Any:
-    """A --config file's contents (None where it cannot be read: jsonargparse says why); YAML errors named by file
-    and line, not as jsonargparse's "<unicode string>"."""
+    """A --config file's contents, the one reader of config files: UTF-8 YAML, bounded in size, nesting and the
+    values its aliases expand to, every error one line naming the file (and the line, for YAML's own). None where
+    the file cannot be read at all: jsonargparse says why."""
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError:
         return None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path}: over {MAX_CONFIG_BYTES // 2**20} MiB, not a file of options")
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        config = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
         problem = getattr(err, "problem", None) or one_line(str(err))
         raise ConfigError(f"--config {path}:{where} not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested over {MAX_CONFIG_DEPTH} deep") from None
+    if problem := _oversized(config):
+        raise ConfigError(f"--config {path}: {problem}")
+    return config
+
+
+def _oversized(config: Any) -> str | None:
+    """Why a loaded config is too large to be options (None: it is not), walked with a budget: an alias counts
+    every time it is named, as jsonargparse would walk it."""
+    budget = MAX_CONFIG_VALUES
+    stack = [(config, 0)]
+    while stack:
+        value, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return f"over {MAX_CONFIG_VALUES:,} values (counting each use of an alias), not a file of options"
+        if depth > MAX_CONFIG_DEPTH:
+            return f"nested over {MAX_CONFIG_DEPTH} deep"
+        if isinstance(value, dict):
+            stack += [(item, depth + 1) for pair in value.items() for item in pair]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1) for item in value]
+    return None
 
 
 def check_config_file(path: str) -> None:

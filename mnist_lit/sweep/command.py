@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from mnist_lit.checkpoints import write_atomically
-from mnist_lit.cli import error_line, fit_config
-from mnist_lit.errors import ConfigError, first_line
+from mnist_lit.cli import error_line, fit_config, read_yaml
+from mnist_lit.errors import ConfigError
 from mnist_lit.sweep.study import FINGERPRINT, open_study
 
 
@@ -110,10 +110,10 @@ def split_args(args: list[str], scratch: Path) -> tuple[list[str], list[str], bo
         if arg == "--report":
             report = True
         elif arg == "--config":
-            try:
-                config = yaml.safe_load(Path(value).read_text()) or {}
-            except (OSError, yaml.YAMLError) as err:
-                raise ConfigError(f"--config {value}: {first_line(err)}") from None
+            config = read_yaml(value)
+            if config is None and not Path(value).is_file():
+                raise ConfigError(f"--config {value}: no such file")
+            config = config or {}
             if not isinstance(config, dict):
                 raise ConfigError(f"--config {value}: not a YAML mapping of options")
             for part, target in ((config.pop("sweep", None), sweep), (config, fit)):
