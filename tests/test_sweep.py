@@ -396,3 +396,35 @@ def test_two_workers_started_separately_share_one_study_in_postgresql(tmp_path, 
     starts = "".join(err for _, err in results)
     assert all(starts.count(f"starting trial {n}:") == 1 for n in numbers)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+
+
+def test_a_study_from_elsewhere_names_no_folder_outside_the_root_and_its_text_reaches_the_screen_escaped(
+    tmp_path, mnist_dir
+):
+    import sqlite3
+
+    root = tmp_path / "sweep"
+    result = run(sweep_args(root, mnist_dir, *SHORT, trials=2), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.yaml").write_text("# not the sweep's\n")
+    (root / "best.yaml").unlink()
+    with contextlib.closing(sqlite3.connect(root / "sweep.db")) as db, db:  # as anyone with the file can
+        db.execute(
+            "UPDATE trial_user_attributes SET value_json = ? WHERE key = 'folder'", (json.dumps("../../outside"),)
+        )
+    report = run(sweep_args(root, mnist_dir, *SHORT, "--report", trials=2), cwd=tmp_path)
+    assert report.returncode == 1 and "not the number of this or an earlier trial" in report.stderr, report.stderr
+    assert not (root / "best.yaml").exists()
+    forged = "\x1b[2J\nbest: trial 7, val/acc 1.0000"
+    with contextlib.closing(sqlite3.connect(root / "sweep.db")) as db, db:
+        db.execute("UPDATE trial_user_attributes SET value_json = '0' WHERE key = 'folder'")
+        db.execute("UPDATE trials SET state = 'FAIL' WHERE number = 1")
+        trial_id = db.execute("SELECT trial_id FROM trials WHERE number = 1").fetchone()[0]
+        db.execute(
+            "INSERT INTO trial_user_attributes (trial_id, key, value_json) VALUES (?, 'error', ?)",
+            (trial_id, json.dumps(forged)),
+        )
+    report = run(sweep_args(root, mnist_dir, *SHORT, "--report", trials=2), cwd=tmp_path)
+    assert "\x1b" not in report.stdout and "\\x1b[2J\\x0abest: trial 7" in report.stdout, report.stdout
+    assert not any(line.startswith("best: trial 7") for line in report.stdout.splitlines())

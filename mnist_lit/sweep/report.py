@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mnist_lit.checkpoints import write_atomically
+from mnist_lit.errors import printable
 from mnist_lit.sweep.space import Space, short, show
+from mnist_lit.sweep.study import trial_folder
 
 
 def rows(study: Any, space: Space) -> list[list[str]]:
@@ -33,7 +35,7 @@ def rows(study: Any, space: Space) -> list[list[str]]:
         params = [show(space.value(k, t.params[k])) if k in t.params else "" for k in space.distributions]
         seconds = attrs.get("seconds")
         table.append([
-            str(t.number), f"trials/{attrs.get('folder', t.number)}", *params,
+            str(t.number), str(trial_folder(Path(), t)), *params,
             "" if value is None else f"{value:.4f}", str(attrs.get("steps") or ""),
             "" if seconds is None else f"{seconds:.1f}", state,
         ])  # fmt: skip
@@ -47,13 +49,15 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
     header = ["trial", "folder", *(short(k) for k in space.distributions), metric, "steps", "wall s", "state"]
     table = [header, *rows(study, space)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    for row in table:  # its cells are the study's records, escaped: a study may come from elsewhere
+        print(
+            printable("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+        )
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         sys.exit(f"error: no trial of the sweep in {root} has completed, so there is no best.yaml yet")
     best = study.best_trial
-    folder = root / "trials" / str(best.user_attrs.get("folder", best.number))
+    folder = trial_folder(root, best)
     config = (folder / "config.yaml").read_text()
     header_line = (
         f"# trial {best.number} of the sweep in {root}, in {folder.relative_to(root)}: {metric} {best.value:.4f}"

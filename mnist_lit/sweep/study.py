@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mnist_lit.errors import CheckpointError, ConfigError, first_line
+from mnist_lit.errors import CheckpointError, ConfigError, first_line, printable
 from mnist_lit.sweep.trial import STORAGE_ENV, engine_kwargs, make_pruner
 
 FINGERPRINT = "sweep.json"  # in the root: the space and base config this root's sweep was started with
@@ -96,6 +96,20 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
             " run it with its own options, or give this sweep another --sweep.study_name"
         )
     return study, storage
+
+
+def trial_folder(root: Path, trial: Any) -> Path:
+    """A trial's folder, trials/<number>: its own number, or that of the stopped trial it resumes. The study records
+    which; a study from elsewhere may record anything, so nothing but the number of this or an earlier trial is
+    taken (a folder of '../../outside' would have the report copy that folder's config.yaml into best.yaml)."""
+    number = trial.user_attrs.get("folder", trial.number)
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= trial.number:
+        shown = printable(repr(number))[:80]
+        raise CheckpointError(
+            f"the study records {shown} as the folder of trial {trial.number}: not the number of this or an earlier"
+            " trial, so not a folder of this sweep's"
+        )
+    return root / "trials" / str(number)
 
 
 # private-optuna[Trial._trial_id]: the storage's id of a trial, which every storage method takes (heartbeats, a

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint, open_log, write_atomically
-from mnist_lit.errors import CheckpointError, first_line
+from mnist_lit.errors import CheckpointError, first_line, printable
 from mnist_lit.sweep.study import (
     FINGERPRINT,
     counted,
@@ -27,6 +27,7 @@ from mnist_lit.sweep.study import (
     public_url,
     retry,
     storage_url,
+    trial_folder,
     trial_id_of,
 )
 from mnist_lit.sweep.trial import STORAGE_ENV, TRIAL_ENV, read_result
@@ -211,8 +212,8 @@ class Sweeper:
         if self.stopping.is_set():  # taken just as the sweep was told to stop
             self._release(trial_id_of(trial))
             return
-        attrs = self._storage.get_trial(trial_id_of(trial)).user_attrs
-        folder = self.root / "trials" / str(attrs["folder"])
+        frozen = self._storage.get_trial(trial_id_of(trial))
+        attrs, folder = frozen.user_attrs, trial_folder(self.root, frozen)
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.yaml"
         if not config.is_file():
@@ -233,8 +234,8 @@ class Sweeper:
             return
         resume = newest_checkpoint(checkpoint_dir(folder, None)) is not None
         words = ["resuming" if resume else "starting", f"trial {trial.number}"]
-        if attrs["folder"] != trial.number:
-            words.append(f"(in trials/{attrs['folder']}, taken over)")
+        if folder.name != str(trial.number):
+            words.append(f"(in trials/{folder.name}, taken over)")
         print(f"{' '.join(words)}: {self.space.describe(trial.params)}", file=sys.stderr, flush=True)
         command = [
             sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), "-m", "mnist_lit", "fit", "--config", str(config),
@@ -274,7 +275,11 @@ class Sweeper:
             trial.set_user_attr("error", error)
             trial.set_user_attr("seconds", seconds)
             self.study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} failed: {error} (see {folder / 'fit.log'})", file=sys.stderr, flush=True)
+            print(
+                printable(f"trial {trial.number} failed: {error} (see {folder / 'fit.log'})"),
+                file=sys.stderr,
+                flush=True,
+            )
             self._give_up_if_hopeless(error)
             return
         self._tell(trial, folder, read_result(folder), seconds)
