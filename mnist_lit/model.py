@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from typing import IO, Any
 
 import torch
@@ -18,7 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnist_lit.checkpoints import check_weights, load_checkpoint
-from mnist_lit.errors import CheckpointError
+from mnist_lit.errors import CheckpointError, first_line
 from mnist_lit.lean import LeanHooks
 from mnist_lit.trust import check_model_hparams, check_spec
 
@@ -354,3 +355,28 @@ def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:
     momentum = group.get("momentum")
     if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
         raise ValueError(f"--model.optimizer.momentum: {momentum} is out of range; it must be >= 0 and < 1")
+
+
+def check_scheduler(optimizer: OptimizerCallable | dict[str, Any], scheduler: dict[str, Any] | None) -> None:
+    """Refuse a schedule's bad options now, in one line, not as a traceback at its first step: it is built on a probe
+    optimizer and stepped a few times (torch checks some arguments only when the schedule runs: T_max 0, a
+    last_epoch without initial_lr). Only the arguments given that differ from the class's defaults are passed."""
+    if scheduler is None:
+        return
+    cls = check_spec("lr_scheduler", {**scheduler, "init_args": {}})
+    defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+    given = {k: v for k, v in _spec_args(scheduler).items() if k not in defaults or defaults[k] != v}
+    check_spec("lr_scheduler", {**scheduler, "init_args": given})
+    optimizer = _from_spec("optimizer", optimizer)([nn.Parameter(torch.zeros(1))])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "step() before optimizer.step()": a probe has no training step
+            if "total_steps" in defaults and "total_steps" not in given and given.get("epochs") is None:
+                given["total_steps"] = 8  # the run's length, as configure_optimizers gives it
+            schedule = cls(optimizer, **given)
+            for _ in range(3):
+                optimizer.step()
+                schedule.step(*([1.0] if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau) else []))
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise ValueError(f"--model.lr_scheduler {cls.__name__}: {first_line(ValueError(message))}") from None

@@ -184,6 +184,59 @@ CASES = {
         ],
         ["ReduceLROnPlateau watches val/loss, and this run has no validation"],
     ),
+    # torch checks these only when the schedule is built or first stepped: a traceback mid-fit before
+    "a schedule of no length": (
+        ["fit", "--model.lr_scheduler", "CosineAnnealingLR", "--model.lr_scheduler.T_max", "0"],
+        ["--model.lr_scheduler CosineAnnealingLR:"],
+    ),
+    "a one-cycle of no steps": (
+        [
+            "fit",
+            "--model.lr_scheduler",
+            "OneCycleLR",
+            "--model.lr_scheduler.max_lr",
+            "0.1",
+            "--model.lr_scheduler.total_steps",
+            "0",
+        ],
+        ["--model.lr_scheduler OneCycleLR: Expected positive integer total_steps, but got 0"],
+    ),
+    "a plateau factor over 1": (
+        [
+            "fit",
+            "--model.lr_scheduler",
+            "torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "--model.lr_scheduler.factor",
+            "2.0",
+        ],
+        ["--model.lr_scheduler ReduceLROnPlateau: Factor should be < 1.0"],
+    ),
+    "a cycle of no steps up": (
+        [
+            "fit",
+            "--model.lr_scheduler",
+            "CyclicLR",
+            "--model.lr_scheduler.base_lr",
+            "0.01",
+            "--model.lr_scheduler.max_lr",
+            "0.1",
+            "--model.lr_scheduler.step_size_up",
+            "0",
+        ],
+        ["--model.lr_scheduler CyclicLR:"],
+    ),
+    "a schedule resumed without its state": (
+        [
+            "fit",
+            "--model.lr_scheduler",
+            "StepLR",
+            "--model.lr_scheduler.step_size",
+            "1",
+            "--model.lr_scheduler.last_epoch",
+            "3",
+        ],
+        ["--model.lr_scheduler StepLR: param 'initial_lr' is not specified"],
+    ),
     "a class name two modules have": (
         ["fit", "--model.lr_scheduler", "ReduceLROnPlateau"],
         ["--model.lr_scheduler: Multiple subclasses with name ReduceLROnPlateau", "torch.optim.lr_scheduler"],

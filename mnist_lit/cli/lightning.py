@@ -37,7 +37,7 @@ from mnist_lit.errors import (
     one_line,
 )
 from mnist_lit.lean import QuietProfiler
-from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer
+from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer, check_scheduler
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
 from mnist_lit.trust import check_spec
 
@@ -200,6 +200,8 @@ class MNISTCLI(LightningCLI):
         config = self.config[subcommand]
         try:  # a bad optimizer option first, whatever else may be wrong
             check_optimizer(config.model.optimizer.as_dict())
+            scheduler = config.model.lr_scheduler
+            check_scheduler(config.model.optimizer.as_dict(), scheduler.as_dict() if scheduler is not None else None)
             net = config.model.net
             check_spec("net", net.as_dict() if hasattr(net, "as_dict") else net)  # its size, before it is built
         except ValueError as err:

@@ -70,8 +70,8 @@ class Space:
 
     def validate(self, parse_fit: Callable[[list[str]], Any], scratch: Path, metric: str) -> None:
         """Refuse, before any trial, a value fit would refuse: each choice and each end of each range is parsed by
-        fit's own command line (and the optimizer checked as fit checks it)."""
-        from mnist_lit.model import check_optimizer
+        fit's own command line (and the optimizer and schedule checked as fit checks them)."""
+        from mnist_lit.model import check_optimizer, check_scheduler
 
         if not self.base["data"].get("val_size") or self.base["trainer"].get("limit_val_batches") == 0:
             raise ConfigError(
@@ -90,6 +90,7 @@ class Space:
                 if not isinstance(problem, str):
                     try:
                         check_optimizer(problem["model"]["optimizer"])
+                        check_scheduler(problem["model"]["optimizer"], problem["model"].get("lr_scheduler"))
                     except ValueError as err:
                         problem = str(err)
                 if isinstance(problem, str):
