@@ -70,9 +70,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Pa
 
 @pytest.fixture(scope="session")
 def real_mnist() -> Path:
-    if not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("the real MNIST files (../shared/mnist) are not here")
-    return REAL_MNIST
+    """The real MNIST files: ../shared/mnist beside the project, else the default data folder, where fit finds them
+    (directly in it, or in MNIST/raw/)."""
+    from mnist_lit.datasets import DEFAULT_DATA_DIR, FILE_NAMES, find_files
+
+    if (REAL_MNIST / "train-images-idx3-ubyte.gz").exists():
+        return REAL_MNIST
+    default = Path(DEFAULT_DATA_DIR).expanduser()
+    if len(find_files(default)) == len(FILE_NAMES):
+        return default
+    pytest.skip(f"the real MNIST files are in neither {REAL_MNIST} nor {DEFAULT_DATA_DIR} (directly, or in MNIST/raw/)")
 
 
 def printed_metrics(stdout: str) -> dict[str, float]:

@@ -29,12 +29,20 @@ def test_300_batches_then_test_in_another_process(tmp_path, real_mnist):
     assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
 
 
+# The default recipe's test accuracy, seed 1, on every machine of this kind. A processor with other float kernels
+# takes another path from the first step, as another seed does: seeds 1-3 gave 98.57, 98.32 and 98.68% on an AMD EPYC,
+# seed 1 gave 98.53% on an Intel Xeon. The bar is 0.32 points under the lowest of them (32 test images).
+DEFAULT_RECIPE_BAR = 0.980
+
+
 def test_the_guides_recipe_for_ten_epochs_reaches_its_accuracy(tmp_path, real_mnist):
     data = ["--data.data_dir", str(real_mnist), *QUIET]
     fit = run_cli("fit", *data, cwd=tmp_path, timeout=1200)
     assert fit.returncode == 0, fit.stderr[-2000:]
     test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
-    assert printed_metrics(test.stdout)["test/acc"] >= 0.984, test.stdout[-2000:]
+    accuracy = printed_metrics(test.stdout)["test/acc"]
+    print(f"the default recipe, seed 1: test/acc {accuracy:.4f}")
+    assert accuracy >= DEFAULT_RECIPE_BAR, test.stdout[-2000:]
 
 
 def scan(image: Image.Image, seed: int) -> Image.Image:
