@@ -60,7 +60,9 @@ def run(args: list[str]) -> None:
             else:
                 RUNNERS[command](args[1:])
     except signals.Interrupted as err:
-        print(f"\n{err}", file=sys.stderr)
+        from mnist_lit.errors import printable
+
+        print(f"\n{printable(str(err))}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
     except Exception as err:
         if (line := error_line(err)) is None:

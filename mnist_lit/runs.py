@@ -271,3 +271,20 @@ def check_resume_changes(ckpt_path: str, trained: dict[str, Any], given: dict[st
                 raise ConfigError(
                     f"--model.optimizer.{arg} cannot change when {where}: its --model.lr_scheduler sets it"
                 )
+
+
+def restored_epoch(checkpoint: dict[str, Any]) -> int | None:
+    """The epoch a resume of this checkpoint starts in, as Lightning restores it (None: the file does not say)."""
+    try:
+        epoch = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
+    except (KeyError, TypeError):
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def nothing_to_train(ckpt_path: Any, step: Any, epoch: Any, max_epochs: Any, max_steps: Any) -> str:
+    """The line a resume of a run already at (or past) its limits ends with."""
+    return (
+        f"nothing to train: {ckpt_path} is at step {step}, epoch {epoch}, already at the run's limits"
+        f" (--trainer.max_epochs {max_epochs}, --trainer.max_steps {max_steps}): raise them to train further"
+    )

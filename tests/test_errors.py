@@ -519,3 +519,20 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_writes_nothi
         k: v for k, v in before.items() if not k.endswith(".lock")
     }
     assert sorted(p.name for p in (run_root / "lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_resuming_a_run_trained_past_the_limit_says_nothing_to_train_before_anything_is_built(tmp_path, mnist_dir):
+    """The README's `fit --ckpt_path last` on a run trained further than the limit it gives (the default 10 epochs
+    after --trainer.max_epochs 20) ended in Lightning's own error, after the model's summary."""
+    options = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, "--trainer.enable_progress_bar", "false"]
+    assert run_cli("fit", *options, "--trainer.max_epochs", "2", cwd=tmp_path).returncode == 0
+    before = fingerprint(tmp_path)
+    resumed = run_cli("fit", *options, "--ckpt_path", "last", "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stderr.strip().splitlines()[-1].startswith("nothing to train: "), resumed.stderr
+    assert "epoch 2" in resumed.stderr and "--trainer.max_epochs 1" in resumed.stderr, resumed.stderr
+    assert "Params" not in resumed.stdout + resumed.stderr and "restored a checkpoint" not in resumed.stderr
+    after = fingerprint(tmp_path)
+    assert {k: after.get(k) for k in before if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }

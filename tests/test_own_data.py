@@ -350,7 +350,9 @@ def test_init_from_last_means_the_roots_newest_checkpoint(base_run, shifted, tmp
 def test_fashion_mnist_for_two_epochs_then_test_names_its_classes(tmp_path):
     if not all((Path(FASHION.system_dirs[0]) / f"{name}.gz").is_file() for name in FASHION.files):
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
-    recipe = ["--model.momentum", "0.9"]  # the guide's 0.5 reaches 0.815 in two epochs
+    # the guide's momentum 0.5 reaches 0.815 in two epochs. With 0.9, seeds 1-3 gave 85.47, 86.16 and 85.96% on an
+    # AMD EPYC: the bar below is 0.47 points under the lowest (another processor moves a run as another seed does)
+    recipe = ["--model.momentum", "0.9"]
     fit = run_cli("fit", "--data.dataset", "fashion_mnist", "--trainer.max_epochs", "2", *recipe, *QUIET, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-2000:]
     test = run_cli("test", "--ckpt_path", "last", *QUIET, cwd=tmp_path)  # the dataset comes with the checkpoint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -141,10 +143,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_d
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert "SIGINT: stopped at step" in stderr and "resume with `fit --ckpt_path last`" in stderr
+    assert "SIGINT: stopped at step" in stderr
     step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < step < 27
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    # the hint is the command that resumes this run, typed as shown in the folder it was started in
+    hint = shlex.split(re.search(r"resume with `([^`]*)`", stderr)[1])
+    assert hint == ["python", "-m", "mnist_lit", *args(mnist_dir), "--ckpt_path", "last"], hint
+    result = subprocess.run([sys.executable, *hint[1:]], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 

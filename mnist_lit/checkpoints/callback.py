@@ -37,6 +37,9 @@ class Checkpoint(ModelCheckpoint):
       `test --ckpt_path last` sees them.
     """
 
+    # The command that resumes this run, as the stop line names it: the command line sets the one its user typed.
+    resume_command = "python -m mnist_lit fit --ckpt_path last"
+
     def __init__(
         self,
         dirpath: str | None = None,
@@ -158,7 +161,7 @@ class Checkpoint(ModelCheckpoint):
         remaining = timer.time_remaining() if timer is not None else None
         if remaining is not None and remaining <= 0 and trainer.is_global_zero:
             saved = self.newest_saved()
-            where = f"; saved {saved}: resume with `fit --ckpt_path last`" if saved else ""
+            where = f"; saved {saved}: resume with `{self.resume_command}`" if saved else ""
             print(f"stopped by --trainer.max_time at step {trainer.global_step}{where}", file=sys.stderr)
         if signum:  # training had ended all the same: nothing is left to resume
             saved = f"; the final weights are in {saved}" if (saved := self.newest_saved()) else ""
@@ -316,9 +319,9 @@ class Checkpoint(ModelCheckpoint):
     def _stop(self, trainer: Trainer, signum: int) -> None:
         step, saved = trainer.global_step, self.newest_saved()
         if saved and self._last_global_step_saved == step:
-            done = f"stopped at step {step} and saved {saved}; resume with `fit --ckpt_path last`"
+            done = f"stopped at step {step} and saved {saved}; resume with `{self.resume_command}`"
         elif saved:
-            done = f"stopped at step {step}; the newest checkpoint is {saved}; resume with `fit --ckpt_path last`"
+            done = f"stopped at step {step}; the newest checkpoint is {saved}; resume with `{self.resume_command}`"
         elif self.save_last or self.save_top_k != 0:
             done = f"stopped at step {step}, before any training step; nothing new was saved"
         else:

@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -62,6 +63,20 @@ def share_cores(processes: int, workers: int) -> None:
     torch.set_num_threads(max(1, cores // processes - workers))
 
 
+def resume_command(args: list[str]) -> str:
+    """The command that resumes a fit started with args, in the folder it was started in: the same options (the
+    run's root and config files among them) and --ckpt_path last in place of any --ckpt_path."""
+    words, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            words.append(arg)
+    return shlex.join(["python", "-m", "mnist_lit", *words, "--ckpt_path", "last"])
+
+
 class MNISTCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.run: runs.Run | None = None  # what this command starts from; holds fit's run lock until the end
@@ -112,11 +127,12 @@ class MNISTCLI(LightningCLI):
                 if isinstance(callback, SaveConfig):
                     callback.discard(trainer)
             print(
-                f"nothing to train: {self.config.fit.ckpt_path} is at step {trainer.global_step}, epoch"
-                f" {trainer.current_epoch}, already at the run's limits (--trainer.max_epochs {trainer.max_epochs},"
-                f" --trainer.max_steps {trainer.max_steps}): raise them to train further",
+                runs.nothing_to_train(
+                    self.config.fit.ckpt_path, trainer.global_step, trainer.current_epoch, trainer.max_epochs,
+                    trainer.max_steps,
+                ),
                 file=sys.stderr,
-            )
+            )  # fmt: skip
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
@@ -154,6 +170,10 @@ class MNISTCLI(LightningCLI):
                     " --checkpoint.save_last false with save_top_k 0): what it trains is not kept",
                     file=sys.stderr,
                 )
+        if self.subcommand == "fit":
+            for callback in trainer.callbacks:
+                if isinstance(callback, Checkpoint):
+                    callback.resume_command = resume_command(self.args)
         share_cores(trainer.num_devices, self.datamodule.num_workers)
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
@@ -260,6 +280,13 @@ class MNISTCLI(LightningCLI):
             given = given or options.given_in_config(self.args, "seed_everything")
             final[subcommand].seed_everything = runs.resumed_seed(trained, final[subcommand].seed_everything, given)
             self.resumed_step = trained.checkpoint.get("global_step")
+            epoch, limit = runs.restored_epoch(trained.checkpoint), final[subcommand].trainer.max_epochs
+            if epoch is not None and limit not in (None, -1) and epoch > limit:
+                # Lightning would refuse it in its own words, after the model's summary: here, before anything
+                if rank_zero_only.rank == 0:
+                    step, steps = self.resumed_step, final[subcommand].trainer.max_steps
+                    print(runs.nothing_to_train(trained.path, step, epoch, limit, steps), file=sys.stderr)
+                sys.exit(0)
         final[subcommand].ckpt_path = trained.path
         final[subcommand].data.dataset = trained.dataset
         runs.check_split(trained.path, split, final[subcommand].data.val_size, subcommand)
