@@ -93,3 +93,22 @@ def test_the_gpu_config_without_a_gpu_is_one_line_naming_the_file_and_the_fix(tm
         "error: --trainer.accelerator cuda needs a CUDA GPU; this machine has none: drop it, or pass"
         " --trainer.accelerator cpu (see --help)"
     ), err
+
+
+def test_fit_help_is_readable_and_its_texts_mean_what_mnist_lit_does(tmp_path, run_main):
+    status, out, _ = run_main("fit", "--help", cwd=tmp_path)
+    assert status == 0
+    lines = out.splitlines()
+    assert len(lines) < 700, len(lines)  # 1,346 when every importable nn.Module was listed
+    assert "torch.nn.Identity" not in out and "importable now, any of them by" in out
+    ckpt = out[out.index("  --ckpt_path CKPT_PATH") :].split("\n  --")[0]
+    assert "'last': the newest checkpoint" in ckpt and "registry" not in ckpt and "hpc" not in ckpt, ckpt
+    assert "Not taken" in out[out.index("  --weights_only") :], out[-1000:]
+    assert "torch.optim.lr_scheduler.StepLR" in out  # a list short enough to read is kept
+
+
+def test_weights_only_false_is_refused_in_one_line(tmp_path, run_main):
+    status, _, err = run_main("fit", "--weights_only", "false", cwd=tmp_path)
+    assert status == 1 and err.strip() == (
+        "error: --weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out (see --help)"
+    ), err
