@@ -110,5 +110,6 @@ def test_fit_help_is_readable_and_its_texts_mean_what_mnist_lit_does(tmp_path, r
 def test_weights_only_false_is_refused_in_one_line(tmp_path, run_main):
     status, _, err = run_main("fit", "--weights_only", "false", cwd=tmp_path)
     assert status == 1 and err.strip() == (
-        "error: --weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out (see --help)"
+        "error: --weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out"
+        " (see --help)"
     ), err
