@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -60,6 +62,7 @@ class MNISTDataModule(LightningDataModule):
         num_workers: NonNegativeInt = 0,
         pin_memory: bool | None = None,
         data_on_device: bool = False,
+        shift: NonNegativeInt = 0,
         download: bool = True,
         verify_checksums: bool = True,
         predict_path: str | None = None,
@@ -81,6 +84,8 @@ class MNISTDataModule(LightningDataModule):
                 training process.
             pin_memory: Pin batches for asynchronous copies to the GPU (default: on whenever batches go to one).
             data_on_device: Keep the whole dataset on the accelerator (190 MB), so batches never cross to it.
+            shift: Move each training image by a random number of pixels, up to this many along each axis, drawn
+                anew every batch (augmentation on the batch in memory); 0, the guide's, moves none.
             download: Fetch missing files with torchvision's downloader.
             verify_checksums: Check the files against the dataset's checksums; turn off for other data in
                 MNIST's format.
@@ -97,6 +102,7 @@ class MNISTDataModule(LightningDataModule):
         self.batch_size, self.test_batch_size, self.val_size = batch_size, test_batch_size, val_size
         self.image_fractions = {"val": image_val_fraction, "test": image_test_fraction}
         self.num_workers, self.pin_memory, self.data_on_device = num_workers, pin_memory, data_on_device
+        self.shift = shift
         self.download, self.verify_checksums, self.predict_path = download, verify_checksums, predict_path
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -204,6 +210,13 @@ class MNISTDataModule(LightningDataModule):
         pin = to_gpu and self.pin_memory is not False
         return BatchLoader(images, labels, sampler, num_workers=self.num_workers, pin_memory=pin)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.shift and self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            background = -self.known.mean / self.known.std  # a black pixel, normalised
+            batch = shifted(images, self.shift, background), labels
+        return batch
+
     def train_dataloader(self) -> BatchLoader:
         return self._loader("train", train=True)
 
@@ -220,3 +233,16 @@ class MNISTDataModule(LightningDataModule):
         files = ImageFiles(self.predict_path, self.known.mean, self.known.std, self.known.box)
         return DataLoader(files, batch_size=self.test_batch_size, collate_fn=ImageFiles.collate)
 
+
+def shifted(images: Tensor, most: int, background: float) -> Tensor:
+    """Each image of an N x C x H x W batch moved by its own random whole number of pixels, -most to most along each
+    axis, the uncovered border filled with background. The offsets come from torch's random stream on the CPU, which
+    a checkpoint saves and a resume restores, so a resumed run draws the same ones."""
+    n, _, height, width = images.shape
+    dy, dx = (torch.randint(-most, most + 1, (2, n)) + most).to(images.device)
+    padded = F.pad(images, (most, most, most, most), value=background)
+    rows = (torch.arange(height, device=images.device) + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(width, device=images.device) + dx[:, None])[:, None, None, :]
+    index = torch.arange(n, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[index, channels, rows, cols]

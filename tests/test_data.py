@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import idx_bytes, write_mnist
 
 from mnist_lit.data import MNISTDataModule
@@ -268,3 +269,37 @@ def test_mnists_files_in_the_default_folder_do_not_shadow_another_datasets_own(t
     assert set(datasets.find_files(tmp_path, "mnist").values()) == {tmp_path / name for name in FILE_NAMES}
     monkeypatch.setattr(datasets, "DEFAULT_DATA_DIR", str(tmp_path / "elsewhere"))  # a data_dir the user gave: first
     assert set(datasets.find_files(tmp_path, "fashion_mnist").values()) == {tmp_path / name for name in FILE_NAMES}
+
+
+def test_a_shifted_batch_moves_each_image_by_its_own_offsets_within_the_bound_and_fills_the_border():
+    from mnist_lit.data import shifted
+
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 28, 28) + 1  # every pixel > 1: the fill (-0.5) is told apart
+    out = shifted(images, 2, -0.5)
+    assert out.shape == images.shape
+    moves = set()
+    for image, moved in zip(images[:, 0], out[:, 0], strict=True):
+        found = [
+            (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+            if torch.equal(moved, F.pad(image, (2, 2, 2, 2), value=-0.5)[2 + dy : 30 + dy, 2 + dx : 30 + dx])
+        ]  # fmt: skip
+        assert len(found) == 1
+        moves.add(found[0])
+    assert len(moves) > 10  # each image its own draw, not one offset for the batch
+    assert torch.equal(shifted(images, 0, -0.5), images)
+
+
+def test_shift_moves_training_batches_only(tmp_path, mnist_dir):
+    from mnist_lit.data import MNISTDataModule
+
+    class Stage:
+        training = True
+
+    data = MNISTDataModule(data_dir=str(mnist_dir), verify_checksums=False, val_size=64, shift=1)
+    batch = (torch.ones(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    data.trainer = Stage()  # type: ignore[assignment]
+    torch.manual_seed(3)
+    assert not torch.equal(data.on_after_batch_transfer(batch, 0)[0], batch[0])
+    Stage.training = False  # validation, test, predict: the images as they are
+    assert data.on_after_batch_transfer(batch, 0)[0] is batch[0]

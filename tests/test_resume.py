@@ -330,3 +330,22 @@ def test_a_run_resumed_mid_epoch_shows_its_epoch_and_the_batches_it_will_run(tmp
     # Lightning starts no epoch on a mid-epoch resume: the bar is named and sized all the same (4 done, 4 to go)
     bars = [line for line in drawn if "|" in line]
     assert bars[-1].startswith("Epoch 0: 100%") and "8/8" in bars[-1], bars[-3:]
+
+
+@pytest.mark.slow  # three runs
+def test_a_run_with_shifted_images_killed_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path, mnist_dir):
+    """--data.shift draws its offsets from the random stream the checkpoint saves: a resume draws the same ones."""
+    shift = [*args(mnist_dir, epochs=2), "--data.shift", "2"]
+    (tmp_path / "whole").mkdir()
+    assert run_cli(*shift, cwd=tmp_path / "whole").returncode == 0
+    (tmp_path / "killed").mkdir()
+    killed = run_cli("step", "11", *shift, cwd=tmp_path / "killed", script=KILLPOINTS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli(*shift, "--ckpt_path", "last", cwd=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+    (tmp_path / "plain").mkdir()  # and the shift does move the run
+    assert run_cli(*args(mnist_dir, epochs=2), cwd=tmp_path / "plain").returncode == 0
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    shifted = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not torch.equal(plain["net.fc2.weight"], shifted["net.fc2.weight"])
