@@ -4,10 +4,12 @@ main() and without training."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET, SYNTHETIC, run_cli
 
 from mnist_lit import runs
 from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint
@@ -198,3 +200,16 @@ def test_a_resume_and_a_validate_keep_to_the_runs_own_held_out_images(tmp_path, 
     status, _, err = run_main("validate", *data, "--ckpt_path", "last", "--data.val_size", "65", cwd=other)
     assert status != 0 and "a validation set of 65 would score images it trained on" in err, err
     assert run_main("validate", *data, "--ckpt_path", "last", "--data.val_size", "32", cwd=other)[0] == 0
+
+
+def test_evaluating_a_runs_checkpoint_writes_beside_that_run(tmp_path, trained_run, mnist_dir):
+    """`test --ckpt_path runs/a/checkpoints/last.ckpt` left its figures in ./lightning_logs, apart from the run."""
+    shutil.copytree(trained_run, tmp_path / "runs" / "a")
+    data = ["--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET]
+    test = run_cli("test", "--ckpt_path", "runs/a/checkpoints/last.ckpt", *data, cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()
+    assert (tmp_path / "runs" / "a" / "lightning_logs" / "version_1" / "confusion.png").is_file()
+    given = run_cli("test", "--ckpt_path", "runs/a/checkpoints/last.ckpt", "--trainer.default_root_dir", "here", *data,
+                    cwd=tmp_path)  # fmt: skip
+    assert given.returncode == 0 and (tmp_path / "here" / "lightning_logs" / "version_0").is_dir(), given.stderr

@@ -293,11 +293,24 @@ class MNISTCLI(LightningCLI):
             self._take_init_from(self.run.init)
         if self.run.resume is not None:
             self._take_checkpoint(self.run.resume)
+            if subcommand != "fit":
+                self._beside_the_run(self.run.resume.path)
         else:
             self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
         seed = self.config[subcommand].seed_everything
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
             raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
+
+    def _beside_the_run(self, ckpt_path: str) -> None:
+        """What evaluating a run's checkpoint leaves (its log folder, figures, predictions) goes beside that run:
+        the root of <root>/checkpoints/<file>, unless the command line gives a root, or the run's is not ours to
+        write to (a colleague's, read only)."""
+        config = self.config[self.config.subcommand]
+        folder = Path(ckpt_path).absolute().parent
+        given = options.origin(self.args, "trainer.default_root_dir") or config.checkpoint.dirpath is not None
+        elsewhere = folder.parent.resolve() != Path.cwd().resolve()
+        if not given and elsewhere and folder.name == "checkpoints" and os.access(folder.parent, os.W_OK):
+            config.trainer.default_root_dir = str(folder.parent)
 
     # private-lightning[LightningCLI._parse_ckpt_path]: switched off. It would load --ckpt_path unverified and put
     # its hyperparameters over the command line's; parse_arguments has done both right (mnist_lit.runs).
