@@ -8,18 +8,14 @@ import contextlib
 import io
 import logging
 import os
-import re
 import shlex
-import shutil
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from jsonargparse import DefaultHelpFormatter
 from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -33,6 +29,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
 from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir
 from mnist_lit.cli import options
+from mnist_lit.cli.help import HelpFormatter
 from mnist_lit.cli.logfolder import SaveConfig, claim_version
 from mnist_lit.cli.messages import explain_accelerator, explain_class_option
 from mnist_lit.data import MNISTDataModule
@@ -65,50 +62,6 @@ def share_cores(processes: int, workers: int) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // processes - workers))
-
-
-# Options whose help is Lightning's, where mnist_lit means something else: the text shown instead.
-OWN_HELP = {
-    "--ckpt_path": "A checkpoint file, or 'last': the newest checkpoint in <trainer.default_root_dir>/checkpoints"
-    " (--checkpoint.dirpath if given). fit resumes that run from it (fit also takes 'auto': resume the run if there"
-    " is one, else start it); validate, test and predict use its weights. (default: null)",
-    "--weights_only": "Not taken: mnist_lit reads every checkpoint as data (torch.load with weights_only) and verifies"
-    " its digest; false is refused. (default: null)",
-}
-MAX_LISTED = 30  # known subclasses shown in an option's help; past that, how many and the rule
-
-
-class HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help, readable: Lightning's texts replaced where mnist_lit means something else (OWN_HELP), and
-    a list of known subclasses too long to read (every nn.Module that happens to be imported: 300 of them) replaced
-    by the rule. A whole help text is rewritten (format_help, argparse's public method), so each line is rewrapped."""
-
-    def format_help(self) -> str:
-        text = super().format_help()
-        for option, help_text in OWN_HELP.items():
-            text = re.sub(
-                rf"(\n  {re.escape(option)} [^\n]*\n)((?: {{20,}}[^\n]*\n)+)",
-                lambda m, h=help_text: m[1] + _wrapped(h, m[2]),
-                text,
-            )
-        name = r"[\w.]+(?:\n *[\w.]+)*"  # a long name is broken over two lines
-        width = shutil.get_terminal_size().columns - 2  # argparse's own width
-        pattern = rf" *known\s+subclasses:\s*((?:{name}\s*,\s*)+{name})(?=\))"
-        return re.sub(pattern, lambda found: _shorter(found, width), text)
-
-
-def _wrapped(text: str, like: str) -> str:
-    indent = len(like) - len(like.lstrip(" "))
-    width = max(len(line) for line in like.splitlines())
-    return textwrap.fill(text, width, initial_indent=" " * indent, subsequent_indent=" " * indent) + "\n"
-
-
-def _shorter(found: re.Match, width: int) -> str:
-    names = re.split(r"\s*,\s*", re.sub(r"\n *", "", found[1]))
-    if len(names) <= MAX_LISTED:
-        return found[0]
-    rule = f"known subclasses: {len(names)} importable now, any of them by class path"
-    return "\n" + textwrap.fill(rule, width, initial_indent=" " * 24, subsequent_indent=" " * 24)
 
 
 def resume_command(args: list[str]) -> str:
