@@ -22,9 +22,10 @@ LAYERS = [
     ("entry", {"__main__"}),
 ]
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
-# Upward imports still there, each to be removed: the lesson's model builds specs read from a checkpoint through
-# mnist_lit.trust and checks a resume through mnist_lit.checkpoints. Listed so that no new one slips in, and so
-# that one removed must be struck from here (the test fails on a stale entry too).
+# Upward imports still there: the lesson's model builds the specs a checkpoint holds through mnist_lit.trust, and
+# reads a checkpoint (--model.init_from, LitMNIST.load_from_checkpoint) through mnist_lit.checkpoints, which keeps a
+# file from elsewhere data (Lightning's own loader imports what it names). Listed so that no new one slips in, and
+# so that one removed must be struck from here (the test fails on a stale entry too).
 KNOWN_UPWARD = {("model", "checkpoints"), ("model", "trust")}
 
 
