@@ -1,8 +1,8 @@
 """The LightningDataModule: an MNIST-format dataset (or a folder of your own images) as tensors in memory.
 
-The four IDX files are decoded once per process into one normalised float tensor (idx.py); batches are cut
-from it by indexing (batches.py), so the training loop never runs per-sample Python or PIL. Which datasets
-there are and where their files are found is datasets.py's.
+The four IDX files are decoded once per process into one normalised float tensor (datasets/idx.py); batches are
+cut from it by indexing (datasets/batches.py), so the training loop never runs per-sample Python or PIL. Which
+datasets there are and where their files are found is datasets/catalog.py's.
 """
 
 from __future__ import annotations

@@ -374,8 +374,9 @@ def check_scheduler(optimizer: OptimizerCallable | dict[str, Any], scheduler: di
             if "total_steps" in defaults and "total_steps" not in given and given.get("epochs") is None:
                 given["total_steps"] = 8  # the run's length, as configure_optimizers gives it
             schedule = cls(optimizer, **given)
-            for _ in range(3):
-                optimizer.step()
+            length = getattr(schedule, "total_steps", None)  # a one-cycle of N steps takes N - 1 after its first
+            for _ in range(min(3, length - 1) if isinstance(length, int) else 3):
+                optimizer.step(lambda: torch.zeros(()))  # a closure: LBFGS takes one
                 schedule.step(*([1.0] if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau) else []))
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

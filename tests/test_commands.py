@@ -113,3 +113,40 @@ def test_weights_only_false_is_refused_in_one_line(tmp_path, run_main):
         "error: --weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out"
         " (see --help)"
     ), err
+
+
+def test_the_resume_hint_is_the_command_typed_less_its_checkpoint_and_init_from():
+    from mnist_lit.cli.lightning import resume_command
+
+    typed = ["fit", "--config", "my runs/a.yaml", "--model.init_from=base/last.ckpt", "--ckpt_path", "auto"]
+    assert resume_command(typed) == "python -m mnist_lit fit --config 'my runs/a.yaml' --ckpt_path last"
+    assert resume_command(["fit", "--model.init_from", "x", "--trainer.max_epochs", "3"]) == (
+        "python -m mnist_lit fit --trainer.max_epochs 3 --ckpt_path last"
+    )
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.1, "total_steps": 2}},
+        {"class_path": "torch.optim.lr_scheduler.OneCycleLR",
+         "init_args": {"max_lr": 0.1, "epochs": 1, "steps_per_epoch": 1}},
+        {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}},
+    ],
+)  # fmt: skip
+def test_the_schedule_probe_takes_what_a_run_takes(scheduler):
+    from mnist_lit.model import GUIDE_SGD, check_scheduler
+
+    check_scheduler(GUIDE_SGD, scheduler)
+    if scheduler["class_path"].endswith("StepLR"):  # LBFGS's step takes a closure
+        check_scheduler({"class_path": "torch.optim.LBFGS", "init_args": {}}, scheduler)
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep"])
+def test_a_config_that_is_a_folder_or_holds_a_bad_date_is_one_line(command, tmp_path, run_main):
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "date.yaml").write_text("trainer:\n  max_epochs: 2001-13-01\n")
+    for name, needle in (("folder.yaml", "Is a directory"), ("date.yaml", "not valid YAML (month must be in 1..12)")):
+        status, _, err = run_main(command, "--config", str(tmp_path / name), cwd=tmp_path)
+        assert status == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"--config {tmp_path / name}: {needle}" in err, err

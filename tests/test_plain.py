@@ -38,7 +38,7 @@ def test_it_trains_checkpoints_and_tests_on_synthetic_files(tmp_path):
     assert set(results) == {"test/loss", "test/acc"} and 0 <= results["test/acc"] <= 1
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     # Plain Lightning saves every 10 steps and not when the run stops: steps 11 and 12 are in no file. Saving at the
-    # stop (and on Ctrl-C) is one of the things mnist_lit/checkpoint.py adds.
+    # stop (and on Ctrl-C) is one of the things mnist_lit/checkpoints/callback.py adds.
     assert checkpoint["global_step"] == 10 and checkpoint["hyper_parameters"] == {"lr": 0.01, "momentum": 0.5}
     assert (tmp_path / "run" / "checkpoints" / "epoch=1-step=10.ckpt").is_file()  # every 10 steps (9 an epoch)
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["momentum"] == 0.5

@@ -21,6 +21,8 @@ from mnist_lit.errors import CheckpointError
 
 def check_resumable(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     """Fail unless the checkpoint holds what resuming needs besides the weights."""
+    # Lightning calls no callback's on_load_checkpoint for a file without "callbacks": ResumeCheck must see it
+    checkpoint.setdefault("callbacks", {})
     if not checkpoint.get("optimizer_states") or "loops" not in checkpoint:
         raise CheckpointError(
             f"{path} holds weights only (no optimizer state or progress), so training cannot resume from it;"

@@ -84,7 +84,11 @@ def serve(
             raise ConfigError(f"--port: cannot listen on {host} port {port}: {err.strerror}") from None
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     print(f"serving {ckpt_path} at {url} in a few seconds; Ctrl-C stops", file=sys.stderr)
-    run_server(net, dataset, host, port, max_batch_size, batch_timeout, workers, accelerator, body_timeout)
+    # plain numbers: jsonargparse's range types are made at run time, and the server's processes cannot unpickle them
+    run_server(
+        net, dataset, host, int(port), int(max_batch_size), float(batch_timeout), int(workers), accelerator,
+        float(body_timeout),
+    )  # fmt: skip
     print("stopped", file=sys.stderr)
 
 

@@ -1,6 +1,6 @@
-"""The command line: LightningCLI's fit, validate, test and predict, which open a run's checkpoints through
-mnist_lit.runs; mnist_lit's own subcommands are in mnist_lit.cli.commands; every user error ends here, in main, as one
-line."""
+"""LightningCLI's fit, validate, test and predict with the project's checks: the options checked and the run's
+checkpoints opened (mnist_lit.runs) before anything is built. Errors are raised; mnist_lit.__main__ reports each in
+one line."""
 
 from __future__ import annotations
 
@@ -66,14 +66,15 @@ def share_cores(processes: int, workers: int) -> None:
 
 def resume_command(args: list[str]) -> str:
     """The command that resumes a fit started with args, in the folder it was started in: the same options (the
-    run's root and config files among them) and --ckpt_path last in place of any --ckpt_path."""
+    run's root and config files among them), --ckpt_path last in place of any --ckpt_path, and no --model.init_from
+    (a resume takes its weights from the run itself)."""
     words, skip = [], False
     for arg in args:
         if skip:
             skip = False
-        elif arg == "--ckpt_path":
+        elif arg in ("--ckpt_path", "--model.init_from"):
             skip = True
-        elif not arg.startswith("--ckpt_path="):
+        elif not arg.startswith(("--ckpt_path=", "--model.init_from=")):
             words.append(arg)
     return shlex.join(["python", "-m", "mnist_lit", *words, "--ckpt_path", "last"])
 

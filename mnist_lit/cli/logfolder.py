@@ -38,10 +38,13 @@ class SaveConfig(SaveConfigCallback):
             raise OSError(err.errno, err.strerror, path) from None
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.log_dir is None:
+        # Lightning calls this on the main process only: the logger's folder, not trainer.log_dir, which is a
+        # collective every process must join (a DDP run would hang on it)
+        folder = trainer.logger.log_dir if trainer.logger is not None else None
+        if folder is None:
             return
         text = self.parser.dump(self.config, skip_none=False)
-        write_atomically(os.path.join(trainer.log_dir, self.config_filename), text.encode())
+        write_atomically(os.path.join(folder, self.config_filename), text.encode())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step

@@ -61,8 +61,10 @@ def read_yaml(path: str) -> Any:
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None  # jsonargparse says so, as for any other file it cannot find
+    except OSError as err:
+        raise ConfigError(f"--config {path}: {err.strerror}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"--config {path}: over {MAX_CONFIG_BYTES // 2**20} MiB, not a file of options")
     try:
@@ -78,6 +80,8 @@ def read_yaml(path: str) -> Any:
         raise ConfigError(f"--config {path}:{where} not valid YAML ({problem})") from None
     except RecursionError:
         raise ConfigError(f"--config {path}: nested over {MAX_CONFIG_DEPTH} deep") from None
+    except (ValueError, TypeError) as err:  # a value YAML's own types refuse, a date of month 13 say
+        raise ConfigError(f"--config {path}: not valid YAML ({one_line(str(err))})") from None
     if problem := _oversized(config):
         raise ConfigError(f"--config {path}: {problem}")
     return config
