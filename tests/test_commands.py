@@ -150,3 +150,19 @@ def test_a_config_that_is_a_folder_or_holds_a_bad_date_is_one_line(command, tmp_
         status, _, err = run_main(command, "--config", str(tmp_path / name), cwd=tmp_path)
         assert status == 1 and len(err.strip().splitlines()) == 1, err
         assert f"--config {tmp_path / name}: {needle}" in err, err
+
+
+def test_a_typo_in_a_config_file_is_named_with_its_file_and_what_was_meant(tmp_path, run_main):
+    (tmp_path / "my.yaml").write_text("trainer:\n  max_epoch: 3\n")
+    status, _, err = run_main("fit", "--config", str(tmp_path / "my.yaml"), cwd=tmp_path)
+    assert status == 1 and err.strip() == (
+        f"error: --config {tmp_path / 'my.yaml'}: trainer.max_epoch is not an option of fit; did you mean"
+        " trainer.max_epochs? (see --help)"
+    ), err
+
+
+def test_a_sweeps_config_given_to_fit_says_to_run_sweep(tmp_path, run_main):
+    config = ROOT / "configs" / "sweep.yaml"
+    status, _, err = run_main("fit", "--config", str(config), cwd=tmp_path)
+    assert status == 1 and f"--config {config} is a sweep's config" in err, err
+    assert f"`python -m mnist_lit sweep --config {config}`" in err and len(err.strip().splitlines()) == 1, err

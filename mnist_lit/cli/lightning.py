@@ -4,6 +4,7 @@ one line."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
@@ -31,7 +32,7 @@ from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir
 from mnist_lit.cli import options
 from mnist_lit.cli.help import HelpFormatter
 from mnist_lit.cli.logfolder import SaveConfig, claim_version
-from mnist_lit.cli.messages import explain_accelerator, explain_class_option
+from mnist_lit.cli.messages import config_key_error, explain_accelerator, explain_class_option
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import (
     ConfigError,
@@ -217,7 +218,10 @@ class MNISTCLI(LightningCLI):
         # written: the options, then the run's checkpoints (mnist_lit.runs), whose hyperparameters and dataset
         # become the options' except where the command line gives them.
         self.args = options.prepare(list(sys.argv[1:] if args is None else args))
-        self.config = parser.parse_args(self.args)
+        try:
+            self.config = parser.parse_args(self.args)
+        except argparse.ArgumentError as err:
+            raise config_key_error(str(err), self.args) or err from None
         subcommand = self.config.subcommand
         config = self.config[subcommand]
         try:  # a bad optimizer option first, whatever else may be wrong

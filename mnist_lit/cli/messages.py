@@ -13,6 +13,7 @@ from lightning.pytorch import Trainer
 
 from mnist_lit import COMMANDS
 from mnist_lit.checkpoints import Checkpoint
+from mnist_lit.cli import options
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, UserError, one_line, printable
 from mnist_lit.model import GUIDE_SGD, LitMNIST
@@ -173,4 +174,25 @@ def error_line(err: BaseException) -> str | None:
     if isinstance(err, ValueError) and "`val_check_interval`" in str(err):
         # Lightning checks val_check_interval against the epoch's batches only once the data is there
         return printable(f"error: --trainer.{one_line(str(err)).replace('`', '')}")
+    return None
+
+
+def config_key_error(message: str, args: list[str]) -> ConfigError | None:
+    """An option a --config file sets that the subcommand does not take, named with its file and what was meant (a
+    typo there got neither), or the file named as a sweep's config; None for any other error."""
+    found = re.search(r"Subcommand '(\w+)' does not accept option '([^']+)'", message)
+    if found is None:
+        return None
+    subcommand, key = found[1], found[2]
+    for path in reversed(options.config_files(args)):
+        config = options.read_yaml(path)
+        if key.startswith("sweep.") and isinstance(config, dict) and "sweep" in config:
+            return ConfigError(
+                f"--config {path} is a sweep's config (it has a sweep: section): run it with `python -m mnist_lit"
+                f" sweep --config {path}`"
+            )
+        if key in options.option_names(config):
+            close = difflib.get_close_matches(f"--{key}", _option_names(), n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0].removeprefix('--')}?" if close else ""
+            return ConfigError(f"--config {path}: {key} is not an option of {subcommand}{hint}")
     return None

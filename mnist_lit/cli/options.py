@@ -125,7 +125,7 @@ def given_in_config(args: list[str], key: str) -> bool:
     return any(isinstance(c := read_yaml(path), dict) and key in c for path in config_files(args))
 
 
-def _names(config: Any, prefix: str = "") -> list[str]:
+def option_names(config: Any, prefix: str = "") -> list[str]:
     """The option names a YAML mapping sets, as on the command line: trainer.max_epochs, model.optimizer.lr (a
     class's init_args are its options; its class_path is the option itself)."""
     if not isinstance(config, dict):
@@ -133,11 +133,11 @@ def _names(config: Any, prefix: str = "") -> list[str]:
     names = []
     for key, value in config.items():
         if key == "init_args":
-            names += _names(value, prefix)
+            names += option_names(value, prefix)
         elif key == "class_path":
             names.append(prefix)
         else:
-            names += _names(value, f"{prefix}.{key}" if prefix else str(key))
+            names += option_names(value, f"{prefix}.{key}" if prefix else str(key))
     return names
 
 
@@ -147,7 +147,7 @@ def warn_overridden(args: list[str]) -> None:
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
     for position, path in _configs(args):
-        in_file = set(_names(read_yaml(path)))
+        in_file = set(option_names(read_yaml(path)))
         before = [m[1] for a in args[:position] if (m := re.match(r"--([\w.]+)(?:=|$)", a)) and m[1] != "config"]
         overridden = [
             f"--{name}" for name in dict.fromkeys(before)
@@ -171,6 +171,6 @@ def origin(args: list[str], name: str) -> str | None:
             found = f"--{name} {args[i + 1]}"
         elif arg.startswith(f"--{name}="):
             found = f"--{name} {arg.partition('=')[2]}"
-        elif (path := dict(_configs(args)).get(i)) is not None and name in _names(read_yaml(path)):
+        elif (path := dict(_configs(args)).get(i)) is not None and name in option_names(read_yaml(path)):
             found = f"--config {path}"
     return found
