@@ -207,6 +207,10 @@ def test_a_sweep_ends_with_a_table_best_yaml_and_figures_that_reproduce(tmp_path
     assert len(rows) == 6 and all(f"trials/{t.number}" in rows[t.number] for t in trials)
     for name in ("best.yaml", "history.png", "slices.png"):
         assert (root / name).is_file(), name
+    # a ranking of the parameters from 6 trials would rank noise: said, not drawn
+    completed = sum(t.value is not None and t.state.name == "COMPLETE" for t in trials)
+    assert not (root / "importances.png").exists()
+    assert f"no importances.png yet ({completed} trials completed; drawn from 8)" in result.stdout
     best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
     assert f"best: trial {best.number}, val/acc {best.value:.4f}" in result.stdout
     # best.yaml in a new root: the best trial's run again, weights and metric exactly

@@ -71,6 +71,10 @@ def report(study: Any, root: Path, metric: str, space: Space) -> None:
           f" {root / 'best.yaml'}; figures: {', '.join(figures) or 'none'}")  # fmt: skip
 
 
+# Trials a ranking of the parameters' importance is drawn from: fANOVA on fewer ranks noise.
+RANKED_FROM = 8
+
+
 def figures_of(study: Any, root: Path) -> list[str]:
     """Optuna's matplotlib plots, as PNG files in root; those the trials so far cannot draw are left out."""
     import matplotlib
@@ -79,11 +83,16 @@ def figures_of(study: Any, root: Path) -> list[str]:
     import io
 
     import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
     from optuna.visualization import matplotlib as plots
 
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     written = []
     for name, plot in (("history.png", plots.plot_optimization_history), ("importances.png",
                        plots.plot_param_importances), ("slices.png", plots.plot_slice)):  # fmt: skip
+        if name == "importances.png" and completed < RANKED_FROM:
+            written.append(f"no importances.png yet ({completed} trials completed; drawn from {RANKED_FROM})")
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna calls its matplotlib plots experimental
@@ -91,6 +100,8 @@ def figures_of(study: Any, root: Path) -> list[str]:
                 figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             if hasattr(axes, "flat"):  # one panel per parameter: room for each one's name
                 figure.set_size_inches(5 * len(axes.flat), 4.8)
+                for panel in axes.flat:
+                    _readable(panel)
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
             plt.close(figure)
@@ -99,3 +110,16 @@ def figures_of(study: Any, root: Path) -> list[str]:
         except (ValueError, RuntimeError, ZeroDivisionError):  # too few completed trials, or all the same
             continue
     return written
+
+
+def _readable(panel: Any) -> None:
+    """A slice's panel with ticks that do not run into each other: its parameter's short name, and a log axis
+    narrower than a decade labelled at 1, 2 and 5 times its powers of ten in plain numbers (matplotlib labels
+    every minor tick there, as 2x10^-2, 3x10^-2, ..., one over the next)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    panel.set_xlabel(short(panel.get_xlabel()))
+    if panel.get_xscale() == "log":
+        panel.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        panel.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        panel.xaxis.set_minor_formatter(NullFormatter())
