@@ -89,7 +89,8 @@ def _main() -> None:
         sys.exit(f"{USAGE}\n\nerror: choose a subcommand")
     # Until the command line installs its own handler (after the imports), a signal stops at once, in one line
     # (mnist_lit.signals lists every place a signal is handled).
-    signal.signal(signal.SIGTERM, stop_at_once)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_at_once)
     try:
         run(args)
     except KeyboardInterrupt as err:  # before anything was built: nothing to save

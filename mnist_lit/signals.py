@@ -2,8 +2,9 @@
 
 Where each signal is handled, and why:
 
-- `python -m mnist_lit` starts (__main__.py, before the slow imports): SIGTERM raises KeyboardInterrupt, so that a
-  signal stops at once, in one line ("stopped at once; nothing new was saved"), instead of Python's silent death.
+- `python -m mnist_lit` starts (__main__.py, before the slow imports): `stop_at_once` takes SIGINT and SIGTERM and
+  ends the process there, in one line ("stopped at once; nothing new was saved") and status 128 + signal, instead
+  of Python's silent death or a KeyboardInterrupt lost inside an import.
 - Any command (mnist_lit.__main__.run, `handling()`): `_on_signal` owns SIGINT and SIGTERM until the command
   ends, then the handlers before it come back. It raises `Interrupted`: one line and the shell's status 128 + signal.
 - A fit's training loop (checkpoints.Checkpoint, `arm`/`disarm`): the armed callback takes the first signal and
@@ -26,6 +27,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Protocol
@@ -55,8 +57,14 @@ _saver: Catcher | None = None  # the callback of this process's fit, armed or no
 
 
 def stop_at_once(signum: int, frame: FrameType | None) -> None:
-    """Until a command installs its handler: stop with KeyboardInterrupt(signum), before anything is built."""
-    raise KeyboardInterrupt(signum)
+    """Until a command installs its handler: stop at once, in one line, with the shell's status for the signal.
+
+    The process ends here, before anything is built. An exception raised this early is not reliable: one raised in
+    a callback of the import machinery is printed and dropped (the command ran on), and one raised inside torch's
+    initialisation can leave Python exiting as if killed by SIGINT after the line was printed."""
+    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
