@@ -524,6 +524,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_writes_nothi
     assert sorted(p.name for p in (run_root / "lightning_logs").iterdir()) == ["version_0"]
 
 
+@pytest.mark.slow  # a fit and a resume: about 30 s
 def test_resuming_a_run_trained_past_the_limit_says_nothing_to_train_before_anything_is_built(tmp_path, mnist_dir):
     """The README's `fit --ckpt_path last` on a run trained further than the limit it gives (the default 10 epochs
     after --trainer.max_epochs 20) ended in Lightning's own error, after the model's summary."""

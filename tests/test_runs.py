@@ -202,6 +202,7 @@ def test_a_resume_and_a_validate_keep_to_the_runs_own_held_out_images(tmp_path, 
     assert run_main("validate", *data, "--ckpt_path", "last", "--data.val_size", "32", cwd=other)[0] == 0
 
 
+@pytest.mark.slow  # two tests of a run: about 35 s
 def test_evaluating_a_runs_checkpoint_writes_beside_that_run(tmp_path, trained_run, mnist_dir):
     """`test --ckpt_path runs/a/checkpoints/last.ckpt` left its figures in ./lightning_logs, apart from the run."""
     shutil.copytree(trained_run, tmp_path / "runs" / "a")

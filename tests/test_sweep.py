@@ -402,6 +402,7 @@ def test_two_workers_started_separately_share_one_study_in_postgresql(tmp_path, 
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
 
 
+@pytest.mark.slow  # a sweep and two reports: about 40 s
 def test_a_study_from_elsewhere_names_no_folder_outside_the_root_and_its_text_reaches_the_screen_escaped(
     tmp_path, mnist_dir
 ):

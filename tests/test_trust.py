@@ -554,6 +554,7 @@ def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
     assert sampler.state_dict() == {"seed": 1, "epoch": 2, "seen": 30, "position": 30}
 
 
+@pytest.mark.slow  # a fit: about 10 s
 def test_a_link_planted_as_the_runs_config_yaml_is_refused_and_what_it_points_to_is_untouched(tmp_path, mnist_dir):
     """A log version folder that is already there (a logger given its version) may hold a planted config.yaml link:
     the run's config goes through the one writer, which never writes through a link."""
