@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from mnist_lit import LIGHTNING_COMMANDS, USAGE
+from mnist_lit import USAGE
 from mnist_lit.signals import stop_at_once
 
 
@@ -37,31 +37,25 @@ def _sweep(args: list[str]) -> None:
     run_sweep(args)
 
 
-# What runs each subcommand (mnist_lit.COMMANDS has their lines of help). Lightning's own take the whole command
-# line, their subcommand first: LightningCLI parses it.
-RUNNERS: dict[str, Callable[[list[str]], None]] = {
-    **{name: _lightning for name in LIGHTNING_COMMANDS},
-    "export": _own("export"),
-    "serve": _own("serve"),
-    "sweep": _sweep,
-}
+# What runs each of mnist_lit's own subcommands (mnist_lit.COMMANDS has every subcommand's line of help). Lightning's
+# own, and any word that is none of these, go to LightningCLI whole: it parses the subcommand and says which it takes.
+RUNNERS: dict[str, Callable[[list[str]], None]] = {"export": _own("export"), "serve": _own("serve"), "sweep": _sweep}
 
 
 def run(args: list[str]) -> None:
     """Run one command line; a user error ends in one line on stderr and exit status 1 (SystemExit)."""
     from mnist_lit import signals
     from mnist_lit.cli import error_line
+    from mnist_lit.errors import printable
 
-    command = args[0] if args and args[0] in RUNNERS and args[0] not in LIGHTNING_COMMANDS else None
+    runner = RUNNERS.get(args[0]) if args else None
     try:
         with signals.handling():  # Ctrl-C and SIGTERM: see mnist_lit.signals
-            if command is None:
-                _lightning(args)  # a misspelt subcommand, too: LightningCLI says which it takes
+            if runner is None:
+                _lightning(args)
             else:
-                RUNNERS[command](args[1:])
+                runner(args[1:])
     except signals.Interrupted as err:
-        from mnist_lit.errors import printable
-
         print(f"\n{printable(str(err))}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
     except Exception as err:
