@@ -75,8 +75,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_every_earlier_checkpoint
 
 
 # --- two runs in one folder -------------------------------------------------------------------------------------
-
-
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_two_fits_started_together_in_one_folder_one_runs_and_one_refuses_at_once(tmp_path, mnist_dir):
     command = [sys.executable, "-m", "mnist_lit", *fit_args(mnist_dir, "--trainer.max_epochs", "6")]
     runs = [

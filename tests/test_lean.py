@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
 import torch
 from conftest import QUIET, SYNTHETIC, run_cli
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -53,6 +54,7 @@ class SeeProfiler(Callback):
         SeeProfiler.seen.append(type(trainer.profiler))
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_quiet_profiler_is_the_default_and_a_chosen_profiler_still_profiles(mnist_dir, tmp_path, run_main):
     with QuietProfiler().profile("a") as inside, QuietProfiler().profile("b"):
         assert inside is None

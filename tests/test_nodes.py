@@ -117,6 +117,7 @@ def reference(tmp_path_factory, data) -> Path:
     return folder
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_each_node_advertises_the_interface_that_reaches_the_main_node(two_nodes, tmp_path):
     """Where the machine's hostname resolves to a loopback address (Debian's default), gloo would advertise that
     to the other nodes; mnist_lit picks the interface that routes to MASTER_ADDR instead."""

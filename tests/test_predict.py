@@ -163,6 +163,7 @@ def test_export_pth_loads_into_the_guides_net_without_lightning(trained, tmp_pat
     assert all(t.is_contiguous() for t in state.values())
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_export_onnx_runs_in_onnxruntime_like_pytorch(trained, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     result = run_cli("export", "--ckpt_path", "last", "--output", str(tmp_path / "model.onnx"), cwd=trained)
@@ -206,6 +207,7 @@ def test_checkpoint_names_and_curves_count_what_is_done_tensorboard_the_steps_be
     assert [e.step for e in events.Scalars("val/acc")] == [8, 17]
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_figures_are_png_files_after_fit_and_test(trained, mnist_dir):
     curves = trained / "lightning_logs" / "version_0" / "curves.png"
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)

@@ -154,6 +154,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_d
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path, mnist_dir):
     process = start_fit(tmp_path, *args(mnist_dir), "--checkpoint.save_last", "false")
     wait_for("checkpoints/*.ckpt", tmp_path)
@@ -244,6 +245,7 @@ def test_ctrl_c_under_gradient_accumulation_stops_at_a_step_and_resumes_exactly(
     assert_same_run(run, whole)
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_ctrl_c_in_the_last_validation_keeps_the_finished_run_and_says_so(tmp_path, mnist_dir):
     result = run_cli("val-int", "3", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)  # epoch 2 of 3 validates
     assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -454,6 +454,7 @@ def answers(port: int) -> bool:
         connection.close()
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_sigkill_of_serves_main_process_leaves_no_process_and_frees_the_port(trained):
     port = free_port()
     command = [sys.executable, "-m", "mnist_lit", "serve", "--ckpt_path", "last", "--port", str(port)]
