@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
-import math
-import os
 import re
-import warnings
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from mnist_lit.checkpoints import check_weights, load_checkpoint
-from mnist_lit.errors import CheckpointError, first_line
 from mnist_lit.lean import LeanHooks
-from mnist_lit.trust import check_model_hparams, check_spec
 
 # The guide's optimizer, as the class_path spec jsonargparse shows in --print_config and saves in checkpoints (a
 # callable object there would need unpickling code to load). fused: the whole update in one kernel, bit for bit
@@ -82,23 +77,35 @@ class ConvNet(nn.Module):
 NET_SPEC: dict[str, Any] = {"class_path": "mnist_lit.model.Net", "init_args": {}}  # the default network
 
 
+def from_spec(spec: dict[str, Any]) -> Any:
+    """What a class-path spec names, called with its init_args: the class imported as named. A spec is code, as in
+    LightningCLI: the commands check one that comes from a file as data before it gets here (mnist_lit.runs)."""
+    module, _, name = spec["class_path"].rpartition(".")
+    return functools.partial(getattr(importlib.import_module(module), name), **(spec.get("init_args") or {}))
+
+
+def spec_of(net: nn.Module) -> dict[str, Any]:
+    """A class-path spec for a module given in Python, for the checkpoint: its class, and the arguments it records
+    (none, unless the module keeps them as `init_args`; pass net as a spec to have it rebuilt with its own)."""
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "init_args", {}))}
+
+
+def build_net(net: nn.Module | dict[str, Any] | None) -> nn.Module:
+    """The network: the guide's Net by default, built from a class-path spec, or a module given in Python."""
+    if net is None:
+        return Net()
+    if isinstance(net, dict):
+        return from_spec(net)()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model.net: {type(net).__name__} is not a torch.nn.Module")
+    return net
+
+
 def log_probabilities(net: nn.Module, outputs: Tensor) -> Tensor:
     """A network's outputs as log-probabilities: log_softmax unless it says it applied one (Net). Applied to
     log-probabilities it would change nothing but the float rounding, which the guide's numbers must keep."""
     return outputs if getattr(net, "log_probabilities", False) else F.log_softmax(outputs, dim=1)
-
-
-def build_net(net: nn.Module | dict[str, Any] | None) -> nn.Module:
-    """The network: the guide's Net by default, a class-path spec checked as data (mnist_lit.trust) and built, or a
-    module given in Python."""
-    if net is None:
-        return Net()
-    if isinstance(net, dict):
-        cls = check_spec("net", net)
-        return cls(**(net.get("init_args") or {}))
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"--model.net: {type(net).__name__} is not a torch.nn.Module")
-    return net
 
 
 def check_contract(net: nn.Module) -> None:
@@ -123,13 +130,26 @@ def check_contract(net: nn.Module) -> None:
         )
 
 
-def _metric_name(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_")
-
-
 def layers(net: nn.Module) -> list[str]:
     """The names of the network's layers that have weights: what --model.freeze can name."""
     return [name for name, module in net.named_children() if any(True for _ in module.parameters())]
+
+
+def freeze_layers(net: nn.Module, names: tuple[str, ...]) -> None:
+    """Leave these layers of the network unchanged by training; layers it does not have are refused."""
+    if unknown := [name for name in names if name not in layers(net)]:
+        raise ValueError(
+            f"--model.freeze: {', '.join(unknown)} is not a layer of the {type(net).__name__}; it has"
+            f" {', '.join(layers(net))}"
+        )
+    if set(names) == set(layers(net)):
+        raise ValueError("--model.freeze: freezing every layer leaves nothing to train")
+    for name in names:
+        getattr(net, name).requires_grad_(False)
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_")
 
 
 class LitMNIST(LeanHooks, LightningModule):
@@ -146,7 +166,6 @@ class LitMNIST(LeanHooks, LightningModule):
         optimizer: OptimizerCallable = GUIDE_SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = True,
-        init_from: str | None = None,
         freeze: tuple[str, ...] = (),
     ) -> None:
         """
@@ -162,64 +181,25 @@ class LitMNIST(LeanHooks, LightningModule):
                 given). Default: none, a constant learning rate as in the guide.
             channels_last: Run convolutions in the channels_last memory format: same model and results (to
                 float rounding), about 25% faster on CPU.
-            init_from: Fine-tune: start fit from the weights of this checkpoint ('last': the newest one in
-                <trainer.default_root_dir>/checkpoints), with a new optimizer and new step counts (to continue
-                a run instead, use --ckpt_path).
             freeze: Layers of the network that training leaves unchanged, e.g. [conv1, conv2] for the Net.
         """
         super().__init__()
-        # init_from is not recorded: a resumed or tested run has its weights from its own checkpoint.
-        self.save_hyperparameters(ignore=["init_from"])
+        self.save_hyperparameters()
         if not isinstance(self.hparams.get("net"), dict):  # built here, or given as a module in Python
             self.hparams["net"] = NET_SPEC if net is None else spec_of(net)
-        self.make_optimizer = _from_spec("optimizer", optimizer)
-        self.make_scheduler = _from_spec("lr_scheduler", lr_scheduler) if lr_scheduler is not None else None
+        self.make_optimizer = from_spec(optimizer) if isinstance(optimizer, dict) else optimizer
+        self.make_scheduler = from_spec(lr_scheduler) if isinstance(lr_scheduler, dict) else lr_scheduler
         self.net = build_net(net)
         check_contract(self.net)
-        if unknown := [name for name in freeze if name not in layers(self.net)]:
-            raise ValueError(
-                f"--model.freeze: {', '.join(unknown)} is not a layer of the {type(self.net).__name__}; it has"
-                f" {', '.join(layers(self.net))}"
-            )
-        if set(freeze) == set(layers(self.net)):
-            raise ValueError("--model.freeze: freezing every layer leaves nothing to train")
-        if init_from is not None:
-            checkpoint = load_checkpoint(init_from)
-            check_weights(init_from, checkpoint, self)
-            self.load_state_dict(checkpoint["state_dict"])
-        for name in freeze:
-            getattr(self.net, name).requires_grad_(False)
+        freeze_layers(self.net, freeze)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
-        check_optimizer(self.make_optimizer)
         # Loss metrics average per-image losses in float64: summed NLL / N, exactly the guide's test loss.
         self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=10)
         self.confusion: Tensor | None = None
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | os.PathLike | IO[bytes],
-        map_location: Any = None,
-        hparams_file: Any = None,
-        strict: bool | None = None,
-        **kwargs: Any,
-    ) -> LitMNIST:
-        """Lightning's, for a file from elsewhere: its digest verified and its hyperparameters checked as data
-        (mnist_lit.trust), then the model built from them here, never by importing what a file names.
-        kwargs override the checkpoint's hyperparameters, as in Lightning's."""
-        if hparams_file is not None:
-            raise ValueError("hparams_file: give the hyperparameters to change as keyword arguments instead")
-        if isinstance(checkpoint_path, (str, os.PathLike)):
-            checkpoint = load_checkpoint(checkpoint_path)
-        else:
-            checkpoint = load_checkpoint(getattr(checkpoint_path, "name", "the checkpoint"), checkpoint_path.read())
-        model = cls(**{**hparams_from(checkpoint), **kwargs})
-        model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
     def forward(self, x: Tensor) -> Tensor:
         """Log-probabilities of the classes."""
@@ -240,8 +220,7 @@ class LitMNIST(LeanHooks, LightningModule):
         x, y = batch
         output = self(x)
         loss.update(F.nll_loss(output, y, reduction="none"))
-        preds = output.argmax(1)
-        acc.update(preds, y)
+        acc.update(preds := output.argmax(1), y)
         return preds
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -277,107 +256,18 @@ class LitMNIST(LeanHooks, LightningModule):
         optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
         if self.make_scheduler is None:
             return optimizer
-        # OneCycleLR's length: the run's, unless given (total_steps, or epochs and steps_per_epoch). On a resume
-        # the scheduler's state, its length included, comes from the checkpoint; asking the trainer for the run's
-        # length here would set up the train loader before the checkpoint's place in the epoch is restored, and
-        # Lightning would then never restore it. A stand-in length there, replaced by the checkpoint's.
-        given = _spec_args(self.hparams.lr_scheduler)
+        # OneCycleLR's length: the run's, unless given. A resume's comes with the checkpoint (asking the trainer here
+        # would set up the train loader before Lightning restores its place in the epoch): a stand-in until then.
+        spec = self.hparams.lr_scheduler
+        given = (spec.get("init_args") or {}) if isinstance(spec, dict) else {}
         if given.get("total_steps", 0) is None and given.get("epochs") is None:
             total = 1 if self.trainer.ckpt_path else int(self.trainer.estimated_stepping_batches)
             scheduler = self.make_scheduler(optimizer, total_steps=total)
         else:
             scheduler = self.make_scheduler(optimizer)
-        # A schedule whose length is counted in steps (OneCycleLR) steps every batch; the others, whose sizes
-        # (StepLR's step_size, ...) are in epochs, once per epoch.
+        # A schedule counted in steps (OneCycleLR) steps every batch; the others (StepLR's step_size ...) every epoch.
         per_step = "total_steps" in inspect.signature(type(scheduler)).parameters
         config = {"scheduler": scheduler, "interval": "step" if per_step else "epoch"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
-
-
-def spec_of(net: nn.Module) -> dict[str, Any]:
-    """A class-path spec for a module given in Python, for the checkpoint: its class, and the arguments it records
-    (none, unless the module keeps them as `init_args`; pass net as a spec to have it rebuilt with its own)."""
-    cls = type(net)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "init_args", {}))}
-
-
-def hparams_from(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The LitMNIST arguments a checkpoint was trained with (checked as data when it was loaded), as specs."""
-    hparams = check_model_hparams(checkpoint.get("hyper_parameters"))
-    if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
-        init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
-        hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}
-    return hparams
-
-
-def net_from(
-    ckpt_path: str | os.PathLike, checkpoint: dict[str, Any], hparams: dict[str, Any] | None = None
-) -> nn.Module:
-    """The network a checkpoint holds, rebuilt from its spec (checked as data) with its weights, in eval mode; its
-    convolution weights in the plain layout (a channels_last run's are not)."""
-    net = build_net((hparams_from(checkpoint) if hparams is None else hparams).get("net"))
-    check_weights(ckpt_path, checkpoint, nn.ModuleDict({"net": net}))
-    state = {k.removeprefix("net."): v.contiguous() for k, v in checkpoint["state_dict"].items()}
-    net.load_state_dict(state, strict=True)
-    try:  # what serve and export would otherwise find out from a request, or not at all
-        check_contract(net)
-    except ValueError as err:
-        raise CheckpointError(f"{ckpt_path} holds a network that is of no use here: {err}") from None
-    return net.eval()
-
-
-def _from_spec(field: str, value: Any) -> Any:
-    """A callable from a class_path spec (the default, or a spec given in Python or read from a checkpoint), checked
-    as data first (mnist_lit.trust); callables pass through."""
-    if not isinstance(value, dict):
-        return value
-    cls = check_spec(field, value)
-    return functools.partial(cls, **(value.get("init_args") or {}))
-
-
-def _spec_args(spec: Any) -> dict[str, Any]:
-    return dict(spec.get("init_args", {})) if isinstance(spec, dict) else {}
-
-
-def check_optimizer(optimizer: OptimizerCallable | dict[str, Any]) -> None:
-    """Refuse bad optimizer options now, not after data loading: torch's own checks, and ranges it leaves out."""
-    probe = nn.Parameter(torch.zeros(1))  # not a Net: its random initial weights would shift the seeded stream
-    make = _from_spec("optimizer", optimizer)  # a spec from a file refused here is never called
-    try:
-        group = make([probe]).param_groups[0]
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise ValueError(f"--model.optimizer: {err}") from None
-    lr = group.get("lr")
-    if isinstance(lr, (int, float)) and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"--model.optimizer.lr: {lr} is out of range; it must be > 0 and finite")
-    momentum = group.get("momentum")
-    if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
-        raise ValueError(f"--model.optimizer.momentum: {momentum} is out of range; it must be >= 0 and < 1")
-
-
-def check_scheduler(optimizer: OptimizerCallable | dict[str, Any], scheduler: dict[str, Any] | None) -> None:
-    """Refuse a schedule's bad options now, in one line, not as a traceback at its first step: it is built on a probe
-    optimizer and stepped a few times (torch checks some arguments only when the schedule runs: T_max 0, a
-    last_epoch without initial_lr). Only the arguments given that differ from the class's defaults are passed."""
-    if scheduler is None:
-        return
-    cls = check_spec("lr_scheduler", {**scheduler, "init_args": {}})
-    defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
-    given = {k: v for k, v in _spec_args(scheduler).items() if k not in defaults or defaults[k] != v}
-    check_spec("lr_scheduler", {**scheduler, "init_args": given})
-    optimizer = _from_spec("optimizer", optimizer)([nn.Parameter(torch.zeros(1))])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "step() before optimizer.step()": a probe has no training step
-            if "total_steps" in defaults and "total_steps" not in given and given.get("epochs") is None:
-                given["total_steps"] = 8  # the run's length, as configure_optimizers gives it
-            schedule = cls(optimizer, **given)
-            length = getattr(schedule, "total_steps", None)  # a one-cycle of N steps takes N - 1 after its first
-            for _ in range(min(3, length - 1) if isinstance(length, int) else 3):
-                optimizer.step(lambda: torch.zeros(()))  # a closure: LBFGS takes one
-                schedule.step(*([1.0] if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau) else []))
-    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise ValueError(f"--model.lr_scheduler {cls.__name__}: {first_line(ValueError(message))}") from None

@@ -29,8 +29,10 @@ from mnist_lit.checkpoints import (
     LAST,
     RunLock,
     check_resumable,
+    check_weights,
     hand_over,
     load_ckpt_path,
+    load_weights,
     newest_checkpoint,
     refuse_linked_folder,
     resolve,
@@ -38,8 +40,9 @@ from mnist_lit.checkpoints import (
     tunable,
 )
 from mnist_lit.datasets import DATASETS, recorded_dataset
-from mnist_lit.errors import CheckpointError, ConfigError, DataError
-from mnist_lit.model import NET_SPEC, hparams_from, net_from
+from mnist_lit.errors import CheckpointError, ConfigError, DataError, Untrusted
+from mnist_lit.model import GUIDE_SGD, NET_SPEC, LitMNIST, check_contract
+from mnist_lit.trust import check_model_hparams, check_spec
 
 
 @dataclass(eq=False)
@@ -54,17 +57,66 @@ class Trained:
     @functools.cached_property
     def net(self) -> nn.Module:
         """Its network, rebuilt from its spec with its weights, in eval mode (built on first use, then kept)."""
-        return net_from(self.path, self.checkpoint, self.hparams)
+        return net_from(self.path, self.net_spec, self.checkpoint["state_dict"], prefix="net.")
 
     @property
     def net_spec(self) -> dict[str, Any]:
         return self.hparams.get("net", NET_SPEC)
+
+    def weights_into(self, model: nn.Module) -> None:
+        """Its weights into a model of the same shapes (--model.init_from's): refused in one line otherwise."""
+        check_weights(self.path, self.checkpoint, model)
+        model.load_state_dict(self.checkpoint["state_dict"], strict=True)
+
+    def model(self) -> LitMNIST:
+        """The whole LitMNIST with its weights, for your own code: `runs.load(path).model()` is the safe
+        LitMNIST.load_from_checkpoint (Lightning's own builds whatever a file names: for files you trust only)."""
+        model = LitMNIST(**{**self.hparams, "net": self.net.train()})
+        model.hparams["net"] = self.net_spec
+        model.load_state_dict(self.checkpoint["state_dict"], strict=True)
+        return model
 
 
 def load(ckpt_path: str | os.PathLike, directory: Path | None = None) -> Trained:
     """The checkpoint ckpt_path names ('last': the newest in directory), verified, with a network its weights fit."""
     path, checkpoint = load_ckpt_path(os.fspath(ckpt_path), directory or Path("checkpoints"), fitting=False)
     return _trained(path, checkpoint)
+
+
+def hparams_from(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The LitMNIST arguments a checkpoint was trained with, checked as data (mnist_lit.trust), as specs."""
+    hparams = check_model_hparams(checkpoint.get("hyper_parameters"))
+    if "lr" in hparams or "momentum" in hparams:  # written before the optimizer became an option: the guide's SGD
+        init_args = {**GUIDE_SGD["init_args"], "lr": hparams.pop("lr", 0.01), "momentum": hparams.pop("momentum", 0.5)}
+        hparams["optimizer"] = {**GUIDE_SGD, "init_args": init_args}
+    return hparams
+
+
+def net_from(path: str, spec: Any, state_dict: dict[str, Any], prefix: str = "") -> nn.Module:
+    """The network a file holds, built from its spec (checked as data first: mnist_lit.trust) with the weights
+    under prefix ('net.' in a checkpoint), in eval mode; its convolutions in the plain layout (a channels_last
+    run's are not)."""
+    try:
+        cls = check_spec("net", spec)
+    except Untrusted as err:
+        raise CheckpointError(f"refusing to load {path}: {err}") from None
+    net = cls(**((spec.get("init_args") if isinstance(spec, dict) else None) or {}))
+    check_weights(path, {"state_dict": state_dict}, nn.ModuleDict({"net": net}) if prefix else net)
+    net.load_state_dict({k.removeprefix(prefix): v.contiguous() for k, v in state_dict.items()}, strict=True)
+    try:  # what serve and export would otherwise find out from a request, or not at all
+        check_contract(net)
+    except ValueError as err:
+        raise CheckpointError(f"{path} holds a network that is of no use here: {err}") from None
+    return net.eval()
+
+
+def open_weights(path: str) -> nn.Module:
+    """The network in a .pth file that export wrote, read as data, with its weights (a bare state_dict: the
+    guide's Net's)."""
+    state = load_weights(path)
+    if "net" not in state:
+        return net_from(path, NET_SPEC, state)
+    return net_from(path, state["net"], state["state_dict"] if isinstance(state.get("state_dict"), dict) else {})
 
 
 def _trained(path: str, checkpoint: dict[str, Any]) -> Trained:
@@ -112,7 +164,6 @@ def open_run(
     run = Run()
     if init_from is not None:
         run.init = _open_init_from(init_from, ckpt_path, init_directory or directory, directory)
-        hand_over(run.init.path, run.init.checkpoint)  # LitMNIST's load of it takes this one
     try:
         if fitting and main_process:
             # Before the look for an earlier run: two fits started together must not both find none.

@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
 from mnist_lit import runs, signals
-from mnist_lit.checkpoints import check_dense, check_stored, check_weights, read_bytes
 from mnist_lit.datasets import DATASETS, DEFAULT, FORMATS, open_image, prepare
-from mnist_lit.errors import CheckpointError
-from mnist_lit.model import Net, build_net, check_contract, log_probabilities
+from mnist_lit.model import log_probabilities
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 2**20  # bytes: a 12-megapixel phone photo, base64-encoded, fits
@@ -53,35 +50,7 @@ def load_net(ckpt_path: str, directory: Path | None = None) -> tuple[nn.Module, 
     if Path(ckpt_path).suffix.lower() not in (".pth", ".pt"):
         trained = runs.load(ckpt_path, directory)
         return trained.net, trained.dataset, trained.path
-    data = read_bytes(ckpt_path)  # a regular file only, and within the size cap: a FIFO must not hang us
-    check_stored(ckpt_path, data)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # pickled code or objects, or bytes that are no pickle at all
-        raise CheckpointError(
-            f"{ckpt_path} is not a state_dict of tensors (torch's weights_only loader refused it)"
-        ) from None
-    except Exception as err:  # a truncated file, another format: torch raises many kinds
-        raise CheckpointError(f"{ckpt_path} is not a readable .pth file ({type(err).__name__})") from None
-    check_dense(ckpt_path, state)
-    if isinstance(state, dict) and "state_dict" in state and "net" not in state:
-        raise CheckpointError(f"{ckpt_path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{ckpt_path} is not a state_dict (it holds a {type(state).__name__})")
-    net: nn.Module = Net()
-    if "net" in state:  # another network: its spec, checked as data before anything is imported or built
-        try:
-            net = build_net(state["net"])
-        except ValueError as err:
-            raise CheckpointError(f"refusing to load {ckpt_path}: {err}") from None
-        state = state["state_dict"] if isinstance(state.get("state_dict"), dict) else {}
-    check_weights(ckpt_path, {"state_dict": state}, net)
-    net.load_state_dict(state, strict=True)
-    try:
-        check_contract(net)
-    except ValueError as err:
-        raise CheckpointError(f"{ckpt_path} holds a network that is of no use here: {err}") from None
-    return net.eval(), DEFAULT, ckpt_path
+    return runs.open_weights(ckpt_path), DEFAULT, ckpt_path
 
 
 def read_image(request: dict[str, Any], dataset: str) -> Tensor:

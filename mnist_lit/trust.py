@@ -111,7 +111,8 @@ def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
     allowed = (*kind.roots, *trusted)
     if not _within(module, allowed):
         raise Untrusted(
-            f"{kind.option}: {class_path} is not {kind.noun}; a file may name classes of {', '.join(allowed)} only"
+            f"{kind.option}: {class_path} is in a module a file may not name, so it was not imported; a file may"
+            f" name classes of {', '.join(allowed)} only"
             f" (to trust another module, name the class on the command line or in {TRUST_ENV})"
         )
     try:

@@ -135,7 +135,8 @@ def test_the_resume_hint_is_the_command_typed_less_its_checkpoint_and_init_from(
     ],
 )  # fmt: skip
 def test_the_schedule_probe_takes_what_a_run_takes(scheduler):
-    from mnist_lit.model import GUIDE_SGD, check_scheduler
+    from mnist_lit.cli import check_scheduler
+    from mnist_lit.model import GUIDE_SGD
 
     check_scheduler(GUIDE_SGD, scheduler)
     if scheduler["class_path"].endswith("StepLR"):  # LBFGS's step takes a closure

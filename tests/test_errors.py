@@ -397,7 +397,7 @@ CASES = {
         ["no checkpoint", "--trainer.default_root_dir"],
     ),
     "serve a pickled payload": (["serve", "--ckpt_path", "bad/evil.ckpt"], ["refusing to load"]),
-    "serve a pickled .pth": (["serve", "--ckpt_path", "bad/evil.pth"], ["evil.pth", "weights_only loader refused"]),
+    "serve a pickled .pth": (["serve", "--ckpt_path", "bad/evil.pth"], ["evil.pth", "holds pickled Python objects"]),
     "serve a .pth of another model": (["serve", "--ckpt_path", "bad/model.pth"], ["another model"]),
     "serve a folder": (["serve", "--ckpt_path", "bad/folder.pth"], ["is a folder"]),
     "serve weights of nan": (["serve", "--ckpt_path", "bad/nan.ckpt"], ["finite numbers"]),

@@ -7,6 +7,7 @@ import ast
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, cli_env
 
 PACKAGE = ROOT / "mnist_lit"
@@ -22,11 +23,6 @@ LAYERS = [
     ("entry", {"__main__"}),
 ]
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
-# Upward imports still there: the lesson's model builds the specs a checkpoint holds through mnist_lit.trust, and
-# reads a checkpoint (--model.init_from, LitMNIST.load_from_checkpoint) through mnist_lit.checkpoints, which keeps a
-# file from elsewhere data (Lightning's own loader imports what it names). Listed so that no new one slips in, and
-# so that one removed must be struck from here (the test fails on a stale entry too).
-KNOWN_UPWARD = {("model", "checkpoints"), ("model", "trust")}
 
 
 def unit_of(module: str) -> str:
@@ -99,8 +95,15 @@ def test_no_module_imports_a_layer_above_its_own():
         for target in imports(tree, name):
             if RANK[unit_of(target)] > RANK[unit_of(name)]:
                 upward.add((unit_of(name), unit_of(target)))
-    assert upward - KNOWN_UPWARD == set(), f"imports up across the layers: {sorted(upward - KNOWN_UPWARD)}"
-    assert KNOWN_UPWARD - upward == set(), f"gone, strike them from KNOWN_UPWARD: {sorted(KNOWN_UPWARD - upward)}"
+    assert upward == set(), f"imports up across the layers: {sorted(upward)}"
+
+
+def test_checkpoints_and_trust_know_no_model_and_no_data():
+    """The lower hardening stands beside the lesson, not on it: it reads and writes files whatever the model is."""
+    for name, tree in MODULES.items():
+        if unit_of(name) in ("checkpoints", "trust"):
+            lesson = {unit_of(t) for t in imports(tree, name)} & {"model", "data", "datasets", "plain"}
+            assert not lesson, f"{name} imports {sorted(lesson)}"
 
 
 def test_a_subpackage_is_entered_through_its_door():
@@ -111,10 +114,20 @@ def test_a_subpackage_is_entered_through_its_door():
             assert not inner or unit_of(target) == unit_of(name), f"{name} imports {target}, behind its door"
 
 
-def test_the_lesson_loads_no_hardening():
-    """What importing the lesson's data module loads: nothing of checkpoints, trust, signals, the runs, the sweep."""
-    code = "import sys, mnist_lit.data; print(' '.join(m for m in sys.modules if m.startswith('mnist_lit')))"
+@pytest.mark.parametrize("lesson", ["model", "data"])
+def test_the_lesson_loads_no_hardening(lesson):
+    """What importing a lesson module loads: nothing of checkpoints, trust, signals, the runs, the sweep."""
+    code = f"import sys, mnist_lit.{lesson}; print(' '.join(m for m in sys.modules if m.startswith('mnist_lit')))"
     loaded = set(subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True,
                                 check=True).stdout.split())  # fmt: skip
-    hardening = {"checkpoints", "trust", "signals", "runs", "sweep", "serve", "cli", "report", "nodes"}
+    hardening = {"checkpoints", "trust", "signals", "runs", "sweep", "serve", "cli", "report", "nodes", "digest"}
     assert not {unit_of(m) for m in loaded} & hardening, sorted(loaded)
+
+
+def test_the_lessons_module_stays_a_lesson():
+    """LitMNIST reads like Lightning's own examples: at most 120 lines; no module of the package over 400."""
+    source = (PACKAGE / "model.py").read_text()
+    lit = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "LitMNIST")
+    assert lit.end_lineno - lit.lineno + 1 <= 120
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

@@ -8,6 +8,7 @@ import pytest
 import torch
 from guide import Net as GuideNet
 
+from mnist_lit.cli import check_optimizer
 from mnist_lit.model import LitMNIST, Net
 
 GUIDE_KEYS = [f"{layer}.{p}" for layer in ("conv1", "conv2", "fc1", "fc2") for p in ("weight", "bias")]
@@ -66,7 +67,8 @@ def test_frozen_parameters_stay_out_of_the_optimizer():
     assert id(model.net.fc1.weight) in optimized and len(optimized) == 6
 
 
-def test_bad_optimizer_options_are_refused_when_the_model_is_built():
+def test_bad_optimizer_options_are_refused_before_the_model_is_built():
+    """The command line tries the optimizer's options on a probe (mnist_lit.cli.probes) before LitMNIST is built."""
     for init_args, words in (
         ({"lr": -1.0}, "Invalid learning rate"),
         ({"lr": 0.0}, "--model.optimizer.lr: 0.0 is out of range"),
@@ -74,4 +76,4 @@ def test_bad_optimizer_options_are_refused_when_the_model_is_built():
         ({"lr": 0.1, "momentum": 1.5}, "--model.optimizer.momentum: 1.5 is out of range"),
     ):
         with pytest.raises(ValueError, match=re.escape(words)):
-            LitMNIST(optimizer={"class_path": "torch.optim.SGD", "init_args": init_args})
+            check_optimizer({"class_path": "torch.optim.SGD", "init_args": init_args})

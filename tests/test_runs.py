@@ -12,9 +12,9 @@ import torch
 from conftest import QUIET, SYNTHETIC, run_cli
 
 from mnist_lit import runs
-from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint
+from mnist_lit.checkpoints.files import DIGEST_KEY, digest
 from mnist_lit.errors import CheckpointError, ConfigError, DataError
-from mnist_lit.model import GUIDE_SGD, Net
+from mnist_lit.model import GUIDE_SGD, LitMNIST, Net
 
 
 def write_checkpoint(path: Path, step: int = 9, dataset: str = "mnist", resumable: bool = True, seed: int = 7) -> Path:
@@ -171,8 +171,18 @@ def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path)
     write_checkpoint(path, step=12)  # the file changed since it was verified: read anew
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 12
     run.close()
+
+
+def test_init_from_puts_the_verified_checkpoints_weights_into_the_model(tmp_path):
+    """--model.init_from's file is read once (runs.open_run) and its weights go into the built model from there."""
+    path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     run = runs.open_run("fit", None, tmp_path / "new", init_from="last", init_directory=path.parent)
-    assert load_checkpoint(str(path)) is run.init.checkpoint  # LitMNIST's load of --model.init_from: the same
+    model = LitMNIST()
+    run.init.weights_into(model)
+    for name, weights in run.init.checkpoint["state_dict"].items():
+        assert torch.equal(model.state_dict()[name], weights), name
+    with pytest.raises(CheckpointError, match="is a checkpoint of another model"):
+        run.init.weights_into(LitMNIST(net={"class_path": "mnist_lit.model.ConvNet", "init_args": {"width": 4}}))
     run.close()
 
 

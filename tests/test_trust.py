@@ -21,10 +21,10 @@ import torch
 from conftest import QUIET, ROOT, SYNTHETIC, run_cli
 from PIL import Image
 
+from mnist_lit import runs
 from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint, load_ckpt_path
 from mnist_lit.cli.logfolder import claim_version
 from mnist_lit.errors import CheckpointError
-from mnist_lit.model import LitMNIST
 
 KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
@@ -121,7 +121,7 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_nothing_it_names_runs(c
         assert last_line.startswith("error: refusing to load") and words in last_line, (command, err[-2000:])
         assert "Traceback" not in err
     with pytest.raises(CheckpointError, match="refusing to load"):
-        LitMNIST.load_from_checkpoint(root / "hostile.ckpt")  # a user's own code
+        runs.load(root / "hostile.ckpt").model()  # a user's own code
     assert not marker.exists()
     assert "this" not in sys.modules  # importing it would print the Zen of Python: nothing was imported
     assert not (root / "out.pth").exists()
@@ -555,14 +555,17 @@ def test_a_data_position_that_would_ask_for_an_endless_order_is_refused():
 
 
 @pytest.mark.slow  # a fit: about 10 s
-def test_a_link_planted_as_the_runs_config_yaml_is_refused_and_what_it_points_to_is_untouched(tmp_path, mnist_dir):
-    """A log version folder that is already there (a logger given its version) may hold a planted config.yaml link:
-    the run's config goes through the one writer, which never writes through a link."""
+@pytest.mark.parametrize("name", ["config.yaml", "hparams.yaml"])
+def test_a_link_planted_in_the_runs_log_folder_is_refused_and_what_it_points_to_is_untouched(name, tmp_path, mnist_dir):
+    """A log version folder that is already there (a logger given its version) may hold a planted link as one of
+    the files the run writes there: config.yaml goes through the one writer, and Lightning's own hparams.yaml (which
+    it writes through a link that points to no file yet) is refused before the run starts."""
     target = tmp_path / "victim.txt"
-    target.write_text("keep me")
+    if name == "config.yaml":
+        target.write_text("keep me")
     version = tmp_path / "lightning_logs" / "version_0"
     version.mkdir(parents=True)
-    (version / "config.yaml").symlink_to(target)
+    (version / name).symlink_to(target)
     logger = [
         "--trainer.logger",
         "TensorBoardLogger",
@@ -573,11 +576,29 @@ def test_a_link_planted_as_the_runs_config_yaml_is_refused_and_what_it_points_to
     ]
     fit = run_cli("fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, *logger, "--trainer.max_steps", "2",
                   cwd=tmp_path)  # fmt: skip
-    assert fit.returncode != 0 and "is a symbolic link" in fit.stderr and "config.yaml" in fit.stderr, fit.stderr
+    assert fit.returncode != 0 and "is a symbolic link" in fit.stderr and name in fit.stderr, fit.stderr
     assert [line for line in fit.stderr.splitlines() if line.startswith("error")] == [
         fit.stderr.strip().splitlines()[-1]
     ]
-    assert "Traceback" not in fit.stderr and target.read_text() == "keep me"
+    assert "Traceback" not in fit.stderr
+    assert (target.read_text() == "keep me") if name == "config.yaml" else not target.exists()
+
+
+def test_the_default_loggers_hparams_yaml_goes_through_the_one_writer(tmp_path):
+    from mnist_lit.cli.logfolder import RunLogger
+
+    logger = RunLogger(save_dir=tmp_path, version=0)
+    logger.log_hyperparams({"lr": 0.01})
+    logger.save()
+    written = tmp_path / "lightning_logs" / "version_0" / "hparams.yaml"
+    assert written.is_file() and not written.is_symlink() and "lr: 0.01" in written.read_text()
+    logger = RunLogger(save_dir=tmp_path, version=1)
+    (tmp_path / "lightning_logs" / "version_1").mkdir()
+    (tmp_path / "lightning_logs" / "version_1" / "hparams.yaml").symlink_to(tmp_path / "victim")
+    logger.log_hyperparams({"lr": 0.01})
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        logger.save()
+    assert not (tmp_path / "victim").exists()
 
 
 def test_a_trials_log_opens_only_as_a_regular_file_of_its_own(tmp_path):

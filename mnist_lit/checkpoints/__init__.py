@@ -11,12 +11,11 @@ from mnist_lit.checkpoints.files import (
     DIGEST_KEY,
     EXTENSION,
     LAST,
-    check_dense,
-    check_stored,
     checkpoint_dir,
     hand_over,
     load_checkpoint,
     load_ckpt_path,
+    load_weights,
     newest_checkpoint,
     read_bytes,
     refuse_linked_folder,
@@ -33,11 +32,11 @@ from mnist_lit.checkpoints.resume import (
     tunable,
 )
 from mnist_lit.checkpoints.runlock import RunLock
-from mnist_lit.checkpoints.writer import PART, open_log, write_atomically
+from mnist_lit.checkpoints.writer import PART, open_log, refuse_link, write_atomically
 
 __all__ = [
     "AUTO", "DIGEST_KEY", "EXTENSION", "LAST", "PART", "AtomicCheckpointIO", "Checkpoint", "ResumeCheck", "RunLock",
-    "check_dense", "check_resumable", "check_stored", "check_training_state", "check_weights", "checkpoint_dir",
-    "hand_over", "keep_own_files", "load_checkpoint", "load_ckpt_path", "newest_checkpoint", "open_log", "read_bytes",
+    "check_resumable", "check_training_state", "check_weights", "checkpoint_dir", "hand_over", "keep_own_files",
+    "load_checkpoint", "load_ckpt_path", "load_weights", "newest_checkpoint", "open_log", "read_bytes", "refuse_link",
     "refuse_linked_folder", "resolve", "run_seed", "tunable", "write_atomically",
 ]  # fmt: skip

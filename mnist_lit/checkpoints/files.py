@@ -117,26 +117,44 @@ def check_dense(path: str | os.PathLike, value: Any, depth: int = 0) -> None:
             )
 
 
-def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
-    """A checkpoint's contents, unpickling nothing but tensors and plain containers (weights_only)."""
-    unreadable = f"{path} is not a readable checkpoint (it is not in torch.save's format)"
+def _unpickle(path: str | os.PathLike, data: bytes | None, what: str) -> Any:
+    """A file's contents (from data, its bytes, if given), unpickling nothing but tensors and plain containers
+    (weights_only), every tensor dense. what: the kind of file, for the messages."""
+    unreadable = f"{path} is not a readable {what} (it is not in torch.save's format)"
     data = read_bytes(path) if data is None else data
     check_stored(path, data)
     try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
         if re.search(r"GLOBAL|reduce for|new object", str(err)):
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"
-                " code), or it is damaged. Use a checkpoint written by mnist_lit"
+                f" code), or it is damaged. Use a {what} written by mnist_lit"
             ) from None
         raise CheckpointError(f"{unreadable}; it may be damaged") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)}); it may be truncated") from None
+        raise CheckpointError(f"{path} is not a readable {what} ({first_line(err)}); it may be truncated") from None
     except Exception:  # torch's legacy reader fails on arbitrary bytes with KeyError, struct.error, ...
         raise CheckpointError(unreadable) from None
-    check_dense(path, checkpoint)
+    check_dense(path, contents)
+    return contents
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """A .pth file that export wrote, read as data: the guide's state_dict, or {"net": a network's spec,
+    "state_dict": its weights} (the spec is checked where the network is built: mnist_lit.runs)."""
+    state = _unpickle(path, None, ".pth file")
+    if isinstance(state, dict) and "state_dict" in state and "net" not in state:
+        raise CheckpointError(f"{path} is a Lightning checkpoint, not export's .pth: name it .ckpt")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a state_dict (it holds a {type(state).__name__})")
+    return state
+
+
+def _load(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's verified contents."""
+    checkpoint = _unpickle(path, data, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, so it has"
                               " no state_dict)")  # fmt: skip

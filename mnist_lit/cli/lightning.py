@@ -24,15 +24,15 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
-from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir
+from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
 from mnist_lit.cli import options
 from mnist_lit.cli.help import HelpFormatter
-from mnist_lit.cli.logfolder import SaveConfig, claim_version
+from mnist_lit.cli.logfolder import RunLogger, SaveConfig, claim_version
 from mnist_lit.cli.messages import config_key_error, explain_accelerator, explain_class_option
+from mnist_lit.cli.probes import check_optimizer, check_scheduler
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import (
     ConfigError,
@@ -40,9 +40,15 @@ from mnist_lit.errors import (
     one_line,
 )
 from mnist_lit.lean import QuietProfiler
-from mnist_lit.model import NET_SPEC, LitMNIST, check_optimizer, check_scheduler
+from mnist_lit.model import NET_SPEC, LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
 from mnist_lit.trust import check_spec
+
+INIT_FROM_HELP = (
+    "Fine-tune: start fit from the weights of this checkpoint ('last': the newest one in"
+    " <trainer.default_root_dir>/checkpoints), with a new optimizer and new step counts (to continue a run instead,"
+    " use --ckpt_path). Its network is taken unless --model.net is given."
+)
 
 
 def reports(subcommand: str | None) -> list[Callback]:
@@ -98,11 +104,17 @@ class MNISTCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         # What Lightning raises here comes from the options given (a strategy or an accelerator this machine
         # lacks, devices it does not have): a user's error, not a program's.
+        model = self.config[self.subcommand].model
+        init_from = model.pop("init_from")  # the command line's option, not LitMNIST's: its weights come below
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
             device = explain_accelerator(str(err), options.origin(self.args, "trainer.accelerator"))
             raise ConfigError(device or explain_class_option(str(err)) or one_line(str(err))) from None
+        finally:
+            model.init_from = init_from  # in the run's config.yaml, as given
+        if self.run is not None and self.run.init is not None:
+            self.run.init.weights_into(self.model)
 
     def check_trainer_options(self) -> None:
         # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError
@@ -140,6 +152,7 @@ class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"trainer.max_epochs": 10, "model.net": NET_SPEC})  # --print_config shows the Net
+        parser.groups["model"].add_argument("--model.init_from", type=str | None, default=None, help=INIT_FROM_HELP)
         parser.add_argument("--ddp_timeout", type=PositiveFloat, default=nodes.DEFAULT_TIMEOUT, help=nodes.TIMEOUT_HELP)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -158,7 +171,7 @@ class MNISTCLI(LightningCLI):
             folder = Path(config.get("default_root_dir") or os.getcwd()) / "lightning_logs"
             version = claim_version(folder)
             self.claimed = folder / f"version_{version}"
-            kwargs["logger"] = TensorBoardLogger(save_dir=folder.parent, version=version)
+            kwargs["logger"] = RunLogger(save_dir=folder.parent, version=version)
             claimed = True
         if config.get("profiler") is None:  # Lightning's default, less its cost per hook call (mnist_lit.lean)
             kwargs["profiler"] = QuietProfiler()
@@ -185,6 +198,8 @@ class MNISTCLI(LightningCLI):
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
             new = claimed or not os.path.exists(trainer.logger.log_dir)
+            if not new:  # a folder reused (a logger given its version): Lightning writes hparams.yaml there itself
+                refuse_link(os.path.join(trainer.logger.log_dir, "hparams.yaml"))
             for callback in trainer.callbacks:
                 if isinstance(callback, SaveConfig):
                     callback.own_folder = new

@@ -1,5 +1,5 @@
-"""A run's log folder (lightning_logs/version_N): taken when the trainer is built, its config.yaml, and removed
-again for a run that trained nothing."""
+"""A run's log folder (lightning_logs/version_N): taken when the trainer is built, its config.yaml and hparams.yaml
+written by the project's one writer, and removed again for a run that trained nothing."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogger
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from mnist_lit.checkpoints import write_atomically
 
@@ -65,6 +70,21 @@ class SaveConfig(SaveConfigCallback):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(folder))
         self.own_folder = False
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, the default one, with its hparams.yaml written by the project's one writer:
+    Lightning's own save opens the path as it finds it, and would write through a link planted there."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        FabricTensorBoardLogger.save(self)  # the event file flushed, as Lightning's save does first
+        target = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        if not Path(self.log_dir).is_dir() or (target.is_file() and not target.is_symlink()):  # written once
+            return
+        with tempfile.TemporaryDirectory() as scratch:  # Lightning's own YAML for the hyperparameters, then ours
+            save_hparams_to_yaml(os.path.join(scratch, self.NAME_HPARAMS_FILE), self.hparams)
+            write_atomically(target, Path(scratch, self.NAME_HPARAMS_FILE).read_bytes())
 
 
 def claim_version(folder: Path) -> int:

@@ -71,7 +71,7 @@ class Space:
     def validate(self, parse_fit: Callable[[list[str]], Any], scratch: Path, metric: str) -> None:
         """Refuse, before any trial, a value fit would refuse: each choice and each end of each range is parsed by
         fit's own command line (and the optimizer and schedule checked as fit checks them)."""
-        from mnist_lit.model import check_optimizer, check_scheduler
+        from mnist_lit.cli import check_optimizer, check_scheduler
 
         if not self.base["data"].get("val_size") or self.base["trainer"].get("limit_val_batches") == 0:
             raise ConfigError(
