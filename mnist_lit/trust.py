@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mnist_lit.errors import Untrusted
 
@@ -63,6 +64,12 @@ KINDS = {
 # A network's size, counted on the meta device (no memory) before it is built: a file's arguments must not make
 # us allocate what the machine does not have. 100 million numbers (400 MB of float32) is far beyond MNIST's needs.
 MAX_NET_NUMBERS = 100_000_000
+MAX_NET_LAYERS = 10_000  # modules in the network: a ResNet-152 has about 500
+# A batch of 2 images through the network: one layer's output at most 25 million numbers (100 MB of float32; the
+# Net's largest is 11,520) and 20 billion operations in all (the Net takes 2 million, a ResNet-50 on 28x28 about 0.3
+# billion): an upsampling by 1000, a padding of 10,000, a stride that multiplies the size, refused before they run.
+MAX_ACTIVATION = 25_000_000
+MAX_FLOPS = 20_000_000_000
 # The LitMNIST hyperparameters a checkpoint may hold, and what each must be. init_from is never saved: a file
 # naming one would make loading it read another file.
 MODEL_FIELDS = {"net", "optimizer", "lr_scheduler", "channels_last", "freeze", "lr", "momentum"}
@@ -111,8 +118,7 @@ def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
     allowed = (*kind.roots, *trusted)
     if not _within(module, allowed):
         raise Untrusted(
-            f"{kind.option}: {class_path} is in a module a file may not name, so it was not imported; a file may"
-            f" name classes of {', '.join(allowed)} only"
+            f"{kind.option}: {class_path} was not imported: a file may name classes of {', '.join(allowed)} only"
             f" (to trust another module, name the class on the command line or in {TRUST_ENV})"
         )
     try:
@@ -178,13 +184,41 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, part
     return cls
 
 
+class _OverLimit(Exception):
+    """Raised inside a probe's construction the moment it passes a limit: the rest is never built."""
+
+
 def _check_size(kind: Kind, cls: type, init_args: dict[str, Any]) -> None:
-    """Build the network on the meta device (shapes, no memory) and count its numbers."""
+    """Build the network on the meta device (shapes, no memory), stopped as soon as it passes a limit on its layers
+    or its numbers (a block count of a million would otherwise take minutes to build even there); then run a batch
+    of 2 images through it there, sizing each layer's output and counting the operations, before any real forward
+    pass (the contract check's) may allocate them."""
+    built = {"layers": 0, "numbers": 0}
+
+    def count(layers: int, numbers: int) -> None:
+        built["layers"] += layers
+        built["numbers"] += numbers
+        if built["layers"] > MAX_NET_LAYERS:
+            raise _OverLimit(f"makes over {MAX_NET_LAYERS:,} layers")
+        if built["numbers"] > MAX_NET_NUMBERS:
+            raise _OverLimit(f"makes weights over the limit of {MAX_NET_NUMBERS:,}")
+
+    module = torch.nn.modules.module
+    hooks = [
+        module.register_module_module_registration_hook(lambda parent, name, child: count(1, 0)),
+        module.register_module_parameter_registration_hook(lambda m, name, p: count(0, _numel(p))),
+        module.register_module_buffer_registration_hook(lambda m, name, b: count(0, _numel(b))),
+    ]
     try:
         with torch.device("meta"):
             probe = cls(**init_args)
+    except _OverLimit as err:
+        raise Untrusted(f"{kind.option} {cls.__name__}: {_short(init_args)} {err}") from None
     except Exception as err:  # the arguments do not fit the class
         raise Untrusted(f"{kind.option} {cls.__name__}: cannot be built from {_short(init_args)} ({err})") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
     if any(nn.parameter.is_lazy(t) for t in (*probe.parameters(), *probe.buffers())):
         raise Untrusted(
             f"{kind.option} {cls.__name__}: has layers of no set size (a lazy module), so it cannot be counted"
@@ -195,6 +229,45 @@ def _check_size(kind: Kind, cls: type, init_args: dict[str, Any]) -> None:
             f"{kind.option} {cls.__name__}: {_short(init_args)} makes {numbers:,} weights, over the limit of"
             f" {MAX_NET_NUMBERS:,}"
         )
+    _check_forward(kind, cls, probe)
+
+
+def _check_forward(kind: Kind, cls: type, probe: nn.Module) -> None:
+    """A batch of 2 images through the meta-device probe: no layer's output over MAX_ACTIVATION numbers, no more
+    than MAX_FLOPS operations. A network whose forward cannot run on the meta device (one that reads its tensors'
+    values) is left to the contract check; torch's own layers all run there."""
+    largest = [0]
+
+    def size(module: nn.Module, inputs: Any, output: Any) -> None:
+        numbers = _numel(output) if isinstance(output, torch.Tensor) else 0
+        largest[0] = max(largest[0], numbers)
+        if numbers > MAX_ACTIVATION:
+            raise _OverLimit(
+                f"one of its layers ({type(module).__name__}) gives {numbers:,} numbers for a batch of 2 images, over"
+                f" the limit of {MAX_ACTIVATION:,}"
+            )
+
+    hooks = [m.register_forward_hook(size) for m in probe.modules()]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            probe.eval()(torch.zeros(2, 1, 28, 28, device="meta"))
+    except _OverLimit as err:
+        raise Untrusted(f"{kind.option} {cls.__name__}: {err}") from None
+    except Exception:  # not runnable on the meta device: the contract check runs it for real
+        return
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if (flops := counter.get_total_flops()) > MAX_FLOPS:
+        raise Untrusted(
+            f"{kind.option} {cls.__name__}: takes {flops:,} operations for a batch of 2 images, over the limit of"
+            f" {MAX_FLOPS:,}"
+        )
+
+
+def _numel(tensor: Any) -> int:
+    """Numbers in a tensor; none yet in a lazy module's (refused once it is built)."""
+    return tensor.numel() if isinstance(tensor, torch.Tensor) and not nn.parameter.is_lazy(tensor) else 0
 
 
 def _annotation_text(annotation: Any) -> str | None:
