@@ -61,7 +61,7 @@ class Trained:
 
     @property
     def net_spec(self) -> dict[str, Any]:
-        return self.hparams.get("net", NET_SPEC)
+        return self.hparams.get("net") or NET_SPEC  # none recorded, or recorded as None: the guide's Net
 
     def weights_into(self, model: nn.Module) -> None:
         """Its weights into a model of the same shapes (--model.init_from's): refused in one line otherwise."""
@@ -96,6 +96,7 @@ def net_from(path: str, spec: Any, state_dict: dict[str, Any], prefix: str = "")
     """The network a file holds, built from its spec (checked as data first: mnist_lit.trust) with the weights
     under prefix ('net.' in a checkpoint), in eval mode; its convolutions in the plain layout (a channels_last
     run's are not)."""
+    spec = spec or NET_SPEC  # none recorded: the guide's Net
     try:
         cls = check_spec("net", spec)
     except Untrusted as err:

@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import stat
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,9 @@ def _unpickle(path: str | os.PathLike, data: bytes | None, what: str) -> Any:
     data = read_bytes(path) if data is None else data
     check_stored(path, data)
     try:
-        contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a damaged file's pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
         if re.search(r"GLOBAL|reduce for|new object", str(err)):
