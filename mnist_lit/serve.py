@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor, nn
 
 from mnist_lit import runs, signals
-from mnist_lit.datasets import DATASETS, DEFAULT, FORMATS, open_image, prepare
+from mnist_lit.datasets import DATASETS, DEFAULT, FORMATS, check_cost, open_image, prepare
 from mnist_lit.model import log_probabilities
 
 PAGE = Path(__file__).with_name("page.html")
@@ -73,6 +73,10 @@ def read_image(request: dict[str, Any], dataset: str) -> Tensor:
     if image.width * image.height > MAX_PIXELS:
         size = f"{image.width}x{image.height}"
         raise Refused(413, f"the image is {size} pixels; this server decodes at most {MAX_PIXELS} (4096x4096)")
+    try:
+        check_cost(image)
+    except ValueError as err:
+        raise Refused(413, str(err)) from None
     try:
         known = DATASETS[dataset]
         return prepare(ImageOps.exif_transpose(image), known.mean, known.std, known.box)

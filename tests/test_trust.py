@@ -3,6 +3,7 @@ a path to follow. Every hostile file is refused (or skipped) in one line, and wh
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import struct
 import sys
+import time
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -353,6 +355,38 @@ def test_predict_skips_hostile_images_in_one_line_and_predicts_the_good_one(root
     assert len(skipped) == 1 and skipped[0].startswith("skipped 4 of 5 files"), result.stderr  # the link: not listed
     assert "broken-chunk.png" in skipped[0] and "huge.png: its header declares more pixels than the limit" in skipped[0]
     assert "Ghostscript" not in result.stderr  # page.eps: not opened as EPS, so no program was looked for
+
+
+def scan_bomb(scans: int, side: int = 2000) -> bytes:
+    """A progressive JPEG whose last scan is repeated: libjpeg decodes every scan over every pixel, so a file of a
+    thousand scans over 50 megapixels decoded for minutes."""
+    pixels = np.zeros((side, side), np.uint8)
+    pixels[side // 4 : 3 * side // 4, side // 2 - side // 20 : side // 2 + side // 20] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    end = data.rindex(b"\xff\xd9")
+    last = data[data.rindex(b"\xff\xda") : end]
+    return data[:end] + last * (scans - data.count(b"\xff\xda")) + data[end:]
+
+
+def test_a_progressive_jpeg_of_many_scans_is_refused_before_it_is_decoded(tmp_path):
+    """Decoding costs scans x pixels: bounded from the file's structure, for predict's files and serve's requests."""
+    from mnist_lit.datasets.images import read
+    from mnist_lit.serve import Refused, read_image
+
+    for scans, words in ((500, "a progressive JPEG of over 100 scans over 2000x2000 pixels"),
+                         (60, "a progressive JPEG of 60 scans over 5000x5000 pixels")):  # fmt: skip
+        side = 2000 if scans == 500 else 5000
+        (tmp_path / "scans.jpg").write_bytes(data := scan_bomb(scans, side))
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=re.escape(words)):
+            read(tmp_path / "scans.jpg", 0.1307, 0.3081)
+        with pytest.raises(Refused, match=re.escape(words) if side <= 4096 else "this server decodes at most"):
+            read_image({"image": base64.b64encode(data).decode()}, "mnist")
+        assert time.monotonic() - start < 2  # refused from the header: nothing decoded
+    (tmp_path / "ok.jpg").write_bytes(scan_bomb(10))  # an encoder's usual progression is read
+    assert read(tmp_path / "ok.jpg", 0.1307, 0.3081).shape == (1, 28, 28)
 
 
 def test_a_file_name_from_elsewhere_is_printed_escaped(root, tmp_path, mnist_dir, run_main):

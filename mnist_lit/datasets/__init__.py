@@ -18,6 +18,7 @@ from mnist_lit.datasets.idx import load_split
 from mnist_lit.datasets.images import (
     FORMATS,
     ImageFiles,
+    check_cost,
     loose_images,
     loose_line,
     open_image,
@@ -28,6 +29,6 @@ from mnist_lit.datasets.images import (
 
 __all__ = [
     "DATASETS", "DEFAULT", "DEFAULT_DATA_DIR", "FILE_NAMES", "FORMATS", "BatchLoader", "DatasetName", "EpochBatches",
-    "ImageFiles", "Known", "download", "find_files", "load_split", "loose_images", "loose_line", "missing_message",
-    "open_image", "prepare", "read_class_folders", "recorded_dataset", "skipped_line",
+    "ImageFiles", "Known", "check_cost", "download", "find_files", "load_split", "loose_images", "loose_line",
+    "missing_message", "open_image", "prepare", "read_class_folders", "recorded_dataset", "skipped_line",
 ]  # fmt: skip

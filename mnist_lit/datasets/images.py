@@ -11,6 +11,7 @@ import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ INK = 0.3
 # A pixel budget per image, checked before decoding: preparing an image costs about 20 bytes a pixel, so a tiny
 # file that declares 13000x13000 pixels would take 3 GB. 50 megapixels covers the photos of today's phones.
 MAX_PIXELS = 50_000_000
+# A progressive JPEG is decoded once per scan, each over every pixel (about 2.5 ns a pixel a scan here): a 1.2 MB
+# file of a thousand scans over 50 megapixels took minutes. An encoder writes about 10; scans x pixels is bounded
+# so that no JPEG within the pixel budget decodes for more than about 3 s, and the scans to 100 whatever its size.
+MAX_SCANS = 100
+MAX_SCAN_PIXELS = 1_000_000_000
 SKIPS_NAMED = 3  # files named in the one line that counts the skipped ones
 # The only formats opened: Pillow's own decoders. Pillow would also open EPS, say, by running Ghostscript on the file,
 # a program a file from elsewhere must never get to run.
@@ -139,9 +145,39 @@ def prepare(image: Image.Image, mean: float, std: float, box: int = BOX) -> Tens
 
 
 def check_size(image: Image.Image, limit: int = MAX_PIXELS) -> None:
-    """The pixel budget, from the header Image.open read: before anything is decoded or transposed."""
+    """The pixel budget, from the header Image.open read: before anything is decoded or transposed; then the cost
+    of decoding those pixels (check_cost)."""
     if image.width * image.height > limit:
         raise ValueError(f"{image.width}x{image.height} pixels is over the limit of {limit / 1e6:g} megapixels")
+    check_cost(image)
+
+
+def check_cost(image: Image.Image) -> None:
+    """What decoding an opened image would cost beyond its pixels, read from the file's structure before it is
+    decoded: a progressive JPEG's scans (each a pass over every pixel). Pillow's other decoders here cost about the
+    same for every pixel, so the pixel budget bounds them."""
+    if image.format != "JPEG" or image.fp is None:
+        return
+    scans = _count(image.fp, b"\xff\xda", MAX_SCANS + 1)  # SOS markers: entropy-coded data never holds one
+    if scans > MAX_SCANS or scans * image.width * image.height > MAX_SCAN_PIXELS:
+        many = f"over {MAX_SCANS}" if scans > MAX_SCANS else str(scans)
+        raise ValueError(
+            f"a progressive JPEG of {many} scans over {image.width}x{image.height} pixels: over the decoding budget"
+            f" of {MAX_SCAN_PIXELS / 1e9:g} billion pixel-scans"
+        )
+
+
+def _count(file: Any, marker: bytes, most: int) -> int:
+    """Occurrences of a 2-byte marker in a file, read in blocks (up to `most`); its position is kept."""
+    position, count, tail = file.tell(), 0, b""
+    try:
+        file.seek(0)
+        while count < most and (block := file.read(2**20)):
+            count += (tail + block).count(marker)
+            tail = block[-1:]
+    finally:
+        file.seek(position)
+    return count
 
 
 def open_image(source: Path | io.BytesIO) -> Image.Image:
