@@ -683,3 +683,26 @@ def test_a_config_file_is_read_bounded_and_refused_in_one_line_naming_it(case, c
     assert status == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
     assert f"--config {tmp_path / 'c.yaml'}: " in err and needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["--data FILE", "--model.optimizer FILE", "a --config naming it", "a --config naming a file naming it"],
+)
+def test_a_file_of_options_given_any_other_way_is_read_by_the_same_bounded_reader(how, tmp_path, run_main):
+    """jsonargparse loads a file of options given as a group's or a class's value, and one a config names by path:
+    each goes through the one reader first, whichever way it comes."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    (tmp_path / "outer.yaml").write_text(f"model:\n  optimizer: {bomb}\n")
+    (tmp_path / "outermost.yaml").write_text("data: outer.yaml\n")
+    args = {
+        "--data FILE": ["--data", str(bomb)],
+        "--model.optimizer FILE": [f"--model.optimizer={bomb}"],
+        "a --config naming it": ["--config", str(tmp_path / "outer.yaml")],
+        "a --config naming a file naming it": ["--config", str(tmp_path / "outermost.yaml")],
+    }[how]
+    start = time.monotonic()
+    status, _, err = run_main("fit", *args, cwd=tmp_path)
+    assert status == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert f"{bomb}: over 100,000 values" in err and time.monotonic() - start < 30, err

@@ -27,8 +27,42 @@ def prepare(args: list[str]) -> list[str]:
     trust_command_line(args)
     for path in config_files(args):
         check_config_file(path)
+    for path in other_yaml_files(args):  # --data FILE, --model.optimizer FILE: jsonargparse loads them too
+        read_nested_yaml(path)
     warn_overridden(args)
     return args
+
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def other_yaml_files(args: list[str]) -> list[str]:
+    """Files of options given as the value of an option other than --config (jsonargparse takes a group's or a
+    class's options from a file: --data my_data.yaml, --model.optimizer adam.yaml)."""
+    values = [a.partition("=")[2] if "=" in a else b for a, b in zip(args, [*args[1:], ""], strict=True)
+              if a.startswith("--") and a != "--config" and not a.startswith("--config=")]  # fmt: skip
+    return [v for v in values if v.lower().endswith(YAML_SUFFIXES) and os.path.isfile(v)]
+
+
+def read_nested_yaml(path: str, depth: int = 0) -> Any:
+    """A file of options through the one reader, and every file of options it names in turn (a value that is the
+    path of a YAML file, which jsonargparse would load), each bounded, at most 5 files deep."""
+    config = read_yaml(path)
+    if depth >= 5:
+        raise ConfigError(f"--config {path}: names files of options over 5 deep")
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack += list(value.values())
+        elif isinstance(value, list):
+            stack += value
+        elif isinstance(value, str) and value.lower().endswith(YAML_SUFFIXES):
+            for candidate in (value, os.path.join(os.path.dirname(path), value)):
+                if os.path.isfile(candidate):
+                    read_nested_yaml(candidate, depth + 1)
+                    break
+    return config
 
 
 def config_files(args: list[str]) -> list[str]:
@@ -108,8 +142,8 @@ def _oversized(config: Any) -> str | None:
 
 def check_config_file(path: str) -> None:
     """A --config file's class paths for the model's optimizer and schedule, checked as a checkpoint's are
-    (mnist_lit.trust) before jsonargparse imports or calls what they name."""
-    config = read_yaml(path)
+    (mnist_lit.trust) before jsonargparse imports or calls what they name; the files it names read as it is."""
+    config = read_nested_yaml(path)
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
         return
