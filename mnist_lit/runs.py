@@ -204,7 +204,10 @@ def open_run(
                 f" {DATASETS[dataset].title}: drop --data.dataset {dataset} (the checkpoint's dataset is used)"
             )
         run.resume = trained
-        hand_over(path, checkpoint)  # Lightning's load of it (a resume, test's weights) takes this one
+        # Lightning's load of it (a resume, test's weights) takes this one. An evaluation restores its own loop's
+        # progress from it, which it then resets, and reads it unchecked (a file without test_loop: a KeyError):
+        # left out, as a run's own evaluation has nothing to restore.
+        hand_over(path, checkpoint if fitting else {k: v for k, v in checkpoint.items() if k != "loops"})
         return run
     except BaseException:
         run.close()

@@ -164,9 +164,13 @@ def test_the_later_load_of_a_checkpoint_takes_the_one_already_verified(tmp_path)
 
     path = write_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     run = runs.open_run("test", "last", path.parent)
-    assert AtomicCheckpointIO().load_checkpoint(path) is run.resume.checkpoint  # no second read
+    handed = AtomicCheckpointIO().load_checkpoint(path)  # no second read: the verified contents, less the loops'
+    assert handed["state_dict"] is run.resume.checkpoint["state_dict"] and "loops" not in handed  # state (a test's)
     again = AtomicCheckpointIO().load_checkpoint(path)  # handed over once only: from the file
-    assert again is not run.resume.checkpoint and again["global_step"] == 9
+    assert again["state_dict"] is not run.resume.checkpoint["state_dict"] and again["global_step"] == 9
+    run.close()
+    run = runs.open_run("fit", "last", path.parent)
+    assert AtomicCheckpointIO().load_checkpoint(path) is run.resume.checkpoint  # a resume's: all of it
     run = runs.open_run("test", "last", path.parent)
     write_checkpoint(path, step=12)  # the file changed since it was verified: read anew
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 12

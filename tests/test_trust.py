@@ -706,3 +706,30 @@ def test_a_file_of_options_given_any_other_way_is_read_by_the_same_bounded_reade
     status, _, err = run_main("fit", *args, cwd=tmp_path)
     assert status == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
     assert f"{bomb}: over 100,000 values" in err and time.monotonic() - start < 30, err
+
+
+def test_a_value_a_checkpoint_gives_is_refused_in_one_line_naming_the_file(root, tmp_path, mnist_dir, run_main):
+    """A checkpoint's hyperparameter that passes as data but not as an option (a layer the network lacks, a negative
+    learning rate) is refused naming the file, not as an option of the command line; an evaluation reads no loop
+    state from it (Lightning ended one without test_loop in a KeyError)."""
+    last = root / "checkpoints" / "last.ckpt"
+    reseal(last, root / "freeze.ckpt", hparam("freeze", ["nope"]))
+    status, _, err = run_main("test", "--ckpt_path", "freeze.ckpt", *data_args(mnist_dir), cwd=root)
+    assert status == 1 and err.strip().splitlines()[-1] == (
+        "error: freeze.ckpt holds --model.freeze: nope is not a layer of the Net; it has conv1, conv2, fc1, fc2"
+        " (from its hyperparameters)"
+    ), err[-2000:]
+    status, _, err = run_main("test", "--ckpt_path", "freeze.ckpt", "--model.freeze", "[nope2]", *data_args(mnist_dir),
+                              cwd=root)  # fmt: skip
+    assert status == 1 and "error: --model.freeze: nope2 is not a layer" in err, err[-2000:]  # the command line's
+    reseal(last, root / "loops.ckpt", lambda c: c["loops"].pop("test_loop"))
+    status, _, err = run_main("test", "--ckpt_path", "loops.ckpt", *data_args(mnist_dir), cwd=root)
+    assert status == 0 and "Traceback" not in err, err[-2000:]
+    (tmp_path / "lr" / "checkpoints").mkdir(parents=True)
+    sgd = {"class_path": "torch.optim.SGD", "init_args": {"lr": -1.0, "momentum": 0.5}}
+    reseal(last, tmp_path / "lr" / "checkpoints" / "last.ckpt", hparam("optimizer", sgd))
+    status, _, err = run_main("fit", "--ckpt_path", "last", "--trainer.default_root_dir", "lr", *data_args(mnist_dir),
+                              cwd=tmp_path)  # fmt: skip
+    assert status == 1 and err.strip().splitlines()[-1].startswith(
+        "error: lr/checkpoints/last.ckpt holds --model.optimizer: Invalid learning rate: -1.0"
+    ), err[-2000:]

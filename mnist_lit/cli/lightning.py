@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
 import os
+import re
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,10 @@ from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir, refus
 from mnist_lit.cli import options
 from mnist_lit.cli.help import HelpFormatter
 from mnist_lit.cli.logfolder import RunLogger, SaveConfig, claim_version
-from mnist_lit.cli.messages import config_key_error, explain_accelerator, explain_class_option
+from mnist_lit.cli.messages import config_key_error, explain_accelerator, explain_class_option, quiet_lightning
 from mnist_lit.cli.probes import check_optimizer, check_scheduler
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.errors import (
-    ConfigError,
-    PeerLost,
-    one_line,
-)
+from mnist_lit.errors import CheckpointError, ConfigError, PeerLost, UserError, one_line
 from mnist_lit.lean import QuietProfiler
 from mnist_lit.model import NET_SPEC, LitMNIST
 from mnist_lit.report import PredictionWriter, ProgressBar, ResultsTable, TestReport, TrainingCurves
@@ -110,11 +105,22 @@ class MNISTCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError, ImportError, MisconfigurationException) as err:
             device = explain_accelerator(str(err), options.origin(self.args, "trainer.accelerator"))
-            raise ConfigError(device or explain_class_option(str(err)) or one_line(str(err))) from None
+            raise self.from_the_checkpoint(device or explain_class_option(str(err)) or one_line(str(err))) from None
         finally:
             model.init_from = init_from  # in the run's config.yaml, as given
         if self.run is not None and self.run.init is not None:
             self.run.init.weights_into(self.model)
+
+    def from_the_checkpoint(self, message: str) -> UserError:
+        """The error for a refused option: a ConfigError, or, where the value came from the checkpoint being
+        resumed or evaluated (not from this command line), a CheckpointError naming that file."""
+        option = re.match(r"--([\w.]+)", message)
+        if self.run is None or self.run.resume is None or option is None or not option[1].startswith("model."):
+            return ConfigError(message)
+        parts = option[1].split(".")
+        if any(options.origin(self.args, ".".join(parts[:n])) for n in range(2, len(parts) + 1)):
+            return ConfigError(message)
+        return CheckpointError(f"{self.run.resume.path} holds {message} (from its hyperparameters)")
 
     def check_trainer_options(self) -> None:
         # Values the Trainer's signature lets through but that fail later, mid-run, with a ZeroDivisionError
@@ -268,6 +274,14 @@ class MNISTCLI(LightningCLI):
             self._take_checkpoint(self.run.resume)
             if subcommand != "fit":
                 self._beside_the_run(self.run.resume.path)
+            else:  # the optimizer and schedule the checkpoint gives, probed as the command line's were
+                model = self.config[subcommand].model
+                try:
+                    check_optimizer(model.optimizer.as_dict())
+                    schedule = model.lr_scheduler.as_dict() if model.lr_scheduler is not None else None
+                    check_scheduler(model.optimizer.as_dict(), schedule)
+                except ValueError as err:
+                    raise self.from_the_checkpoint(str(err)) from None
         else:
             self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
         seed = self.config[subcommand].seed_everything
@@ -329,25 +343,6 @@ class MNISTCLI(LightningCLI):
         final[subcommand].data.dataset = trained.dataset
         runs.check_split(trained.path, split, final[subcommand].data.val_size, subcommand)
         self.config = final
-
-
-def quiet_lightning() -> None:
-    """Lightning's warnings and log lines that say nothing true about this project's runs, filtered out."""
-    # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
-    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
-    # ... and a resume or test whose checkpoint callback had other settings: its state is keyed by them, and what a
-    # resume needs of it (the random state, the epoch's place) rides at the checkpoint's top level instead.
-    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \[.*(TrainingCurves|Checkpoint)")
-    # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
-    # "exists and is not empty" would only ever be seen about the run lock's own file.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # No validation set (val_size 0) is an empty list of loaders by design; and a run shorter than the logging
-    # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
-    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
-    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 
 def run_lightning(args: list[str]) -> None:

@@ -1,12 +1,15 @@
 """Other libraries' messages about a bad option, rewritten as one line that names the option, the value given and
-what would fit (with a "did you mean" for a misspelt option or subcommand)."""
+what would fit (with a "did you mean" for a misspelt option or subcommand); and Lightning's warnings that say
+nothing true about this project's runs, filtered out."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
 import inspect
+import logging
 import re
+import warnings
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -196,3 +199,22 @@ def config_key_error(message: str, args: list[str]) -> ConfigError | None:
             hint = f"; did you mean {close[0].removeprefix('--')}?" if close else ""
             return ConfigError(f"--config {path}: {key} is not an option of {subcommand}{hint}")
     return None
+
+
+def quiet_lightning() -> None:
+    """Lightning's warnings and log lines that say nothing true about this project's runs, filtered out."""
+    # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # test/validate/predict run without the fit-only curves callback whose state the checkpoint carries.
+    # ... and a resume or test whose checkpoint callback had other settings: its state is keyed by them, and what a
+    # resume needs of it (the random state, the epoch's place) rides at the checkpoint's top level instead.
+    warnings.filterwarnings("ignore", message=r".*Please add the following callbacks: \[.*(TrainingCurves|Checkpoint)")
+    # A new fit never writes over an earlier run's checkpoints (it is refused) and a resume expects them: Lightning's
+    # "exists and is not empty" would only ever be seen about the run lock's own file.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # No validation set (val_size 0) is an empty list of loaders by design; and a run shorter than the logging
+    # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
