@@ -53,7 +53,7 @@ def fill(disk: Path, leave: int) -> None:
     (disk / "ballast").write_bytes(b"\0" * max(free - leave, 0))
 
 
-# save_last true in the slow suite (whole runs: the default one stays under 4 minutes), false in both
+# save_last true in the slow suite (whole runs: the default one stays under 4 minutes), false in the default one
 @pytest.mark.parametrize("save_last", [pytest.param("true", marks=pytest.mark.slow), "false"])
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_every_earlier_checkpoint(
     tmp_path, mnist_dir, trained, save_last
