@@ -13,6 +13,9 @@ line, `last` and one-line errors (cli/, runs.py, errors.py, __main__.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
+import os
 from pathlib import Path
 
 import torch
@@ -78,6 +81,10 @@ class PlainMNIST(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+         "t10k-labels-idx1-ubyte.gz"]  # fmt: skip
+
+
 class PlainMNISTData(LightningDataModule):
     """torchvision's MNIST, normalised as the guide does, with 5,000 training images held out for validation."""
 
@@ -94,8 +101,22 @@ class PlainMNISTData(LightningDataModule):
         self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
 
     def prepare_data(self) -> None:  # once per machine, before setup: download what is missing
-        datasets.MNIST(self.data_dir, train=True, download=True)
-        datasets.MNIST(self.data_dir, train=False, download=True)
+        # ... unless the four .gz files are straight in data_dir, as the rest of mnist_lit keeps them: then they are
+        # decompressed into torchvision's <data_dir>/MNIST/raw (whole or not at all), and nothing is downloaded
+        raw = Path(self.data_dir, "MNIST", "raw")
+        for flat in [Path(self.data_dir, name) for name in FILES if not (raw / name.removesuffix(".gz")).exists()]:
+            if flat.is_file():
+                raw.mkdir(parents=True, exist_ok=True)
+                (raw / f"{flat.stem}.part").write_bytes(gzip.decompress(flat.read_bytes()))
+                os.replace(raw / f"{flat.stem}.part", raw / flat.stem)
+        try:
+            datasets.MNIST(self.data_dir, train=True, download=True)
+            datasets.MNIST(self.data_dir, train=False, download=True)
+        except RuntimeError as err:  # offline: torchvision tried each mirror; leave no empty MNIST/raw behind
+            with contextlib.suppress(OSError):
+                raw.rmdir(), raw.parent.rmdir()  # the second only once the first is gone
+            why = str(err).splitlines()[0].rstrip(":")
+            raise SystemExit(f"error: no MNIST in {self.data_dir} ({why}): put {', '.join(FILES)} there") from None
 
     def setup(self, stage: str) -> None:
         train = datasets.MNIST(self.data_dir, train=True, transform=self.transform)
