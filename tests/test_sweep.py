@@ -433,3 +433,51 @@ def test_a_study_from_elsewhere_names_no_folder_outside_the_root_and_its_text_re
     report = run(sweep_args(root, mnist_dir, *SHORT, "--report", trials=2), cwd=tmp_path)
     assert "\x1b" not in report.stdout and "\\x1b[2J\\x0abest: trial 7" in report.stdout, report.stdout
     assert not any(line.startswith("best: trial 7") for line in report.stdout.splitlines())
+
+
+def test_a_restarted_sweep_continues_the_search_instead_of_replaying_it():
+    """One TPESampler seeded once proposed the same settings each time a sweep started (after a crash, trial 5
+    repeated trial 0's setting exactly), and on two machines at once. Seeded by each trial's number, a restart
+    proposes new settings, and the same seed still proposes the same ones for the same trials."""
+    import optuna
+
+    from mnist_lit.sweep.sampler import TrialSeededSampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
+             "batch_size": optuna.distributions.CategoricalDistribution([32, 64, 128, 256])}  # fmt: skip
+
+    def ask(study: optuna.Study, n: int) -> list[dict]:
+        return [study.ask(space).params for _ in range(n)]
+
+    storage = optuna.storages.InMemoryStorage()
+    first = ask(optuna.create_study(study_name="s", storage=storage, sampler=TrialSeededSampler(1)), 3)
+    restarted = ask(optuna.load_study(study_name="s", storage=storage, sampler=TrialSeededSampler(1)), 3)
+    assert not [p for p in restarted if p in first], (first, restarted)
+    again = ask(optuna.create_study(sampler=TrialSeededSampler(1)), 3)
+    assert again == first  # the seed still decides the proposals, trial by trial
+    assert ask(optuna.create_study(sampler=TrialSeededSampler(2)), 3) != first
+
+
+def test_a_stopped_trial_is_enqueued_again_once_however_many_workers_find_it():
+    """Two workers found the same dead trial at a restart and each enqueued it: trial 0 was resumed twice, in one
+    folder, and the sweep ended with half its settings. retry leaves a trial already in a retry history alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mnist_lit.sweep.study import retry
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.1)})
+    study.tell(trial, state=TrialState.FAIL)
+    stopped = study.trials[0]
+    retry(study, stopped)
+    retry(study, stopped)  # the second worker, a moment later
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == stopped.params
+    resumed = study.ask()  # the retry runs, and is stopped in turn: it is enqueued again, once
+    study.tell(resumed, state=TrialState.FAIL)
+    retry(study, study.trials[resumed.number])
+    retry(study, study.trials[resumed.number])
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1

@@ -19,9 +19,12 @@ FINGERPRINT = "sweep.json"  # in the root: the space and base config this root's
 
 
 def retry(study: Any, trial: Any) -> None:
-    """Enqueue a stopped trial again with its parameters, user attributes (its folder) and reported values."""
+    """Enqueue a stopped trial again with its parameters, user attributes (its folder) and reported values, once:
+    a trial that is already in a later trial's retry history (another worker found it stopped too) is left."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+        return
     RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
 
 
@@ -79,7 +82,9 @@ def _open(sweep: Any, url: str, create: bool, fingerprint: dict[str, Any] | None
         grace_period=sweep.grace_period,
         heartbeat_stale_trial_callback=retry,
     )
-    sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+    from mnist_lit.sweep.sampler import TrialSeededSampler
+
+    sampler = TrialSeededSampler(sweep.seed)
     pruner = make_pruner(sweep.pruner, sweep.startup_trials, sweep.warmup_epochs)
     if not create:
         return optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner), storage

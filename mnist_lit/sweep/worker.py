@@ -150,7 +150,8 @@ class Sweeper:
         import optuna
         from optuna.trial import TrialState
 
-        self._take_over_dead()
+        with self.asking:  # one look for stopped trials at a time in this process: each is enqueued once
+            self._take_over_dead()
         trials = self.study.get_trials(deepcopy=False)
         done = [t for t in trials if counted(t)]
         if len(done) >= self.sweep.trials:
