@@ -70,9 +70,9 @@ def test_removal_waits_for_the_write_before_it(tmp_path, monkeypatch):
     release = threading.Event()
     replace = os.replace
 
-    def slow_replace(src, dst):
+    def slow_replace(src, dst, **folders):
         release.wait(10)
-        replace(src, dst)
+        replace(src, dst, **folders)
 
     monkeypatch.setattr(os, "replace", slow_replace)
     io.save_checkpoint({"state_dict": {}}, new)
