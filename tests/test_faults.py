@@ -157,6 +157,7 @@ def test_bit_rot_in_the_weights_is_refused_and_the_intact_copy_named(tmp_path, m
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_bit_rot_in_the_momentum_buffers_is_refused_on_resume(tmp_path, mnist_dir, trained):
     root = tmp_path / "run"
     shutil.copytree(trained, root)

@@ -317,6 +317,7 @@ def test_finetuning_keeps_frozen_layers_bit_for_bit_and_learns_the_new_style(tun
     assert accuracy["after"] >= accuracy["before"] + 0.3, accuracy
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_a_killed_finetuning_run_resumes_exactly(tuned, base_run, shifted, tmp_path, run_main):
     result = run_cli("step", "25", *finetune_args(shifted, str(base_run)), cwd=tmp_path, script=KILLPOINTS)
     assert result.returncode != 0 and 0 < load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] < 25

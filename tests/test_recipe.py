@@ -174,6 +174,7 @@ def test_a_run_shorter_than_the_logging_interval_gets_curves_and_a_bar_that_ends
     assert last(tmp_path)["callbacks"]["TrainingCurves"]["train"].tolist()[-1][0] == 4
 
 
+@pytest.mark.slow  # two CLI processes: in the slow suite, so the default one stays under 4 minutes
 def test_help_into_a_pipe_closed_early_ends_quietly(tmp_path):
     for command in (["--help"], ["fit", "--help"]):
         process = subprocess.Popen([sys.executable, "-m", "mnist_lit", *command], cwd=tmp_path, env=cli_env(),
@@ -183,6 +184,7 @@ def test_help_into_a_pipe_closed_early_ends_quietly(tmp_path):
         assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_a_checkpoint_from_before_the_optimizer_option_still_tests_and_resumes(tmp_path, mnist_dir, run_main):
     fit = ["fit", *data(mnist_dir), "--trainer.max_epochs", "1"]
     assert run_main(*fit, cwd=tmp_path)[0] == 0

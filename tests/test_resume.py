@@ -177,6 +177,7 @@ def test_a_signal_before_training_starts_is_one_line_and_writes_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_sigterm_during_the_sanity_check_is_a_failure_status_not_success(tmp_path, mnist_dir):
     result = run_cli("sanity-term", "0", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]

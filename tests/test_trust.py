@@ -454,6 +454,7 @@ def test_seed_everything_on_a_resume_is_refused_if_changed_and_recorded_as_the_r
     assert "seed_everything: 1\n" in (newest / "config.yaml").read_text()
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_a_signal_while_the_figures_are_drawn_names_the_final_checkpoint(tmp_path, mnist_dir):
     result = run_cli("curves-term", "0", "fit", *data_args(mnist_dir), "--trainer.max_steps", "3", cwd=tmp_path,
                      script=KILLPOINTS)  # fmt: skip
