@@ -116,7 +116,7 @@ def test_weights_only_false_is_refused_in_one_line(tmp_path, run_main):
 
 
 def test_the_resume_hint_is_the_command_typed_less_its_checkpoint_and_init_from():
-    from mnist_lit.cli.lightning import resume_command
+    from mnist_lit.cli.options import resume_command
 
     typed = ["fit", "--config", "my runs/a.yaml", "--model.init_from=base/last.ckpt", "--ckpt_path", "auto"]
     assert resume_command(typed) == "python -m mnist_lit fit --config 'my runs/a.yaml' --ckpt_path last"

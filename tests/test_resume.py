@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,3 +353,17 @@ def test_a_run_with_shifted_images_killed_and_resumed_ends_bit_for_bit_like_an_u
     plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     shifted = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not torch.equal(plain["net.fc2.weight"], shifted["net.fc2.weight"])
+
+
+def test_a_resumed_fit_goes_on_logging_in_its_runs_folder(tmp_path, mnist_dir, run_main):
+    """One run, one line in TensorBoard: a resume writes to the version folder its checkpoint records, while that
+    folder is there; a run whose folder is gone gets a new one."""
+    fit = ["fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs"]
+    assert run_main(*fit, "1", cwd=tmp_path)[0] == 0
+    assert run_main(*fit, "2", "--ckpt_path", "last", cwd=tmp_path)[0] == 0
+    logs = tmp_path / "lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    assert len(list((logs / "version_0").glob("events.out.tfevents.*"))) == 2  # the run's, then the resume's
+    shutil.rmtree(logs / "version_0")
+    assert run_main(*fit, "3", "--ckpt_path", "last", cwd=tmp_path)[0] == 0
+    assert [p.name for p in logs.iterdir()] == ["version_0"] and (logs / "version_0" / "config.yaml").is_file()

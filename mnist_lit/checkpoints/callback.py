@@ -19,6 +19,8 @@ from mnist_lit.checkpoints.resume import own_files
 from mnist_lit.errors import Diverged
 from mnist_lit.signals import Interrupted
 
+LOG_VERSION = "log_version"  # the run's lightning_logs/version_N, at the checkpoint's top level
+
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint whose files are never half-written, never silently damaged, and resume a run exactly.
@@ -177,6 +179,8 @@ class Checkpoint(ModelCheckpoint):
         if pl_module.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(pl_module.device)
         checkpoint["rng_state"] = rng
+        if isinstance(version := getattr(trainer.logger, "version", None), int):  # where a resume goes on logging
+            checkpoint[LOG_VERSION] = version
         for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
             if counts["ready"] == counts["started"] + 1:
                 # Saved in on_train_epoch_start: Lightning has counted the new epoch as ready, not yet started, and

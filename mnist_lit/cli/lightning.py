@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import re
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
-from mnist_lit.checkpoints import Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
+from mnist_lit.checkpoints import LOG_VERSION, Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
 from mnist_lit.cli import options
 from mnist_lit.cli.help import HelpFormatter
 from mnist_lit.cli.logfolder import RunLogger, SaveConfig, claim_version
@@ -64,21 +63,6 @@ def share_cores(processes: int, workers: int) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // processes - workers))
-
-
-def resume_command(args: list[str]) -> str:
-    """The command that resumes a fit started with args, in the folder it was started in: the same options (the
-    run's root and config files among them), --ckpt_path last in place of any --ckpt_path, and no --model.init_from
-    (a resume takes its weights from the run itself)."""
-    words, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in ("--ckpt_path", "--model.init_from"):
-            skip = True
-        elif not arg.startswith(("--ckpt_path=", "--model.init_from=")):
-            words.append(arg)
-    return shlex.join(["python", "-m", "mnist_lit", *words, "--ckpt_path", "last"])
 
 
 class MNISTCLI(LightningCLI):
@@ -175,10 +159,12 @@ class MNISTCLI(LightningCLI):
             # Lightning's default logger, with its version folder taken now (mkdir: one winner), not when it is first
             # written: two runs started together in one root must not both pick the same version_N.
             folder = Path(config.get("default_root_dir") or os.getcwd()) / "lightning_logs"
-            version = claim_version(folder)
-            self.claimed = folder / f"version_{version}"
+            version = self._resumed_version(folder)
+            if version is None:
+                version = claim_version(folder)
+                self.claimed = folder / f"version_{version}"
+                claimed = True
             kwargs["logger"] = RunLogger(save_dir=folder.parent, version=version)
-            claimed = True
         if config.get("profiler") is None:  # Lightning's default, less its cost per hook call (mnist_lit.lean)
             kwargs["profiler"] = QuietProfiler()
         trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
@@ -195,7 +181,7 @@ class MNISTCLI(LightningCLI):
         if self.subcommand == "fit":
             for callback in trainer.callbacks:
                 if isinstance(callback, Checkpoint):
-                    callback.resume_command = resume_command(self.args)
+                    callback.resume_command = options.resume_command(self.args)
         share_cores(trainer.num_devices, self.datamodule.num_workers)
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
@@ -210,6 +196,17 @@ class MNISTCLI(LightningCLI):
                 if isinstance(callback, SaveConfig):
                     callback.own_folder = new
         return trainer
+
+    def _resumed_version(self, folder: Path) -> int | None:
+        """A resumed fit's own log folder, which it goes on writing to (one run, one line in TensorBoard): the
+        version its checkpoint records, while that folder is there, a folder and not a link. None: a new one."""
+        if self.subcommand != "fit" or self.run is None or self.run.resume is None or folder.is_symlink():
+            return None
+        version = self.run.resume.checkpoint.get(LOG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            return None
+        found = folder / f"version_{version}"
+        return version if found.is_dir() and not found.is_symlink() else None
 
     def _check_monitors(self, trainer: Trainer) -> None:
         """A callback watching a metric the run never logs (EarlyStopping, ModelCheckpoint): refused now, not

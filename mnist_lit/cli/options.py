@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from typing import Any
 
@@ -208,3 +209,18 @@ def origin(args: list[str], name: str) -> str | None:
         elif (path := dict(_configs(args)).get(i)) is not None and name in option_names(read_yaml(path)):
             found = f"--config {path}"
     return found
+
+
+def resume_command(args: list[str]) -> str:
+    """The command that resumes a fit started with args, in the folder it was started in: the same options (the
+    run's root and config files among them), --ckpt_path last in place of any --ckpt_path, and no --model.init_from
+    (a resume takes its weights from the run itself)."""
+    words, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--ckpt_path", "--model.init_from"):
+            skip = True
+        elif not arg.startswith(("--ckpt_path=", "--model.init_from=")):
+            words.append(arg)
+    return shlex.join(["python", "-m", "mnist_lit", *words, "--ckpt_path", "last"])
