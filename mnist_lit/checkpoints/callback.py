@@ -20,6 +20,7 @@ from mnist_lit.errors import Diverged
 from mnist_lit.signals import Interrupted
 
 LOG_VERSION = "log_version"  # the run's lightning_logs/version_N, at the checkpoint's top level
+THREADS = "threads"  # the torch threads the run trained with
 
 
 class Checkpoint(ModelCheckpoint):
@@ -181,6 +182,7 @@ class Checkpoint(ModelCheckpoint):
         checkpoint["rng_state"] = rng
         if isinstance(version := getattr(trainer.logger, "version", None), int):  # where a resume goes on logging
             checkpoint[LOG_VERSION] = version
+        checkpoint[THREADS] = torch.get_num_threads()  # what a resume runs, to end bit for bit
         for counts in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
             if counts["ready"] == counts["started"] + 1:
                 # Saved in on_train_epoch_start: Lightning has counted the new epoch as ready, not yet started, and

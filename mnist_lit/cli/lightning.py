@@ -25,8 +25,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
-from mnist_lit.checkpoints import LOG_VERSION, Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
+from mnist_lit.checkpoints import LOG_VERSION, THREADS, Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
 from mnist_lit.cli import options
+from mnist_lit.cli.cores import BusyWatch, share_cores
 from mnist_lit.cli.help import HelpFormatter
 from mnist_lit.cli.logfolder import RunLogger, SaveConfig, claim_version
 from mnist_lit.cli.messages import config_key_error, explain_accelerator, explain_class_option, quiet_lightning
@@ -48,21 +49,8 @@ INIT_FROM_HELP = (
 def reports(subcommand: str | None) -> list[Callback]:
     """What a subcommand checks and leaves to look at: only its own, as Lightning calls every callback at every step
     (a fit's resume check, whatever the run's other callbacks)."""
-    return {"fit": [ResumeCheck(), TrainingCurves()], "validate": [ResultsTable()],
+    return {"fit": [ResumeCheck(), TrainingCurves(), BusyWatch()], "validate": [ResultsTable()],
             "test": [TestReport(), ResultsTable()], "predict": [PredictionWriter()]}.get(subcommand, [])  # fmt: skip
-
-
-def share_cores(processes: int, workers: int) -> None:
-    """Give each training process on this machine an equal share of the cores: threads x processes <= cores.
-
-    Two processes that each run as many threads as there are cores slow each other down many times over.
-    Every process of a DDP run passes here (Lightning starts each one from this command line). Data loader
-    workers, if any, get a core each. OMP_NUM_THREADS, when set, wins.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // processes - workers))
 
 
 class MNISTCLI(LightningCLI):
@@ -182,7 +170,16 @@ class MNISTCLI(LightningCLI):
             for callback in trainer.callbacks:
                 if isinstance(callback, Checkpoint):
                     callback.resume_command = options.resume_command(self.args)
-        share_cores(trainer.num_devices, self.datamodule.num_workers)
+        recorded = (
+            self.run.resume.checkpoint.get(THREADS)
+            if self.run and self.run.resume and self.subcommand == "fit"
+            else None
+        )
+        main, alone = rank_zero_only.rank == 0, trainer.world_size == 1
+        fixed = share_cores(trainer.num_devices, self.datamodule.num_workers, recorded, main=main, alone=alone)
+        for callback in trainer.callbacks:
+            if isinstance(callback, BusyWatch):
+                callback.fixed = fixed
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         nodes.prepare(trainer, config.ddp_timeout, config.ckpt_path, directory)
@@ -194,7 +191,7 @@ class MNISTCLI(LightningCLI):
                 refuse_link(os.path.join(trainer.logger.log_dir, "hparams.yaml"))
             for callback in trainer.callbacks:
                 if isinstance(callback, SaveConfig):
-                    callback.own_folder = new
+                    callback.own_folder, callback.resuming = new, self.run is not None and self.run.resume is not None
         return trainer
 
     def _resumed_version(self, folder: Path) -> int | None:
