@@ -364,6 +364,7 @@ def test_a_resumed_fit_goes_on_logging_in_its_runs_folder(tmp_path, mnist_dir, r
     logs = tmp_path / "lightning_logs"
     assert [p.name for p in logs.iterdir()] == ["version_0"]
     assert len(list((logs / "version_0").glob("events.out.tfevents.*"))) == 2  # the run's, then the resume's
+    assert "max_epochs: 2\n" in (logs / "version_0" / "config.yaml").read_text()  # the resume's, once it trained
     shutil.rmtree(logs / "version_0")
     assert run_main(*fit, "3", "--ckpt_path", "last", cwd=tmp_path)[0] == 0
     assert [p.name for p in logs.iterdir()] == ["version_0"] and (logs / "version_0" / "config.yaml").is_file()

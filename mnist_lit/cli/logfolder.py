@@ -29,6 +29,8 @@ class SaveConfig(SaveConfigCallback):
 
     own_folder = False  # whether this run's version folder is new (set when the trainer is built)
     _start_step: int | None = None  # the step training started from, once it has
+    resuming = False  # whether this fit resumes a run (set when the trainer is built)
+    _deferred = False  # a resume's config.yaml, written once it has trained a step
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "save_to_log_dir": False})  # save_config below writes it
@@ -43,8 +45,14 @@ class SaveConfig(SaveConfigCallback):
             raise OSError(err.errno, err.strerror, path) from None
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Lightning calls this on the main process only: the logger's folder, not trainer.log_dir, which is a
-        # collective every process must join (a DDP run would hang on it)
+        if not self.own_folder and self.resuming and stage == "fit":
+            self._deferred = True  # a resume in its run's folder: that run's config.yaml stays until it trains
+            return
+        self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
+        # Lightning calls save_config on the main process only: the logger's folder, not trainer.log_dir, which is
+        # a collective every process must join (a DDP run would hang on it)
         folder = trainer.logger.log_dir if trainer.logger is not None else None
         if folder is None:
             return
@@ -53,6 +61,11 @@ class SaveConfig(SaveConfigCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if self._deferred and trainer.global_step > (self._start_step or 0) and trainer.is_global_zero:
+            self._deferred = False
+            self._write(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # A run that failed before it trained a step (any failed validate, test or predict) leaves nothing worth
