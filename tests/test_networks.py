@@ -46,6 +46,7 @@ def tiny_run(tmp_path_factory, mnist_dir) -> Path:
     return root
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_the_nets_own_checkpoint_tests_predicts_and_exports_with_no_option_repeated(
     tiny_run, tmp_path, mnist_dir, run_main, trusting
 ):

@@ -293,6 +293,7 @@ def tuned(tmp_path_factory, base_run, shifted):
     return root
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_finetuning_keeps_frozen_layers_bit_for_bit_and_learns_the_new_style(tuned, base_run, shifted, run_main):
     checkpoint = torch.load(tuned / "checkpoints" / "last.ckpt", weights_only=True)
     base = state(base_run)
