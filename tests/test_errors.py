@@ -473,6 +473,7 @@ def test_the_booby_trap_really_fires_when_loaded_unsafely(run_root, tmp_path):
     assert (tmp_path / "marker").exists()
 
 
+@pytest.mark.slow  # a fit that looks for the files (5 s): in the slow suite, so the default one stays under 4 minutes
 def test_empty_data_dir_without_network_fails_fast_and_clean(tmp_path):
     """No files, no network (sockets are blocked in the child): a clear error within seconds."""
     (tmp_path / "sitecustomize.py").write_text(

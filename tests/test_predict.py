@@ -119,6 +119,7 @@ def test_class_folders_given_as_predict_path_point_to_image_dir(tmp_path):
     assert len(expand(str(tmp_path / "my_digits" / "*" / "*.png"))) == 2  # the glob the message suggests
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_predict_prints_a_line_per_image_writes_a_csv_and_skips_what_is_not_an_image(trained, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
