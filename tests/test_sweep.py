@@ -481,3 +481,42 @@ def test_a_stopped_trial_is_enqueued_again_once_however_many_workers_find_it():
     retry(study, study.trials[resumed.number])
     retry(study, study.trials[resumed.number])
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+
+def test_a_running_study_can_be_watched_live_with_optuna_dashboard(tmp_path):
+    """The README's way to watch a sweep: optuna-dashboard on the root's sweep.db, on loopback; its page and its
+    API answer with the study's trials while the study is open."""
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed: pip install -e '.[sweep]'")
+    import urllib.request
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = optuna.create_study(study_name="mnist", storage=url, direction="maximize")
+    for lr in (0.01, 0.05):
+        trial = study.ask({"model.optimizer.init_args.lr": optuna.distributions.FloatDistribution(0.001, 0.1)})
+        study.tell(trial, lr * 10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("optuna-dashboard")), url, "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while time.monotonic() < deadline and studies is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    studies = json.load(answer)["study_summaries"]
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies] == ["mnist"], studies
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=5) as a:
+            trials = json.load(a)["trials"]
+        assert sorted(t["values"][0] for t in trials) == [0.1, 0.5]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/", timeout=5) as page:
+            assert page.status == 200 and "<html" in page.read().decode().lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
