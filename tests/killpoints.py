@@ -71,11 +71,11 @@ def plant(moment: str, n: int) -> None:
     elif moment in ("rename", "link"):
         replace = os.replace
 
-        def replace_or_die(src, dst):
+        def replace_or_die(src, dst, **folders):  # the writer renames relative to the folder it opened
             copy = os.path.basename(dst) == "last.ckpt"
             if copy == (moment == "link") and nth():
                 die()
-            return replace(src, dst)
+            return replace(src, dst, **folders)
 
         writer.os.replace = replace_or_die
     elif moment == "batch-int":

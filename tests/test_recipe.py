@@ -112,13 +112,15 @@ def test_new_optimizer_numbers_on_a_resume_apply_from_there_on_and_are_said(tmp_
     group = checkpoint["optimizer_states"][0]["param_groups"][0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.5, 0.5, 0.001)
     assert checkpoint["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 0.5
-    config = (tmp_path / "lightning_logs" / "version_1" / "config.yaml").read_text()
+    # the run's one log folder, which the resume goes on writing to: one line in TensorBoard
+    config = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
     assert re.search(r"lr: 0\.5\n", config) and "weight_decay: 0.001" in config  # the resumed run's truth
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_1"))
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
     events.Reload()
-    assert [e.value for e in events.Scalars("train/lr")] == [0.5] * 9  # every step of the resumed epoch
+    values = [e.value for e in events.Scalars("train/lr")]
+    assert values[-9:] == [0.5] * 9 and values[:-9] == pytest.approx([0.01] * 9)  # the first epoch, then the resumed
 
 
 def test_a_monitor_on_a_metric_never_logged_is_refused_before_anything_is_written(tmp_path, mnist_dir, run_main):
