@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import idx_bytes, write_mnist
+from helpers.mnist import idx_bytes, write_mnist
 
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.datasets.batches import BatchLoader, EpochBatches

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, printed_metrics, run_cli, write_mnist
+from helpers.cli import QUIET, ROOT, SYNTHETIC, printed_metrics, run_cli
+from helpers.mnist import write_mnist
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
-PROBE = [str(ROOT / "tests" / "ddp_probe.py")]
+PROBE = [str(ROOT / "tests" / "helpers" / "ddp_probe.py")]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli_env
+from helpers.cli import ROOT, cli_env
 
 PACKAGE = ROOT / "mnist_lit"
 # The README's layers, lowest first: a unit (a top-level module, or a subpackage as a whole) may import units of its

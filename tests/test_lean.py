@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, run_cli
+from helpers.cli import QUIET, SYNTHETIC, run_cli
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch import nn

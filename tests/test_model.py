@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from guide import Net as GuideNet
+from helpers.guide import Net as GuideNet
 
 from mnist_lit.cli import check_optimizer
 from mnist_lit.model import LitMNIST, Net

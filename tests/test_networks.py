@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
-from test_trust import reseal, spec
+from helpers.checkpoints import reseal, spec
+from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
 
 from mnist_lit import runs
 from mnist_lit.errors import CheckpointError
 from mnist_lit.model import ConvNet, LitMNIST, Net, check_contract
 
-TINY = ["--model.net", "tinynet.TinyNet", "--model.net.width", "3"]
+TINY = ["--model.net", "helpers.tinynet.TinyNet", "--model.net.width", "3"]
 
 
 def data_args(mnist_dir: Path) -> list[str]:
@@ -31,7 +31,7 @@ def data_args(mnist_dir: Path) -> list[str]:
 @pytest.fixture
 def trusting(monkeypatch):
     """What a user of their own network sets once: MNIST_LIT_TRUST names its module (tests/ is on the path)."""
-    monkeypatch.setenv("MNIST_LIT_TRUST", "tinynet")
+    monkeypatch.setenv("MNIST_LIT_TRUST", "helpers.tinynet")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_the_nets_own_checkpoint_tests_predicts_and_exports_with_no_option_repea
     shutil.copytree(tiny_run, root)
     status, out, err = run_main("test", "--ckpt_path", "last", *data_args(mnist_dir), cwd=root)
     assert status == 0 and "test/acc" in out, err[-2000:]
-    from test_predict import digit
+    from helpers.images import digit
 
     digit().save(tmp_path / "seven.png")
     status, out, err = run_main("predict", "--ckpt_path", "last", "--data.predict_path", str(tmp_path / "seven.png"),
@@ -83,7 +83,7 @@ def test_the_nets_own_checkpoint_tests_predicts_and_exports_with_no_option_repea
 
 def test_from_yaml_and_a_resume_takes_the_net_from_the_checkpoint(tmp_path, mnist_dir, run_main, trusting):
     (tmp_path / "tiny.yaml").write_text(
-        "model:\n  net:\n    class_path: tinynet.TinyNet\n    init_args:\n      width: 2\n"
+        "model:\n  net:\n    class_path: helpers.tinynet.TinyNet\n    init_args:\n      width: 2\n"
     )
     fit = ["fit", *data_args(mnist_dir), "--trainer.max_steps", "4"]
     status, _, err = run_main(*fit, "--config", "tiny.yaml", cwd=tmp_path)
@@ -99,11 +99,11 @@ def test_from_yaml_and_a_resume_takes_the_net_from_the_checkpoint(tmp_path, mnis
 def test_without_trust_a_checkpoint_naming_a_users_module_is_refused_and_nothing_imported(
     tiny_run, tmp_path, mnist_dir, run_main
 ):
-    sys.modules.pop("tinynet", None)
+    sys.modules.pop("helpers.tinynet", None)
     status, _, err = run_main("test", "--ckpt_path", str(tiny_run / "checkpoints" / "last.ckpt"),
                               *data_args(mnist_dir), cwd=tmp_path)  # fmt: skip
-    assert status != 0 and "tinynet.TinyNet was not imported: a file may name classes of" in err, err[-2000:]
-    assert "MNIST_LIT_TRUST" in err and "tinynet" not in sys.modules
+    assert status != 0 and "helpers.tinynet.TinyNet was not imported: a file may name classes of" in err, err[-2000:]
+    assert "MNIST_LIT_TRUST" in err and "helpers.tinynet" not in sys.modules
 
 
 # A checkpoint's network spec, each refused in one line with nothing run and nothing imported.
@@ -214,10 +214,11 @@ def test_log_softmax_is_applied_to_logits_and_never_again_to_the_nets_log_probab
 
 @pytest.mark.slow  # a server, and three runs
 def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnist_dir, monkeypatch):
-    from test_resume import assert_same_run
-    from test_serve import Server, mnist_digits, png
+    from helpers.checkpoints import assert_same_run
+    from helpers.images import mnist_digits, png
+    from helpers.server import Server
 
-    monkeypatch.setenv("MNIST_LIT_TRUST", "tinynet")
+    monkeypatch.setenv("MNIST_LIT_TRUST", "helpers.tinynet")
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # where a user's own package would be installed
     server = Server(tiny_run, "--ckpt_path", "last")
     try:
@@ -229,7 +230,7 @@ def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnis
     (tmp_path / "whole").mkdir()
     assert run_cli(*fit, cwd=tmp_path / "whole").returncode == 0
     (tmp_path / "killed").mkdir()
-    killed = run_cli("step", "11", *fit, cwd=tmp_path / "killed", script=[str(ROOT / "tests" / "killpoints.py")])
+    killed = run_cli("step", "11", *fit, cwd=tmp_path / "killed", script=KILLPOINTS)
     assert killed.returncode != 0
     resumed = run_cli(fit[0], *fit[5:], "--ckpt_path", "last", cwd=tmp_path / "killed")  # no --model.net
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -240,7 +241,7 @@ def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnis
 def test_the_built_in_convnet_with_its_config_reaches_99_5_percent(tmp_path, real_mnist):
     """What the README promises, on any machine: another processor moves a run as another seed does, and seeds 1-3
     gave 99.57, 99.56 and 99.61% on an AMD EPYC, the lowest 6 test images above the bar."""
-    from conftest import printed_metrics
+    from helpers.cli import printed_metrics
 
     data = ["--data.data_dir", str(real_mnist), *QUIET]
     fit = run_cli("fit", "--config", str(ROOT / "configs" / "convnet.yaml"), *data, cwd=tmp_path, timeout=2400)

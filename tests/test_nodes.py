@@ -12,15 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-import netns
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, write_mnist
+from helpers import netns
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC
+from helpers.mnist import write_mnist
 
 from mnist_lit.checkpoints.files import load_checkpoint
 from mnist_lit.checkpoints.resume import check_resumable
 
-KILLPOINTS = str(ROOT / "tests" / "killpoints.py")
 NODES = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2"]
 LIMIT = 180  # seconds any one command of these tests may take
 
@@ -135,7 +135,7 @@ def test_each_node_advertises_the_interface_that_reaches_the_main_node(two_nodes
 def test_a_killed_node_stops_the_other_at_once_and_a_relaunch_resumes_exactly(two_nodes, tmp_path, data, reference):
     bed = two_nodes("loopback")  # the hostnames resolve to 127.0.0.1: the interface is mnist_lit's choice
     run = tmp_path / "run"
-    slow = [KILLPOINTS, "slow", "300", *fit(data, run, "--ddp_timeout", "20")]
+    slow = [*KILLPOINTS, "slow", "300", *fit(data, run, "--ddp_timeout", "20")]
     processes = launch(bed, run, slow)
     wait_for_checkpoint(run, processes)
     bed.nodes[1].kill()
@@ -162,7 +162,7 @@ def test_a_cut_link_is_noticed_within_the_timeout_and_the_checkpoint_stays_resum
     run = tmp_path / "run"
     timeout = 10
     args = fit(data, run, "--ddp_timeout", str(timeout), "--trainer.devices", "2")
-    processes = launch(bed, run, [KILLPOINTS, "slow", "300", *args], nproc=2)
+    processes = launch(bed, run, [*KILLPOINTS, "slow", "300", *args], nproc=2)
     wait_for_checkpoint(run, processes)
     bed.nodes[1].cut()  # no reset, no FIN: the other node hears nothing more
     stopped = netns.wait_gone(bed.nodes, timeout + 60)
@@ -249,7 +249,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself_exactly(two_n
     `--ckpt_path auto` resumes the newest checkpoint (and started the run the first time)."""
     bed = two_nodes("own")
     run = tmp_path / "run"
-    command = [KILLPOINTS, "rank1-once", "7", *fit(data, run, "--ckpt_path", "auto")]
+    command = [*KILLPOINTS, "rank1-once", "7", *fit(data, run, "--ckpt_path", "auto")]
     # torchrun's shared rendezvous store would hand a restart the addresses of the processes it replaced
     env = {**netns.env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     codes = finish(launch(bed, run, command, env=env, elastic=2), run)
@@ -267,7 +267,7 @@ def test_a_node_killed_and_started_again_rejoins_and_both_resume_exactly(two_nod
     waits for it, and once it is started again both resume from the newest checkpoint by themselves."""
     bed = two_nodes("own")
     run = tmp_path / "run"
-    command = [KILLPOINTS, "slow", "300", *fit(data, run, "--ckpt_path", "auto")]
+    command = [*KILLPOINTS, "slow", "300", *fit(data, run, "--ckpt_path", "auto")]
     env = {**netns.env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     processes = launch(bed, run, command, env=env, elastic=2)
     wait_for_checkpoint(run, processes)

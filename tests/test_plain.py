@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, cli_env, write_mnist
+from helpers.cli import ROOT, cli_env
+from helpers.mnist import write_mnist
 
 from mnist_lit import model, plain
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, printed_metrics, run_cli
-from guide import Net as GuideNet
+from helpers.cli import QUIET, SYNTHETIC, printed_metrics, run_cli
+from helpers.guide import Net as GuideNet
+from helpers.images import digit
 from PIL import Image
 
 from mnist_lit.datasets.catalog import DATASETS
@@ -23,20 +24,6 @@ from mnist_lit.errors import DataError
 from mnist_lit.report import results_table
 
 MNIST = DATASETS["mnist"]
-
-
-def digit(size: int = 28) -> Image.Image:
-    """A light '7'-ish stroke on black, MNIST style."""
-    image = Image.new("L", (size, size), 0)
-    scale = size / 28
-    for x in range(int(8 * scale), int(20 * scale)):
-        for t in range(int(2 * scale)):
-            image.putpixel((x, int(6 * scale) + t), 255)
-    for y in range(int(6 * scale), int(22 * scale)):
-        x = int(19 * scale) - int((y - 6 * scale) * 0.4)
-        for t in range(int(2 * scale)):
-            image.putpixel((x + t, y), 255)
-    return image
 
 
 def unnormalised(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from conftest import ROOT
+from helpers.cli import ROOT
 
 TAG = re.compile(r"#\s*private-(?:lightning|optuna)\[([\w.,-]+)\]:\s*(\S.*)")
 

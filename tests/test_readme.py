@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SYNTHETIC, cli_env
+from helpers.cli import ROOT, SYNTHETIC, cli_env
 
 README = ROOT / "README.md"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -29,11 +29,11 @@ NOT_RUN = {
     "python -m mnist_lit serve": "a server runs until stopped: tests/test_serve.py starts and stops one",
     "curl ": "needs a running server: tests/test_serve.py posts the same request",
     '{"digit":7': "the answer curl prints, not a command",
-    "configs/gpu.yaml": "needs a GPU: tests/gpu_check.py is the check to run on one",
+    "configs/gpu.yaml": "needs a GPU: tests/benchmarks/gpu_check.py is the check to run on one",
     "configs/ddp.yaml": "needs 4 GPUs, or two nodes",
     "torchrun ": "needs torchrun on two nodes: tests/test_nodes.py runs it in network namespaces",
     "srun ": "needs SLURM",
-    "sudo ": "sets up PostgreSQL: needs root and a database machine (tests/test_sweep.py starts its own server)",
+    "sudo ": "sets up PostgreSQL: needs root and a database machine (tests/sweep/test_sweep.py starts its own server)",
     "export MNIST_LIT_SWEEP_STORAGE": "names a PostgreSQL server on another machine",
     "/shared/sweeps": "a sweep stored in that PostgreSQL server, on a shared disk",
     "optuna-dashboard": "not installed here: a web server that runs until stopped",
@@ -236,8 +236,7 @@ def as_run_here(command: Command, data: Path) -> str:
 
 @pytest.mark.slow  # some 30 whole runs (synthetic data): several minutes
 def test_the_readmes_commands_run_in_order_in_one_folder(tmp_path, mnist_dir):
-    from test_own_data import image_folder
-    from test_predict import digit
+    from helpers.images import digit, image_folder
 
     shutil.copytree(ROOT / "configs", tmp_path / "configs")  # a fresh clone has them
     (tmp_path / "my_digits").mkdir()  # "a folder of your digit images"

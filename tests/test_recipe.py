@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, cli_env, run_cli
-from test_predict import digit
-from test_resume import KILLPOINTS, args
+from helpers.checkpoints import fit_args
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, cli_env, run_cli
+from helpers.images import digit
 
 from mnist_lit.checkpoints.files import DIGEST_KEY, digest
 
@@ -50,18 +50,18 @@ def assert_tensors_equal(x, y, where: str = "") -> None:
 def adam_run(tmp_path_factory, mnist_dir):
     """An uninterrupted 3-epoch run (27 steps) with Adam and a OneCycleLR schedule."""
     root = tmp_path_factory.mktemp("adam")
-    result = run_cli(*args(mnist_dir), *ADAM_ONE_CYCLE, cwd=root)
+    result = run_cli(*fit_args(mnist_dir), *ADAM_ONE_CYCLE, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return root
 
 
 @pytest.mark.slow  # five whole runs; test_resume.py covers the default recipe's exact resume (limits, Ctrl-C)
 def test_adam_and_one_cycle_resume_bit_for_bit_after_a_kill_mid_epoch(tmp_path, mnist_dir, adam_run):
-    killed = run_cli("step", "14", *args(mnist_dir), *ADAM_ONE_CYCLE, cwd=tmp_path, script=KILLPOINTS)
+    killed = run_cli("step", "14", *fit_args(mnist_dir), *ADAM_ONE_CYCLE, cwd=tmp_path, script=KILLPOINTS)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert last(tmp_path)["global_step"] == 12  # mid-epoch 1: the schedule and Adam's moments are under way
     # the resume names no optimizer or schedule: the checkpoint holds them
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     resumed, reference = last(tmp_path), last(adam_run)
     assert resumed["global_step"] == reference["global_step"] == 27

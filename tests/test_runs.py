@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, run_cli
+from helpers.cli import QUIET, SYNTHETIC, run_cli
 
 from mnist_lit import runs
 from mnist_lit.checkpoints.files import DIGEST_KEY, digest
@@ -194,7 +194,7 @@ def test_init_from_puts_the_verified_checkpoints_weights_into_the_model(tmp_path
 def test_a_resume_and_a_validate_keep_to_the_runs_own_held_out_images(tmp_path, mnist_dir, run_main):
     """--data.val_size is the run's own unless given: a resume trains on the same images, a validate scores only
     images the run held out (none, for a run of all the training images)."""
-    from conftest import QUIET, SYNTHETIC
+    from helpers.cli import QUIET, SYNTHETIC
 
     synthetic = [a for a in SYNTHETIC if a not in ("--data.val_size", "64")]
     data = ["--data.data_dir", str(mnist_dir), *synthetic, *QUIET]  # val_size: the default, 5000, unless given

@@ -20,33 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, run_cli
+from helpers.checkpoints import reseal, spec
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, run_cli
 from PIL import Image
 
 from mnist_lit import runs
-from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint, load_ckpt_path
+from mnist_lit.checkpoints.files import DIGEST_KEY, load_checkpoint, load_ckpt_path
 from mnist_lit.cli.logfolder import claim_version
 from mnist_lit.errors import CheckpointError
-
-KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
-
-
-def reseal(source: Path, target: Path, change: Callable[[dict], None]) -> Path:
-    """A copy of a checkpoint with a change, sealed with a valid digest: as anyone who writes one can."""
-    checkpoint = torch.load(source, weights_only=True)
-    change(checkpoint)
-    checkpoint.pop(DIGEST_KEY, None)
-    checkpoint[DIGEST_KEY] = digest(checkpoint)
-    torch.save(checkpoint, target)
-    return target
 
 
 def hparam(field: str, value: object) -> Callable[[dict], None]:
     return lambda checkpoint: checkpoint["hyper_parameters"].__setitem__(field, value)
-
-
-def spec(class_path: str, **init_args: object) -> dict:
-    return {"class_path": class_path, "init_args": init_args}
 
 
 # name: (the change, words the one-line refusal must contain). MARKER in a value is replaced by the marker's path:

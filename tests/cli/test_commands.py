@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers.cli import ROOT
 
 from mnist_lit import COMMANDS, LIGHTNING_COMMANDS, USAGE
 from mnist_lit.cli import commands, options

@@ -1,6 +1,6 @@
 """Sweep configs/sweep.yaml on the real MNIST files, then test its best trial on the 10k test set (not a test).
 
-    python tests/benchmark_sweep.py [--data_dir ../shared/mnist] [--trials 16] [--workers 2] [--epochs 2]
+    python tests/benchmarks/sweep.py [--data_dir ../shared/mnist] [--trials 16] [--workers 2] [--epochs 2]
 
 Prints the sweep's table, the sweep's wall time and the best trial's test accuracy (its own last.ckpt, tested as
 `test --ckpt_path last` in its folder). The root is a new temporary folder unless --root is given (then run it
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, assert_clean_error, run_cli, write_mnist
+from helpers.cli import QUIET, SYNTHETIC, assert_clean_error, run_cli
+from helpers.mnist import write_mnist
 from PIL import Image
 
 from mnist_lit.__main__ import run as main
@@ -484,7 +485,7 @@ def test_empty_data_dir_without_network_fails_fast_and_clean(tmp_path):
     import os
     import time
 
-    from conftest import cli_env
+    from helpers.cli import cli_env
 
     env = cli_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])

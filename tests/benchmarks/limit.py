@@ -5,8 +5,8 @@ FLOP-heavy kernels alone at the step's shapes (convolutions and GEMMs through on
 backward passes) to get the attainable step time, and times the whole step: eager in the best hand-written loop
 (channels_last, fused SGD), the same in NCHW, with torch.compile (inductor), and under bf16 autocast.
 
-    python tests/benchmark_limit.py [--threads 2]
-    python tests/benchmark_limit.py --lightning   # Lightning's own cost per step, and what mnist_lit.lean saves
+    python tests/benchmarks/limit.py [--threads 2]
+    python tests/benchmarks/limit.py --lightning   # Lightning's own cost per step, and what mnist_lit.lean saves
 
 --lightning trains a one-layer model (4 inputs, one sample a batch: the step itself almost free) for 3000 steps, in
 a hand-written loop and under Lightning's Trainer with a fit's number of callbacks (5, a ModelCheckpoint among them,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH, STEPS_PER_EPOCH = 64, 938  # 60k images: 937 batches of 64 and one of 32
 
 

@@ -13,48 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, cli_env, run_cli
+from helpers.checkpoints import assert_same_run, fit_args
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, cli_env, run_cli
 
 from mnist_lit.checkpoints.files import load_checkpoint, newest_checkpoint
-
-KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
-
-
-def args(data: Path, epochs: int = 3) -> list[str]:
-    # checkpoints every 3 steps of 9 per epoch: kills land mid-epoch, at epoch ends and inside writes
-    return [
-        "fit",
-        "--data.data_dir",
-        str(data),
-        *SYNTHETIC,
-        *QUIET,
-        "--trainer.max_epochs",
-        str(epochs),
-        "--checkpoint.every_n_train_steps",
-        "3",
-    ]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Weights, optimizer state and counters (steps and epochs) of two last.ckpt files are identical."""
-    x = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
-    y = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (x["global_step"], x["epoch"]) == (y["global_step"], y["epoch"])
-    progress = [c["loops"]["fit_loop"]["epoch_progress"] for c in (x, y)]  # every epoch counted as begun and ended
-    assert progress[0] == progress[1]
-    assert x["state_dict"].keys() == y["state_dict"].keys()
-    for key in x["state_dict"]:
-        assert torch.equal(x["state_dict"][key], y["state_dict"][key]), key
-    for s, t in zip(
-        x["optimizer_states"][0]["state"].values(), y["optimizer_states"][0]["state"].values(), strict=True
-    ):
-        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, mnist_dir):
     root = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(*args(mnist_dir), cwd=root)
+    result = run_cli(*fit_args(mnist_dir), cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return root
 
@@ -72,13 +40,13 @@ def test_killed_anywhere_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
     ]
     for i, (moment, n) in enumerate(plan):
         resume = ["--ckpt_path", "last"] if i else []
-        result = run_cli(moment, str(n), *args(mnist_dir), *resume, cwd=tmp_path, script=KILLPOINTS)
+        result = run_cli(moment, str(n), *fit_args(mnist_dir), *resume, cwd=tmp_path, script=KILLPOINTS)
         assert result.returncode == -signal.SIGKILL, (moment, n, result.stderr[-2000:])
         # what `--ckpt_path last` resumes from (last.ckpt, or the periodic file written just before it) is whole
         newest = newest_checkpoint(tmp_path / "checkpoints")
         assert newest is not None, (moment, n)
         load_checkpoint(newest)
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 
@@ -89,7 +57,7 @@ def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_di
     for delay in (0.0, 0.15, 0.3):
         resume = ["--ckpt_path", "last"] if newest_checkpoint(checkpoints) else []
         process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_lit", *args(mnist_dir), *resume], cwd=tmp_path, env=cli_env(),
+            [sys.executable, "-m", "mnist_lit", *fit_args(mnist_dir), *resume], cwd=tmp_path, env=cli_env(),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         start = time.monotonic()
@@ -102,7 +70,7 @@ def test_kills_from_outside_at_unplanned_moments_lose_nothing(tmp_path, mnist_di
         process.kill()
         process.wait()
         torch.load(newest_checkpoint(checkpoints), weights_only=True)
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 
@@ -138,7 +106,7 @@ def wait_for(pattern: str, folder: Path) -> None:
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_dir, reference):
-    process = start_fit(tmp_path, *args(mnist_dir))
+    process = start_fit(tmp_path, *fit_args(mnist_dir))
     wait_for("checkpoints/last.ckpt", tmp_path)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -149,7 +117,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_d
     assert 0 < step < 27
     # the hint is the command that resumes this run, typed as shown in the folder it was started in
     hint = shlex.split(re.search(r"resume with `([^`]*)`", stderr)[1])
-    assert hint == ["python", "-m", "mnist_lit", *args(mnist_dir), "--ckpt_path", "last"], hint
+    assert hint == ["python", "-m", "mnist_lit", *fit_args(mnist_dir), "--ckpt_path", "last"], hint
     result = subprocess.run([sys.executable, *hint[1:]], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
@@ -157,7 +125,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_d
 
 @pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path, mnist_dir):
-    process = start_fit(tmp_path, *args(mnist_dir), "--checkpoint.save_last", "false")
+    process = start_fit(tmp_path, *fit_args(mnist_dir), "--checkpoint.save_last", "false")
     wait_for("checkpoints/*.ckpt", tmp_path)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -169,7 +137,7 @@ def test_ctrl_c_without_last_ckpt_saves_a_periodic_file_and_says_which(tmp_path,
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_before_training_starts_is_one_line_and_writes_nothing(tmp_path, mnist_dir, sig):
-    process = start_fit(tmp_path, *args(mnist_dir))
+    process = start_fit(tmp_path, *fit_args(mnist_dir))
     wait_for_handler(process.pid, signal.SIGTERM)  # installed first thing; torch and Lightning still importing
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
@@ -180,7 +148,7 @@ def test_a_signal_before_training_starts_is_one_line_and_writes_nothing(tmp_path
 
 @pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_sigterm_during_the_sanity_check_is_a_failure_status_not_success(tmp_path, mnist_dir):
-    result = run_cli("sanity-term", "0", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)
+    result = run_cli("sanity-term", "0", *fit_args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "SIGTERM: stopped at once; nothing new was saved"
@@ -198,13 +166,13 @@ def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, r
     """max_steps or max_time stop a run in the middle of an epoch (step 13 of 27 lies in epoch 1, batch 4 of 9):
     the rest of that epoch is trained on resume, and the run ends where an uninterrupted one does."""
     slow = ["slow", "150"] if "--trainer.max_time" in stop else ["slow", "0"]  # 27 steps: 4 s, past the limit
-    result = run_cli(*slow, *args(mnist_dir), *stop, cwd=tmp_path, script=KILLPOINTS)
+    result = run_cli(*slow, *fit_args(mnist_dir), *stop, cwd=tmp_path, script=KILLPOINTS)
     assert result.returncode == 0, result.stderr[-2000:]
     step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < step < 27
     if "--trainer.max_time" in stop:
         assert f"stopped by --trainer.max_time at step {step}" in result.stderr
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 
@@ -213,11 +181,11 @@ def test_a_run_ended_by_a_limit_mid_epoch_resumes_exactly(tmp_path, mnist_dir, r
 def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_dir, reference):
     """last.ckpt written at the end of fit (step 18, between the every-3-step saves... and off the grid of 10)
     resumes as exactly as one written mid-run."""
-    shorter = [*args(mnist_dir, epochs=2)]
+    shorter = [*fit_args(mnist_dir, epochs=2)]
     shorter[shorter.index("3", shorter.index("--checkpoint.every_n_train_steps"))] = "4"
     assert run_cli(*shorter, cwd=tmp_path).returncode == 0
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
-    result = run_cli(*args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 
@@ -225,8 +193,8 @@ def test_more_epochs_from_a_finished_run_equal_one_longer_run(tmp_path, mnist_di
 @pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes
 def test_a_step_limit_at_an_epochs_end_resumes_with_the_next_epoch(tmp_path, mnist_dir, reference):
     # with max_steps, Lightning 2.6 alone resumes a checkpoint taken between two epochs into a skipped epoch
-    assert run_cli(*args(mnist_dir), "--trainer.max_steps", "9", cwd=tmp_path).returncode == 0
-    result = run_cli(*args(mnist_dir), "--trainer.max_steps", "27", "--ckpt_path", "last", cwd=tmp_path)
+    assert run_cli(*fit_args(mnist_dir), "--trainer.max_steps", "9", cwd=tmp_path).returncode == 0
+    result = run_cli(*fit_args(mnist_dir), "--trainer.max_steps", "27", "--ckpt_path", "last", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(tmp_path, reference)
 
@@ -236,20 +204,20 @@ def test_ctrl_c_under_gradient_accumulation_stops_at_a_step_and_resumes_exactly(
     accumulate = ["--trainer.accumulate_grad_batches", "2"]
     whole, run = tmp_path / "whole", tmp_path / "run"
     whole.mkdir(), run.mkdir()
-    assert run_cli(*args(mnist_dir), *accumulate, cwd=whole).returncode == 0
+    assert run_cli(*fit_args(mnist_dir), *accumulate, cwd=whole).returncode == 0
     # 5 steps an epoch (batches 2, 4, 6, 8 and the last, 9); batch 10, epoch 1's first, only sums its gradients:
     # the stop waits for batch 11, step 6
-    result = run_cli("batch-int", "10", *args(mnist_dir), *accumulate, cwd=run, script=KILLPOINTS)
+    result = run_cli("batch-int", "10", *fit_args(mnist_dir), *accumulate, cwd=run, script=KILLPOINTS)
     assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
     assert "SIGINT: stopped at step 6 and saved" in result.stderr
-    result = run_cli(*args(mnist_dir), *accumulate, "--ckpt_path", "last", cwd=run)
+    result = run_cli(*fit_args(mnist_dir), *accumulate, "--ckpt_path", "last", cwd=run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(run, whole)
 
 
 @pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_ctrl_c_in_the_last_validation_keeps_the_finished_run_and_says_so(tmp_path, mnist_dir):
-    result = run_cli("val-int", "3", *args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)  # epoch 2 of 3 validates
+    result = run_cli("val-int", "3", *fit_args(mnist_dir), cwd=tmp_path, script=KILLPOINTS)  # epoch 2 of 3 validates
     assert result.returncode == 128 + signal.SIGINT and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert f"SIGINT: came as training ended at step 27; the final weights are in {last}" in result.stderr
@@ -265,11 +233,11 @@ def test_a_checkpoint_taken_after_an_epochs_last_batch_resumes_exactly(tmp_path,
               "--trainer.callbacks.save_on_train_epoch_end", "false"]  # fmt: skip
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    assert run_cli(*args(mnist_dir, epochs=1), *theirs, cwd=first).returncode == 0
+    assert run_cli(*fit_args(mnist_dir, epochs=1), *theirs, cwd=first).returncode == 0
     saved = tmp_path / "theirs" / "epoch=0-step=9.ckpt"
     progress = torch.load(saved, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
     assert progress["is_last_batch"] and progress["total"]["completed"] == 8  # saved inside the last batch's end
-    result = run_cli(*args(mnist_dir), "--ckpt_path", str(saved), cwd=second)
+    result = run_cli(*fit_args(mnist_dir), "--ckpt_path", str(saved), cwd=second)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(second, reference)
 
@@ -286,7 +254,7 @@ def test_stops_around_an_epochs_end_resume_with_its_validation_and_its_plateau_s
     epoch 1's start), never before them, so whichever way a run stops there, the resume skips neither."""
     whole, run = tmp_path / "whole", tmp_path / "run"
     whole.mkdir(), run.mkdir()
-    fit = [*args(mnist_dir), *PLATEAU]
+    fit = [*fit_args(mnist_dir), *PLATEAU]
     assert run_cli(*fit, cwd=whole).returncode == 0
     # Ctrl-C in epoch 0's validation: the validation ends, then the run stops at epoch 1's start with a checkpoint
     result = run_cli("val-int", "1", *fit, cwd=run, script=KILLPOINTS)
@@ -298,7 +266,7 @@ def test_stops_around_an_epochs_end_resume_with_its_validation_and_its_plateau_s
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert 9 < load_checkpoint(newest_checkpoint(run / "checkpoints"))["global_step"] < 18
     # a run that ends with epoch 1, then one more epoch
-    assert run_cli(*args(mnist_dir, epochs=2), *PLATEAU, "--ckpt_path", "last", cwd=run).returncode == 0
+    assert run_cli(*fit_args(mnist_dir, epochs=2), *PLATEAU, "--ckpt_path", "last", cwd=run).returncode == 0
     assert run_cli(*fit, "--ckpt_path", "last", cwd=run).returncode == 0
     assert_same_run(run, whole)
     x, y = (torch.load(root / "checkpoints" / "last.ckpt", weights_only=True) for root in (run, whole))
@@ -315,12 +283,12 @@ def test_a_run_with_early_stopping_killed_and_resumed_stops_where_an_uninterrupt
              "--trainer.callbacks.min_delta", "10", "--trainer.callbacks.patience", "1"]  # fmt: skip
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     whole.mkdir(), stopped.mkdir()
-    result = run_cli(*args(mnist_dir, epochs=6), *early, cwd=whole)
+    result = run_cli(*fit_args(mnist_dir, epochs=6), *early, cwd=whole)
     assert result.returncode == 0, result.stderr[-2000:]
     assert torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
-    killed = run_cli("step", "14", *args(mnist_dir, epochs=6), *early, cwd=stopped, script=KILLPOINTS)
+    killed = run_cli("step", "14", *fit_args(mnist_dir, epochs=6), *early, cwd=stopped, script=KILLPOINTS)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    result = run_cli(*args(mnist_dir, epochs=6), *early, "--ckpt_path", "last", cwd=stopped)
+    result = run_cli(*fit_args(mnist_dir, epochs=6), *early, "--ckpt_path", "last", cwd=stopped)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(stopped, whole)
 
@@ -339,7 +307,7 @@ def test_a_run_resumed_mid_epoch_shows_its_epoch_and_the_batches_it_will_run(tmp
 @pytest.mark.slow  # three runs
 def test_a_run_with_shifted_images_killed_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path, mnist_dir):
     """--data.shift draws its offsets from the random stream the checkpoint saves: a resume draws the same ones."""
-    shift = [*args(mnist_dir, epochs=2), "--data.shift", "2"]
+    shift = [*fit_args(mnist_dir, epochs=2), "--data.shift", "2"]
     (tmp_path / "whole").mkdir()
     assert run_cli(*shift, cwd=tmp_path / "whole").returncode == 0
     (tmp_path / "killed").mkdir()
@@ -349,7 +317,7 @@ def test_a_run_with_shifted_images_killed_and_resumed_ends_bit_for_bit_like_an_u
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
     (tmp_path / "plain").mkdir()  # and the shift does move the run
-    assert run_cli(*args(mnist_dir, epochs=2), cwd=tmp_path / "plain").returncode == 0
+    assert run_cli(*fit_args(mnist_dir, epochs=2), cwd=tmp_path / "plain").returncode == 0
     plain = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     shifted = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not torch.equal(plain["net.fc2.weight"], shifted["net.fc2.weight"])

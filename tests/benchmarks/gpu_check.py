@@ -1,6 +1,6 @@
 """The GPU check: the default 10-epoch fit + test on one GPU, and the guide's own loop beside it.
 
-    python tests/gpu_check.py [--data_dir ../shared/mnist] [--epochs 10]
+    python tests/benchmarks/gpu_check.py [--data_dir ../shared/mnist] [--epochs 10]
 
 Prints, for each side, the wall time of the whole job, the time per epoch and the test accuracy:
   fit (gpu.yaml)    python -m mnist_lit fit --config configs/gpu.yaml: the dataset resident on the GPU
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import ROOT, torchvision_layout
+from fit import ROOT, torchvision_layout
 
 
 def timed(command: list[str], cwd: str) -> tuple[float, str]:
@@ -51,7 +51,7 @@ def fit_and_test(extra: list[str], epochs: int, data_dir: str, scratch: str) -> 
 def guide(epochs: int, tv_dir: str, device: str, scratch: str) -> tuple[float, float]:
     command = [
         sys.executable,
-        str(Path(__file__).with_name("benchmark.py")),
+        str(Path(__file__).with_name("fit.py")),
         "--run",
         "guide",
         "--epochs",

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, REAL_MNIST, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
+from helpers.images import drawn, image_folder
+from helpers.mnist import REAL_MNIST
 from PIL import Image
 
 from mnist_lit.checkpoints.files import load_checkpoint
@@ -20,27 +22,6 @@ from mnist_lit.errors import DataError
 from mnist_lit.model import LitMNIST
 
 FASHION = DATASETS["fashion_mnist"]
-KILLPOINTS = [str(Path(__file__).parent / "killpoints.py")]
-
-
-def drawn(label: int, index: int) -> Image.Image:
-    """conftest's synthetic digit (a bar at the label's row) in another style: framed, so that it keeps its place
-    when predict's preparation crops an image to its ink, with a dot that makes each image of a class its own."""
-    pixels = torch.randint(0, 40, (28, 28), generator=torch.Generator().manual_seed(100 * label + index))
-    pixels[3, 3:25] = pixels[24, 3:25] = pixels[3:25, 3] = pixels[3:25, 24] = 250
-    row = 4 + 2 * label
-    pixels[row : row + 2, 4:24] = 250
-    pixels[4 + 2 * ((label + 5) % 10), 5 + index % 18] = 250
-    return Image.fromarray(pixels.to(torch.uint8).numpy())
-
-
-def image_folder(root: Path, per_class: int = 10, names: list[str] | None = None) -> Path:
-    for label in range(10):
-        folder = root / (names[label] if names else str(label))
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            drawn(label, i).save(folder / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

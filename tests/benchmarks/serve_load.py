@@ -6,7 +6,7 @@ all (whichever comes first), and prints requests/s, p50 and p99 latency and the 
 the same images written as files (the whole command, start-up included). A benchmark, not a test: the machine
 is shared, so its figures vary.
 
-    python tests/load_serve.py [--ckpt_path PATH] [--data_dir ../shared/mnist] [--clients 16] [--seconds 10]
+    python tests/benchmarks/serve_load.py [--ckpt_path PATH] [--data_dir ../shared/mnist] [--clients 16] [--seconds 10]
                                [--rounds 3]
 
 Without --ckpt_path it trains a checkpoint for 50 steps first (the speed of serving does not depend on how
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def digits(data_dir: Path, count: int) -> list[bytes]:

@@ -6,10 +6,10 @@ median of its epochs after the first (warm-up); start-up, data loading and the f
 alternate A B C A B C so that a slow spell on this shared machine hits all of them alike. Prints per-epoch
 seconds and, per side, the median over rounds of its ratio to the first side.
 
-    python tests/benchmark.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
-    python tests/benchmark.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
-    python tests/benchmark.py --loaders                  # mnist_lit's in-memory loader against DataLoader
-    python tests/benchmark.py --interleaved [--epochs 6] [--chunk 100]
+    python tests/benchmarks/fit.py [--data_dir ../shared/mnist] [--rounds 3] [--sides best,fit60k,...]
+    python tests/benchmarks/fit.py --recipe [--seeds 1,2,3]   # configs/fast.yaml against the default, fit + test
+    python tests/benchmarks/fit.py --loaders                  # mnist_lit's in-memory loader against DataLoader
+    python tests/benchmarks/fit.py --interleaved [--epochs 6] [--chunk 100]
         [--sides fit60k,-ckpt,-bar,-curves,bare,lightning] [-- FIT OPTIONS]
                            # one fit process, its steps by chunks against the best loop's in the same process
                            # (interleaved_benchmark below); sides: fit60k and fit60k without checkpoints, bar, curves,
@@ -53,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.guide: the guide's model
 
 
 def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = "cpu") -> float:
@@ -63,7 +64,7 @@ def run_loop(kind: str, epochs: int, data_dir: str, workdir: str, device: str = 
 
     torch.manual_seed(1)
     os.chdir(workdir)
-    from guide import Net  # tests/guide.py: the guide's model, verbatim
+    from helpers.guide import Net  # the guide's model, verbatim
 
     model = Net().to(device)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
+from helpers.cli import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
 
 pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 

@@ -1,6 +1,6 @@
 """Run the CLI and record, per process, which samples it trained on and which checkpoint files it wrote.
 
-    python tests/ddp_probe.py OUT_DIR fit ARGS...
+    python tests/helpers/ddp_probe.py OUT_DIR fit ARGS...
 
 Lightning's DDP launcher re-runs this same command for every process, so each one is probed. Writes
 OUT_DIR/indices-rank<R>.txt (one line per epoch pass: "epoch index index ..."), OUT_DIR/writes-rank<R>.txt and

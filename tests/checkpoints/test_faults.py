@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, run_cli
+from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, assert_clean_error, cli_env, run_cli
 
 from mnist_lit.checkpoints.files import DIGEST_KEY, load_checkpoint
 from mnist_lit.errors import CheckpointError
-
-KILLPOINTS = [str(ROOT / "tests" / "killpoints.py")]
 
 
 def fit_args(data: Path, *extra: str) -> list[str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, SYNTHETIC, assert_clean_error, guide_evaluation, printed_metrics, run_cli
+from helpers.cli import QUIET, SYNTHETIC, assert_clean_error, printed_metrics, run_cli
+from helpers.mnist import guide_evaluation
 
 from mnist_lit.cli.cores import BusyWatch, busy_elsewhere, cores, share_cores
 

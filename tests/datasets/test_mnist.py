@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, guide_evaluation, printed_metrics, run_cli
+from helpers.cli import QUIET, printed_metrics, run_cli
+from helpers.mnist import guide_evaluation
 from PIL import Image, ImageFilter
 
 from mnist_lit.datasets.idx import parse_idx, read_idx

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "10.213.0"  # only ever inside the namespaces made here
 MASTER_PORT = 29500
 

@@ -1,6 +1,6 @@
 """Run the CLI with a SIGKILL planted at one moment: the fault-injection test's way to crash reproducibly.
 
-    python tests/killpoints.py MOMENT N fit ARGS...
+    python tests/helpers/killpoints.py MOMENT N fit ARGS...
 
 MOMENT is where the process kills itself, N counts from 1:
   step    inside the training step that makes global step N (after the forward pass, before the update), once
