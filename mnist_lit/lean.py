@@ -3,7 +3,7 @@
 A training step of the guide's Net takes about 2.1 ms on this 2-core CPU. Lightning's loop around it (13 module
 hooks, 6 hooks on each callback, its closure and its bookkeeping) took 0.27 ms more than a hand-written loop's with
 a fit's 5 callbacks, measured with a one-layer model where the step itself is almost free (`python
-tests/benchmark_limit.py --lightning`, one thread). Two of those costs buy nothing here:
+tests/benchmarks/limit.py --lightning`, one thread). Two of those costs buy nothing here:
 
 - Lightning records the hook it is in as the module's `_current_fx_name`, 44 times a step, through
   nn.Module.__setattr__ (which looks for a parameter, buffer or submodule of that name first): 44 us a step.

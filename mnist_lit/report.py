@@ -36,7 +36,7 @@ class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with the step's loss and images/s, redrawn at most every `interval` seconds.
 
     Lightning's bar redraws after every batch: with it an epoch of fit took 11% longer here (3.11 s against
-    2.80 s, medians of 3 rounds of `python tests/benchmark.py --sides best,fit60k,tqdm`). Hand-written
+    2.80 s, medians of 3 rounds of `python tests/benchmarks/fit.py --sides best,fit60k,tqdm`). Hand-written
     throttle, not TQDMProgressBar(refresh_rate=N): that counts batches, and no one N suits every machine (N=50
     redraws every 2.5 s at 20 batches/s, 40 times a second at 2,000); a time interval redraws 4 times a second
     on both, and costs no measurable time (the benchmark's -bar side, the bar off, was no faster).

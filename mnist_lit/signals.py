@@ -102,8 +102,8 @@ def disarm(catcher: Catcher) -> None:
 
 
 def silence_lightning(trainer: Any) -> None:
-    """Lightning's own SIGTERM handler never installed for this trainer (see the index above); tests/test_faults.py
-    checks the run ends as ours says."""
+    """Lightning's own SIGTERM handler never installed for this trainer (see the index above);
+    tests/checkpoints/test_faults.py checks the run ends as ours says."""
     # private-lightning[Trainer._signal_connector]: no public switch for Lightning's own SIGTERM handler
     trainer._signal_connector.register_signal_handlers = lambda: None
 

@@ -233,8 +233,8 @@ class Checkpoint(ModelCheckpoint):
 
     @staticmethod
     def _new_epoch(epoch_loop: Any) -> None:
-        # Lightning's own loop counters, reset as it does when an epoch starts (tests/test_resume.py resumes each
-        # kind of checkpoint that needs this and fails if a Lightning upgrade changes them).
+        # Lightning's own loop counters, reset as it does when an epoch starts (tests/checkpoints/test_resume.py
+        # resumes each kind of checkpoint that needs this and fails if a Lightning upgrade changes them).
         epoch_loop.batch_progress.reset_on_run()
         epoch_loop.scheduler_progress.reset_on_run()
         epoch_loop.automatic_optimization.optim_progress.reset_on_run()

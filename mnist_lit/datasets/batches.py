@@ -102,7 +102,7 @@ class BatchLoader:
     below does), and it has no state_dict, so Lightning could not save where in the epoch a run was and a
     resume would replay or skip batches (torchdata's StatefulDataLoader could, as one more dependency). An
     epoch of batches takes 0.02 s this way against 0.15 s through DataLoader(TensorDataset) here (0.021 against
-    0.158 ms a batch, `python tests/benchmark.py --loaders`): 6% of a training step saved.
+    0.158 ms a batch, `python tests/benchmarks/fit.py --loaders`): 6% of a training step saved.
 
     With num_workers=0 batches are cut in the training process (fastest for data already in memory); with
     workers they are cut in a torch DataLoader's worker processes. pin_memory pins each batch so that the
