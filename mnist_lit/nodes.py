@@ -141,6 +141,7 @@ def describe(ckpt_path: str | None) -> dict[str, Any] | None:
 
 
 # gloo's and NCCL's words for a peer gone (a timeout in DDP's gradient hook: "Application timeout caused pair closure")
+# their-words[gloo]: gloo's and the TCP store's messages, here and in explain() below
 PEER_FAILURES = (
     r"Connection closed by peer|Connection reset by peer|Broken pipe|pair closure|gloo|NCCL|timed out|timeout"
 )

@@ -265,6 +265,7 @@ def serve(
 
     # LitServe's worker monitor, a thread here, polls the queue manager that stopping shuts down; when the two meet,
     # it logs "Monitoring worker crashed" and a traceback, of a stop that went well.
+    # their-words[litserve.monitoring]: the monitor thread's crash line
     logging.getLogger("litserve.server").addFilter(lambda r: not (stopping and r.getMessage().startswith("Monitoring")))
     signals.stop_server_on_signals(stop)  # SIGTERM and Ctrl-C: LitServer stops its processes cleanly
     # Every process LitServer forks (its queue manager, the HTTP servers) dies with the process that forked it;

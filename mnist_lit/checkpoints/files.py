@@ -130,6 +130,7 @@ def _unpickle(path: str | os.PathLike, data: bytes | None, what: str) -> Any:
             contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's safe unpickler names what it refused: a GLOBAL (a function or class), a call, an object
+        # their-words[torch.weights_only]: what torch's safe unpickler names when it refuses
         if re.search(r"GLOBAL|reduce for|new object", str(err)):
             raise CheckpointError(
                 f"refusing to load {path}: it holds pickled Python objects, not just tensors (loading it could run"

@@ -35,6 +35,7 @@ class HelpFormatter(DefaultHelpFormatter):
             )
         name = r"[\w.]+(?:\n *[\w.]+)*"  # a long name is broken over two lines
         width = shutil.get_terminal_size().columns - 2  # argparse's own width
+        # their-words[jsonargparse.help]: its help's list of a class option's known subclasses
         pattern = rf" *known\s+subclasses:\s*((?:{name}\s*,\s*)+{name})(?=\))"
         return re.sub(pattern, lambda found: _shorter(found, width), text)
 

@@ -49,31 +49,39 @@ def explain(message: str, classes: bool = True, names: list[str] | None = None) 
     if classes and (classy := explain_class_option(message)) is not None:
         return classy
     message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
+    # their-words[jsonargparse.restriction]: a restricted type's refusal, read for the option, value and bounds
     if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
         bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
         return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
+    # their-words[jsonargparse.union]: a union's refusal, read for the types it takes
     if union := re.search(
         r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
     ):
         expected = re.findall(r"Expected a (<class '(\w+)'>|typing\.Literal\[([^\]]*)\])", message)
         names = [("null" if cls == "NoneType" else cls) if cls else f"one of {literal}" for _, cls, literal in expected]
         return f"{union[1]}: {union[2]!r} is not valid; it takes {' or '.join(_finite(names, union[2]))}"
+    # their-words[jsonargparse.type]: a plain type's refusal
     if typed := re.search(r"(--\S+): Expected a <class '(\w+)'>\. Got value: (.*)$", message):
         return f"{typed[1]}: {typed[3]!r} is not valid; it takes {' or '.join(_finite([typed[2]], typed[3]))}"
+    # their-words[jsonargparse.not-a-number]: int() and float()'s own words, inside jsonargparse's
     if restricted := re.search(r"(--\S+): Not of type (\w+): (?:invalid literal for int\(\) with base 10|could not "
                                r"convert string to float): (.*)$", message):  # fmt: skip
         return (
             f"{restricted[1]}: {restricted[3]} is not valid; it takes {_RESTRICTED.get(restricted[2], restricted[2])}"
         )
+    # their-words[jsonargparse.literal]: a Literal's refusal, read for its choices
     if literal := re.search(r"(--\S+): Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", message):
         return f"{literal[1]}: {literal[3]!r} is not valid; it takes one of {literal[2]}"
+    # their-words[argparse.required]: argparse's missing options
     if required := re.fullmatch(r"the following arguments are required: (.*)", message):
         return f"the following options are required: {', '.join('--' + n.lstrip('-') for n in required[1].split(', '))}"
+    # their-words[argparse.choice]: argparse's unknown subcommand
     if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*?)\)", message):
         names = list(COMMANDS)
         close = difflib.get_close_matches(choice[1], names, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{choice[1]!r} is not a subcommand; choose from {', '.join(names)}{hint}"
+    # their-words[argparse.unrecognized]: argparse's unknown option, for a "did you mean"
     if unknown := re.search(r"unrecognized arguments: (--[\w.-]+)", message):
         names = names or _option_names()
         given = unknown[1].replace("-", "_").replace("__", "--", 1)  # --ckpt-path: the option is --ckpt_path
@@ -88,6 +96,7 @@ def explain_accelerator(message: str, origin: str | None) -> str | None:
     """Lightning's "No supported gpu backend found!" (and its like for cuda, mps) as one line naming the option or
     the config file that asked for a device this machine lacks, and the fix. origin: where the command line set
     --trainer.accelerator (mnist_lit.cli.options.origin)."""
+    # their-words[lightning.accelerator]: the two ways Lightning refuses a device this machine lacks
     if found := re.search(r"No supported (\w+) backend found", message):
         wanted = found[1].lower()
     elif found := re.search(r"`(\w+)Accelerator` can not run on your system", message):
@@ -107,6 +116,7 @@ def explain_class_option(message: str) -> str | None:
     """The real cause of a bad class-typed option (a logger, a callback, the optimizer, the scheduler), which
     jsonargparse buries under the other types the option would also take: a missing argument of the class, its
     missing package, a class it cannot find, a bad value of one of its arguments."""
+    # their-words[jsonargparse.class]: every pattern below; jsonargparse nests a class option's real cause
     key = re.search(r'Parser key "([^"]+)"', message)
     option = f"--{key[1]}" if key else _option_of_type(message)
     end = r"(?=\n\s*- |\n\s*Given value|\. Got value: |\Z)"
@@ -174,6 +184,7 @@ def error_line(err: BaseException) -> str | None:
         return printable(f"error: {err} (see --help)")
     if isinstance(err, (UserError, MisconfigurationException)):
         return printable(f"error: {one_line(str(err))}")
+    # their-words[lightning.val_check_interval]: a ValueError only this option's check raises
     if isinstance(err, ValueError) and "`val_check_interval`" in str(err):
         # Lightning checks val_check_interval against the epoch's batches only once the data is there
         return printable(f"error: --trainer.{one_line(str(err)).replace('`', '')}")
@@ -183,6 +194,7 @@ def error_line(err: BaseException) -> str | None:
 def config_key_error(message: str, args: list[str]) -> ConfigError | None:
     """An option a --config file sets that the subcommand does not take, named with its file and what was meant (a
     typo there got neither), or the file named as a sweep's config; None for any other error."""
+    # their-words[jsonargparse.config-key]: a config file's key the subcommand does not take
     found = re.search(r"Subcommand '(\w+)' does not accept option '([^']+)'", message)
     if found is None:
         return None
@@ -204,6 +216,7 @@ def config_key_error(message: str, args: list[str]) -> ConfigError | None:
 def quiet_lightning() -> None:
     """Lightning's warnings and log lines that say nothing true about this project's runs, filtered out."""
     # Lightning's nags that say nothing about this run: an advert, and a deprecation inside Lightning itself.
+    # their-words[lightning.warnings]: each filter below matches a message of Lightning's (or torch's, through it)
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "💡" not in str(record.msg))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
