@@ -162,12 +162,16 @@ def tagged() -> list[tuple[str, int, str, str]]:
     """(file, line, NAME, why) for every tag in the package (and the names in brackets on its comment lines)."""
     found = []
     for path in sorted((ROOT / "mnist_lit").rglob("*.py")):
+        last = -10  # the line of this file's latest tag
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if match := TAG.search(line):
                 found += [(path.name, number, name, match[2]) for name in match[1].split(",")]
+                last = number
+            elif line.lstrip().startswith("#") and last >= number - 2 and "their-words[" not in line:
                 # further [NAME]s on the tag's comment lines: "... [ModelCheckpoint._monitor_candidates] what ..."
-            if line.lstrip().startswith("#") and found and found[-1][1] >= number - 2:
-                found += [(path.name, number, name, "") for name in re.findall(r"\[([\w.]+)\]", line)]
+                if names := re.findall(r"\[([\w.]+)\]", line):
+                    found += [(path.name, number, name, "") for name in names]
+                    last = number
     return found
 
 
