@@ -105,6 +105,7 @@ def wait_for(pattern: str, folder: Path) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, mnist_dir, reference):
     process = start_fit(tmp_path, *fit_args(mnist_dir))
     wait_for("checkpoints/last.ckpt", tmp_path)
