@@ -4,94 +4,33 @@ a study shared through a real PostgreSQL server."""
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from helpers.cli import QUIET, ROOT, SYNTHETIC, assert_clean_error, cli_env, printed_metrics
+from helpers.cli import ROOT, SYNTHETIC, assert_clean_error, printed_metrics
+from helpers.sweep import (
+    SHORT,
+    SPACE,
+    assert_same_weights,
+    children,
+    counted,
+    periodic,
+    run,
+    snapshot,
+    start,
+    study,
+    sweep_args,
+    wait_for,
+)
 
 pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
-
-SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]  # a trial in a few seconds
-SPACE = {"model.optimizer.init_args.lr": {"low": 0.01, "high": 0.3, "log": True}, "data.batch_size": [32, 64]}
-
-
-def env() -> dict[str, str]:
-    # One thread per fit: the trials' numbers must match a plain fit's bit for bit (same thread count), and the
-    # machine's cores are shared with whatever else runs.
-    return {**cli_env(), "OMP_NUM_THREADS": "1"}
-
-
-def sweep_args(root: Path, data: Path, *extra: str, space: dict | None = None, trials: int = 6) -> list[str]:
-    return [
-        "sweep", "--sweep.space", json.dumps(SPACE if space is None else space), "--sweep.trials", str(trials),
-        "--data.data_dir", str(data), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "2",
-        "--trainer.default_root_dir", str(root), *extra,
-    ]  # fmt: skip
-
-
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_lit", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_lit", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def study(root: Path, url: str | None = None) -> list:
-    import optuna
-
-    storage = optuna.storages.RDBStorage(url or f"sqlite:///{root / 'sweep.db'}")
-    return optuna.load_study(study_name="mnist_lit", storage=storage).get_trials()
-
-
-def counted(trials: list) -> list:
-    from mnist_lit.sweep.study import counted as counts
-
-    return [t for t in trials if counts(t)]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    left, right = weights(a), weights(b)
-    assert left.keys() == right.keys()
-    for key in left:
-        assert torch.equal(left[key], right[key]), key
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
-
-
-def wait_for(condition, timeout: float, what: str, procs: tuple = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for proc in procs:
-            assert proc.poll() is None, f"{what}: the sweep ended first: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def periodic(folder: Path) -> list[Path]:
-    return list((folder / "checkpoints").glob("epoch=*-step=*.ckpt"))
 
 
 # --- default suite: refusals, cheap ---------------------------------------------------------------------------------
@@ -280,13 +219,6 @@ def test_sigterm_stops_every_trial_at_a_checkpoint_and_the_same_command_resumes_
     assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 1]
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
 @pytest.mark.slow  # about 30 s each
 @pytest.mark.parametrize("how", ["killed", "cut off"])
 def test_a_lost_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir, how):
@@ -327,55 +259,6 @@ def test_a_lost_worker_s_trial_is_taken_over_by_another(tmp_path, mnist_dir, how
 
 
 # --- slow: a real PostgreSQL server ---------------------------------------------------------------------------------
-
-
-def _postgres_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def postgres():
-    """A PostgreSQL server of its own, on a Unix socket in a temporary folder (no TCP), stopped and removed after
-    the test, whatever happens: yields the storage URL of an empty database."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[sweep]'")
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
-    as_user: list[str] = []
-    user = getpass.getuser()
-    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        as_user, user = ["runuser", "-u", "postgres", "--"], "postgres"
-    folder = Path(tempfile.mkdtemp(prefix="mnist_lit_pg"))
-    folder.chmod(0o755)
-    if as_user:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", _free_port()
-
-    def pg(*command: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=timeout, check=True)
-
-    try:
-        pg(str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", user, timeout=120)
-        options = f"-c listen_addresses='' -k {folder} -p {port}"
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-        pg(str(bindir / "createdb"), "-h", str(folder), "-p", str(port), "-U", user, "sweep")
-        yield f"postgresql://{user}@/sweep?host={folder}&port={port}"
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow  # about 40 s
