@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import os
 import signal
@@ -31,6 +32,8 @@ from mnist_lit.sweep.study import (
     trial_id_of,
 )
 from mnist_lit.sweep.trial import STORAGE_ENV, TRIAL_ENV, read_result
+
+RELEASER = "released_by"  # a stopped trial's: the worker that failed it and enqueues it again
 
 # Started as each trial's parent (a prelude, not preexec_fn, which is unsafe beside threads), this makes the kernel
 # kill the fit when the worker thread that started it dies (a `kill -9` of the sweep), instead of leaving it
@@ -181,31 +184,58 @@ class Sweeper:
 
     def _take_over_dead(self) -> None:
         """Fail the running trials whose worker is gone (its heartbeat stale, or, on this machine, its process
-        dead) and enqueue them again: the worker that takes one resumes it from its folder."""
+        dead) and enqueue them again: the worker that takes one resumes it from its folder. A worker that died at
+        any instant of this leaves nothing behind: a trial handed out before its owner was recorded, or one failed
+        but not yet enqueued again, is found here too."""
         import optuna
         from optuna.trial import TrialState
 
         optuna.storages.fail_stale_trials(self.study)
-        host = socket.gethostname()
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-            if owner_host == host and pid.isdigit() and not _sweep_alive(int(pid)):
+        trials = self.study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state != TrialState.RUNNING:
+                continue
+            owner = trial.user_attrs.get("worker")
+            # no owner yet: its worker died between the ask and the next write, milliseconds apart
+            if self._dead_here(owner) if owner is not None else self._waited(trial.datetime_start):
                 self._release(trial_id_of(trial))
+        # Failing a trial and enqueueing it again are two writes: a stopped trial whose worker died between them is
+        # enqueued here (once: not if a later trial's retry history holds it)
+        retried = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+        for trial in trials:
+            if trial.state != TrialState.FAIL or counted(trial) or "surplus" in trial.user_attrs:
+                continue
+            releaser = trial.system_attrs.get(RELEASER)
+            dead = self._dead_here(releaser)
+            if trial.number not in retried and (dead if dead is not None else self._waited(trial.datetime_complete)):
+                retry(self.study, copy.deepcopy(trial))
+
+    @staticmethod
+    def _dead_here(worker: object) -> bool | None:
+        """Whether a worker (host:pid) of this machine is dead; None for one elsewhere, or none named."""
+        host, _, pid = str(worker or "").rpartition(":")
+        return not _sweep_alive(int(pid)) if host == socket.gethostname() and pid.isdigit() else None
+
+    def _waited(self, since: datetime.datetime | None) -> bool:
+        """A grace period has passed since then (for a worker elsewhere, whose process cannot be looked at)."""
+        return since is not None and (datetime.datetime.now() - since).total_seconds() > self.sweep.grace_period
 
     def _release(self, trial_id: int, seconds: float | None = None) -> None:
         """Fail a running trial and enqueue it again (unless another worker has just done so)."""
         import optuna
         from optuna.trial import TrialState
 
-        if seconds is not None:
-            self._storage.set_trial_user_attr(trial_id, "seconds", seconds)
-        try:
+        try:  # (another worker may have failed it first: then it is that one's to enqueue)
+            if seconds is not None:
+                self._storage.set_trial_user_attr(trial_id, "seconds", seconds)
+            self._storage.set_trial_system_attr(trial_id, RELEASER, self.worker)  # who enqueues it (_take_over_dead)
             if not self._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 return
         except optuna.exceptions.UpdateFinishedTrialError:
             return
         frozen = copy.deepcopy(self._storage.get_trial(trial_id))
-        retry(self.study, frozen)
+        if "surplus" not in frozen.user_attrs:  # one too many, stopped before it was told so: not run again
+            retry(self.study, frozen)
 
     def _run(self, trial: Any) -> None:
         from optuna.trial import TrialState
