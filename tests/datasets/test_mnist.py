@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import QUIET, printed_metrics, run_cli
+from helpers.cli import QUIET, ROOT, printed_metrics, run_cli
 from helpers.mnist import guide_evaluation
 from PIL import Image, ImageFilter
 
@@ -44,6 +44,18 @@ def test_the_guides_recipe_for_ten_epochs_reaches_its_accuracy(tmp_path, real_mn
     accuracy = printed_metrics(test.stdout)["test/acc"]
     print(f"the default recipe, seed 1: test/acc {accuracy:.4f}")
     assert accuracy >= DEFAULT_RECIPE_BAR, test.stdout[-2000:]
+
+
+def test_the_guides_net_with_configs_net99_reaches_99_percent(tmp_path, real_mnist):
+    """What configs/net99.yaml promises: seeds 1-3 gave 99.14, 99.04 and 99.10% on an AMD EPYC (mean 99.09%). One
+    run on another processor moves as another seed does, so one seed's bar here is 98.9%."""
+    data = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", "--config", str(ROOT / "configs" / "net99.yaml"), *data, cwd=tmp_path, timeout=1200)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)
+    accuracy = printed_metrics(test.stdout)["test/acc"]
+    print(f"the guide's Net, configs/net99.yaml, seed 1: test/acc {accuracy:.4f}")
+    assert accuracy >= 0.989, test.stdout[-2000:]
 
 
 def scan(image: Image.Image, seed: int) -> Image.Image:
