@@ -164,37 +164,6 @@ def test_a_sweep_ends_with_a_table_best_yaml_and_figures_that_reproduce(tmp_path
     assert printed_metrics(checked.stdout)["val/acc"] == pytest.approx(best.value, abs=1e-6)
 
 
-@pytest.mark.slow  # about 40 s
-def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path, mnist_dir):
-    root = tmp_path / "sweep"
-    args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "4", "--checkpoint.every_n_train_steps", "3", trials=2)
-    proc = start(args, tmp_path)
-    try:
-        wait_for(lambda: periodic(root / "trials" / "0"), 120, "trial 0's first checkpoint", (proc,))
-        proc.kill()  # kill -9: its fit dies with it
-    finally:
-        proc.kill()
-        _, err = proc.communicate(timeout=60)
-    assert not (root / "trials" / "1").exists()
-    second = run(args, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    # trial 0 was stopped; enqueued again with its parameters it became trial 1, which resumed in its folder
-    assert "resuming trial 1 (in trials/0, taken over)" in second.stderr
-    trials = study(root)
-    assert len(counted(trials)) == 2 and sorted(t.user_attrs["folder"] for t in counted(trials)) == [0, 2]
-    assert trials[0].params == trials[1].params and trials[0].state.name == "FAIL"
-    # none ran twice: each folder was started once, the killed one resumed once
-    log = err + second.stderr
-    assert log.count("starting trial 0:") == 1 and log.count("starting trial 2:") == 1
-    assert log.count("resuming trial") == 1
-    # the resumed trial ends bit for bit where an uninterrupted fit with its parameters does
-    folder = root / "trials" / "0"
-    ref = tmp_path / "uninterrupted"
-    fit = run(["fit", "--config", str(folder / "config.yaml"), "--trainer.default_root_dir", str(ref)], cwd=tmp_path)
-    assert fit.returncode == 0, fit.stderr
-    assert_same_weights(folder / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
-
-
 @pytest.mark.slow  # about 35 s
 def test_sigterm_stops_every_trial_at_a_checkpoint_and_the_same_command_resumes_them(tmp_path, mnist_dir):
     root = tmp_path / "sweep"
