@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import re
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse.typing import PositiveFloat
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -232,26 +230,9 @@ class MNISTCLI(LightningCLI):
         # Everything a command can be refused for, checked here, after parsing and before anything is built or
         # written: the options, then the run's checkpoints (mnist_lit.runs), whose hyperparameters and dataset
         # become the options' except where the command line gives them.
-        self.args = options.prepare(list(sys.argv[1:] if args is None else args))
-        try:
-            self.config = parser.parse_args(self.args)
-        except argparse.ArgumentError as err:
-            raise config_key_error(str(err), self.args) or err from None
+        self.check_options(parser, args)
         subcommand = self.config.subcommand
         config = self.config[subcommand]
-        try:  # a bad optimizer option first, whatever else may be wrong
-            check_optimizer(config.model.optimizer.as_dict())
-            scheduler = config.model.lr_scheduler
-            check_scheduler(config.model.optimizer.as_dict(), scheduler.as_dict() if scheduler is not None else None)
-            net = config.model.net
-            check_spec("net", net.as_dict() if hasattr(net, "as_dict") else net)  # its size, before it is built
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        self.check_trainer_options()
-        if config.get("weights_only") is False:
-            raise ConfigError(
-                "--weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out"
-            )
         root = config.trainer.default_root_dir
         self.run = runs.open_run(
             subcommand,
@@ -278,7 +259,33 @@ class MNISTCLI(LightningCLI):
                     raise self.from_the_checkpoint(str(err)) from None
         else:
             self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
-        seed = self.config[subcommand].seed_everything
+        self._check_seed()  # again: a resume's seed is the checkpoint's
+
+    def check_options(self, parser: LightningArgumentParser, args: Any) -> None:
+        """The command line parsed into self.config, and every option checked that can be without a run's files."""
+        self.args = options.prepare(list(sys.argv[1:] if args is None else args))
+        try:
+            self.config = parser.parse_args(self.args)
+        except argparse.ArgumentError as err:
+            raise config_key_error(str(err), self.args) or err from None
+        config = self.config[self.config.subcommand]
+        try:  # a bad optimizer option first, whatever else may be wrong
+            check_optimizer(config.model.optimizer.as_dict())
+            scheduler = config.model.lr_scheduler
+            check_scheduler(config.model.optimizer.as_dict(), scheduler.as_dict() if scheduler is not None else None)
+            net = config.model.net
+            check_spec("net", net.as_dict() if hasattr(net, "as_dict") else net)  # its size, before it is built
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.check_trainer_options()
+        if config.get("weights_only") is False:
+            raise ConfigError(
+                "--weights_only false: mnist_lit reads every checkpoint as data (weights only); leave it out"
+            )
+        self._check_seed()
+
+    def _check_seed(self) -> None:
+        seed = self.config[self.config.subcommand].seed_everything
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
             raise ConfigError(f"--seed_everything: {seed} is out of range; it must be >= 0 and < 2**32")
 
@@ -339,13 +346,13 @@ class MNISTCLI(LightningCLI):
         self.config = final
 
 
-def run_lightning(args: list[str]) -> None:
+def run_lightning(args: list[str], cli: type[MNISTCLI] = MNISTCLI) -> None:
     """fit, validate, test or predict: LightningCLI with the project's checks (errors raised; mnist_lit.__main__
-    reports them)."""
+    reports them). cli: MNISTCLI, or a subclass that stops early (mnist_lit.cli.fit_options)."""
     quiet_lightning()
     distributed = torch.distributed.is_available
     try:
-        _run_lightning(args)
+        _run_lightning(args, cli)
     except RuntimeError as err:
         # A collective with a process that died, stopped or went silent fails here (gloo: "Connection closed by
         # peer", "Timed out"), as does a start where the processes cannot reach each other.
@@ -360,11 +367,11 @@ def run_lightning(args: list[str]) -> None:
                 torch.distributed.destroy_process_group()
 
 
-def _run_lightning(args: list[str]) -> None:
+def _run_lightning(args: list[str], cli: type[MNISTCLI]) -> None:
     # no abbreviations: --trainer.max_epoch must not silently mean --trainer.max_epochs
     sub_kwargs = {"exit_on_error": False, "allow_abbrev": False, "formatter_class": HelpFormatter}
     parser_kwargs = {**sub_kwargs, "prog": "python -m mnist_lit", "description": USAGE.split("\n\n")[1]}
-    MNISTCLI(
+    cli(
         LitMNIST,
         MNISTDataModule,
         seed_everything_default=1,
@@ -374,16 +381,3 @@ def _run_lightning(args: list[str]) -> None:
         parser_kwargs={**parser_kwargs, **{name: sub_kwargs for name in LIGHTNING_COMMANDS}},
         args=args,
     )
-
-
-def fit_config(args: list[str]) -> dict[str, Any]:
-    """fit's complete config for these arguments, parsed and checked in this process as `fit` parses them, without
-    building anything: for the sweep, whose trials are fits. A bad option raises what `fit` would raise."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):  # jsonargparse's --print_config prints the config, then exits 0
-            run_lightning(["fit", *args, "--print_config"])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
-    return yaml.safe_load(out.getvalue())

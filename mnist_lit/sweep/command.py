@@ -131,8 +131,8 @@ def split_args(args: list[str], scratch: Path) -> tuple[list[str], list[str], bo
 
 
 def parse_fit(args: list[str]) -> str | dict[str, Any]:
-    """fit's complete config for these arguments, parsed in this process by the fit command line itself; or its
-    one-line error."""
+    """fit's complete config for these arguments, parsed and checked in this process by fit's own parse path; or
+    its one-line error."""
     try:
         return fit_config(args)
     except SystemExit as exit_:

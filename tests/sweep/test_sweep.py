@@ -67,6 +67,10 @@ def test_a_bad_space_is_refused_before_any_trial(tmp_path, mnist_dir, run_main, 
         (["--ckpt_path", "last"], "--ckpt_path: a sweep resumes its trials itself"),
         (["--report"], "no sweep in"),
         (["--sweep.storage", "nosuchdb://x"], "--sweep.storage: cannot open the study"),
+        # fit's own checks, on fit's parse path, before any trial (they once failed every trial instead)
+        (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches: 0 is out of range"),
+        (["--seed_everything", "-5"], "--seed_everything: -5 is out of range"),
+        (["--model.optimizer.momentum", "-1"], "--model.optimizer"),
     ],
 )
 def test_bad_sweep_options_are_refused_in_one_line(tmp_path, mnist_dir, run_main, extra, needle):
