@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mnist_lit.checkpoints import (
     load_ckpt_path,
     load_weights,
     newest_checkpoint,
+    refuse_link,
     refuse_linked_folder,
     resolve,
     run_seed,
@@ -172,11 +172,11 @@ def open_run(
             run.lock.acquire()
             # what a fit writes there must be a file or nothing: refused now, not after training (a link planted
             # as last.ckpt, a folder named like a checkpoint); looked for once no other fit can be writing there
-            if planted := [p for p in sorted(directory.glob(f"*{EXTENSION}")) if not _regular(p)]:
-                raise CheckpointError(
-                    f"{planted[0]} is not a checkpoint file (a link, a folder or a device) in the folder this run"
-                    " writes to; remove it, or pass another --trainer.default_root_dir"
-                )
+            try:
+                for path in sorted(directory.glob(f"*{EXTENSION}")):
+                    refuse_link(path)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}; remove it, or pass another --trainer.default_root_dir") from None
         earlier = newest_checkpoint(directory) if fitting else None  # a run this fit would write over
         if fitting and ckpt_path == AUTO:  # resume if there is a run to resume, else start one
             ckpt_path = None if earlier is None else resolve(AUTO, directory, fitting)
@@ -212,13 +212,6 @@ def open_run(
     except BaseException:
         run.close()
         raise
-
-
-def _regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(path.lstat().st_mode)
-    except FileNotFoundError:  # gone since the listing: nothing planted there
-        return True
 
 
 def _open_init_from(init_from: str, ckpt_path: str | None, source: Path, directory: Path) -> Trained:
