@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from mnist_lit.checkpoints import write_atomically
 from mnist_lit.cli import error_line, fit_config, read_yaml
@@ -27,18 +28,18 @@ class Sweep:
     def __init__(
         self,
         space: dict[str, Any] | None = None,
-        trials: int = 16,
+        trials: PositiveInt = 16,
         metric: Literal["val/acc", "val/loss"] = "val/acc",
         direction: Literal["maximize", "minimize"] | None = None,
         seed: int = 1,
         pruner: Literal["median", "none"] = "median",
-        startup_trials: int = 4,
-        warmup_epochs: int = 0,
-        workers: int = 1,
+        startup_trials: NonNegativeInt = 4,
+        warmup_epochs: NonNegativeInt = 0,
+        workers: PositiveInt = 1,
         storage: str | None = None,
         study_name: str = "mnist_lit",
-        heartbeat_interval: int = 10,
-        grace_period: int = 60,
+        heartbeat_interval: PositiveInt = 10,
+        grace_period: PositiveInt = 60,
     ) -> None:
         """Search the fit options named in `space` with Optuna; each trial is a fit in <root>/trials/<n>/.
 
@@ -61,11 +62,6 @@ class Sweep:
             heartbeat_interval: Seconds between a running trial's heartbeats in the storage.
             grace_period: Seconds without a heartbeat after which another worker takes a trial over.
         """
-        minimums = {"trials": (trials, 1), "workers": (workers, 1), "heartbeat_interval": (heartbeat_interval, 1),
-                    "startup_trials": (startup_trials, 0), "warmup_epochs": (warmup_epochs, 0)}  # fmt: skip
-        for name, (value, low) in minimums.items():
-            if value < low:
-                raise ConfigError(f"--sweep.{name}: {value} is out of range; it must be >= {low}")
         if grace_period <= heartbeat_interval:
             raise ConfigError(f"--sweep.grace_period: {grace_period} must be > --sweep.heartbeat_interval")
         self.space = space or {}
@@ -154,13 +150,15 @@ def run_sweep(args: list[str]) -> None:
         fit_args, sweep_args, report = split_args(args, Path(scratch))
         printing = [a for a in fit_args if a.split("=")[0] == "--print_config"]
         fit_args = [a for a in fit_args if a not in printing]
-        options = _parser().parse_args(sweep_args)
+        parser = _parser()
+        options = parser.parse_args(sweep_args)
         sweep = Sweep(**options.sweep.as_dict())
         base = parse_fit(fit_args)
         if isinstance(base, str):
             raise ConfigError(base)
         if printing:  # the whole config, a file for --config: every trial's base and the sweep: section
-            print(yaml.safe_dump({**base, "sweep": options.sweep.as_dict()}, sort_keys=False), end="")
+            section = yaml.safe_load(parser.dump(options, skip_none=False))["sweep"]  # (its ranged ints as plain ones)
+            print(yaml.safe_dump({**base, "sweep": section}, sort_keys=False), end="")
             return
         root = Path(base["trainer"].get("default_root_dir") or ".").absolute()
         base["trainer"]["default_root_dir"] = None
