@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -187,15 +188,15 @@ def test_a_checkpoint_naming_a_hostile_network_is_refused_before_anything_is_imp
     assert not (tmp_path / "PWNED").exists() and "this" not in sys.modules
 
 
-def test_the_contract_is_checked_once_early_in_one_line(tmp_path, mnist_dir):
+def test_the_contract_is_checked_once_early_in_one_line(tmp_path, mnist_dir, run_main):
     check_contract(Net())
     check_contract(ConvNet())
     with pytest.raises(
         ValueError, match=r"gives \(2, 784\) for a batch of 2 images of 1x28x28; it must give \(2, 10\)"
     ):
         check_contract(torch.nn.Flatten())
-    result = run_cli("fit", "--model.net", "torch.nn.Flatten", *data_args(mnist_dir), cwd=tmp_path)
-    assert_clean_error(result, "--model.net Flatten: gives (2, 784)")
+    status, _, err = run_main("fit", "--model.net", "torch.nn.Flatten", *data_args(mnist_dir), cwd=tmp_path)
+    assert_clean_error(subprocess.CompletedProcess([], status, "", err), "--model.net Flatten: gives (2, 784)")
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
