@@ -30,6 +30,7 @@ def trained(tmp_path_factory, mnist_dir):
     return root
 
 
+@pytest.mark.slow  # a whole run: in the slow suite (tests/datasets/test_mnist.py does it on the real files too)
 def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnist_dir, monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "default::UserWarning")  # what users see of Lightning's warnings
     result = run_cli("test", "--ckpt_path", "last", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, cwd=trained)
