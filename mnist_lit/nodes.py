@@ -73,7 +73,7 @@ def advertised_address() -> str:
         return "127.0.0.1"
 
 
-def prepare(trainer: Trainer, timeout: float, ckpt_path: str | None, directory: Path) -> None:
+def set_up(trainer: Trainer, timeout: float, ckpt_path: str | None, directory: Path) -> None:
     """Before a DDP run's processes connect: advertise the interface that reaches the main node, wait `timeout`
     seconds in a collective, and check that every node resumes from the same checkpoint."""
     global _timeout
@@ -141,14 +141,14 @@ def describe(ckpt_path: str | None) -> dict[str, Any] | None:
 
 
 # gloo's and NCCL's words for a peer gone (a timeout in DDP's gradient hook: "Application timeout caused pair closure")
-# their-words[gloo]: gloo's and the TCP store's messages, here and in explain() below
+# their-words[gloo]: gloo's and the TCP store's messages, here and in lost_peer() below
 PEER_FAILURES = (
     r"Connection closed by peer|Connection reset by peer|Broken pipe|pair closure|gloo|NCCL|timed out|timeout"
 )
 START_FAILURES = r"Connection refused|connectFullMesh|Timed out|timed out|No route to host|waiting for clients"
 
 
-def explain(err: BaseException) -> str | None:
+def lost_peer(err: BaseException) -> str | None:
     """One line for a DDP run's process that lost the others (or never reached them); None for other errors."""
     if not torch.distributed.is_available() or not isinstance(err, RuntimeError):
         return None

@@ -109,7 +109,7 @@ def _within(module: str, roots: Iterable[str]) -> bool:
     return any(module == root or module.startswith(f"{root}.") for root in roots)
 
 
-def resolve(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
+def import_trusted(kind: Kind, class_path: Any, trusted: Iterable[str]) -> type:
     """The class a file's class path names, imported only if its module is torch's or trusted."""
     if not isinstance(class_path, str) or not re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)*", class_path):
         raise Untrusted(f"{kind.option}: {class_path!r} is not a class path")
@@ -152,7 +152,7 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, part
         if not isinstance(init_args, dict) or not all(_plain(value) for value in init_args.values()):
             raise Untrusted(f"{kind.option}.init_args: {_short(init_args)} is not a mapping of names to plain values")
         return None
-    cls = resolve(kind, spec.get("class_path"), trusted)
+    cls = import_trusted(kind, spec.get("class_path"), trusted)
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise Untrusted(f"{kind.option}.init_args: {_short(init_args)} is not a mapping of argument names to values")

@@ -345,5 +345,5 @@ def test_each_way_of_losing_the_others_is_one_line(monkeypatch, started, message
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    line = nodes.explain(RuntimeError(message))
+    line = nodes.lost_peer(RuntimeError(message))
     assert (line is None) if expected is None else (expected in line and "\n" not in line), line

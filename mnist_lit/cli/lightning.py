@@ -180,7 +180,7 @@ class MNISTCLI(LightningCLI):
                 callback.fixed = fixed
         config = self.config[self.config.subcommand]
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
-        nodes.prepare(trainer, config.ddp_timeout, config.ckpt_path, directory)
+        nodes.set_up(trainer, config.ddp_timeout, config.ckpt_path, directory)
         signals.silence_lightning(trainer)  # mnist_lit.signals owns SIGINT and SIGTERM
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
@@ -263,7 +263,7 @@ class MNISTCLI(LightningCLI):
 
     def check_options(self, parser: LightningArgumentParser, args: Any) -> None:
         """The command line parsed into self.config, and every option checked that can be without a run's files."""
-        self.args = options.prepare(list(sys.argv[1:] if args is None else args))
+        self.args = options.checked_args(list(sys.argv[1:] if args is None else args))
         try:
             self.config = parser.parse_args(self.args)
         except argparse.ArgumentError as err:
@@ -356,7 +356,7 @@ def run_lightning(args: list[str], cli: type[MNISTCLI] = MNISTCLI) -> None:
     except RuntimeError as err:
         # A collective with a process that died, stopped or went silent fails here (gloo: "Connection closed by
         # peer", "Timed out"), as does a start where the processes cannot reach each other.
-        if (lost := nodes.explain(err)) is None:
+        if (lost := nodes.lost_peer(err)) is None:
             raise
         raise PeerLost(lost) from None
     finally:

@@ -20,7 +20,7 @@ from mnist_lit.trust import KINDS, check_spec, trust_command_line
 RENAMED = (("--model.lr", "--model.optimizer.lr"), ("--model.momentum", "--model.optimizer.momentum"))
 
 
-def prepare(args: list[str]) -> list[str]:
+def checked_args(args: list[str]) -> list[str]:
     """The command line as jsonargparse is to parse it, its files checked first; a warning line for every --config
     that overrides options given before it (jsonargparse applies the words in order: the last one wins)."""
     for old, new in RENAMED:

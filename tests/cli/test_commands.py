@@ -53,13 +53,14 @@ def test_a_config_after_the_options_it_overrides_says_so_in_one_line(tmp_path, c
     config = tmp_path / "c.yaml"
     config.write_text("trainer:\n  max_epochs: 5\nmodel:\n  optimizer:\n    init_args:\n      lr: 0.1\n")
     args = ["fit", "--trainer.max_epochs", "3", "--model.lr", "0.2", "--data.batch_size", "8", "--config", str(config)]
-    assert options.prepare(args)[3] == "--model.optimizer.lr"  # the old name, renamed
+    assert options.checked_args(args)[3] == "--model.optimizer.lr"  # the old name, renamed
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         f"warning: --config {config} comes after --trainer.max_epochs, --model.optimizer.lr and sets them again, so"
         " the file's values are used: put --config first for the options to win"
     ]
-    options.prepare(["fit", "--config", str(config), "--trainer.max_epochs", "3"])  # first: the option wins, silently
+    # first: the option wins, silently
+    options.checked_args(["fit", "--config", str(config), "--trainer.max_epochs", "3"])
     assert capsys.readouterr().err == ""
 
 
@@ -67,7 +68,7 @@ def test_a_config_that_is_not_yaml_is_named_by_file_and_line(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("trainer:\n  max_epochs: [5\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: line 3, column 1: not valid YAML"):
-        options.prepare(["fit", "--config", str(config)])
+        options.checked_args(["fit", "--config", str(config)])
 
 
 def test_where_an_option_was_set_is_the_last_word_that_sets_it(tmp_path):
