@@ -43,10 +43,11 @@ RUNNERS: dict[str, Callable[[list[str]], None]] = {"export": _own("export"), "se
 
 
 def run(args: list[str]) -> None:
-    """Run one command line; a user error ends in one line on stderr and exit status 1 (SystemExit)."""
+    """Run one command line; a user error ends in one line on stderr and exit status 1 (SystemExit), or 74 for a file
+    the machine could not write or read (EX_IOERR)."""
     from mnist_lit import signals
     from mnist_lit.cli import error_line
-    from mnist_lit.errors import printable
+    from mnist_lit.errors import EX_IOERR, WriteFailed, printable
 
     runner = RUNNERS.get(args[0]) if args else None
     try:
@@ -61,6 +62,9 @@ def run(args: list[str]) -> None:
     except Exception as err:
         if (line := error_line(err)) is None:
             raise
+        if isinstance(err, (OSError, WriteFailed)):  # the machine's: a sweep resumes such a trial, not fails it
+            print(line, file=sys.stderr)
+            sys.exit(EX_IOERR)
         sys.exit(line)
 
 

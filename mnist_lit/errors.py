@@ -1,7 +1,8 @@
 """Every kind of error a user can cause, and how any message reaches the terminal: as one line, with whatever came
 from elsewhere (a file's name, a library's text) escaped. Imports nothing of mnist_lit, so every module may use it.
 
-The command line's boundary (mnist_lit.__main__) turns a UserError into `error: <message>` and exit status 1."""
+The command line's boundary (mnist_lit.__main__) turns a UserError into `error: <message>` and exit status 1 (74 for
+the machine's: a file it could not write)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ class DataError(UserError, RuntimeError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used or written; the message says which and why."""
+
+
+class WriteFailed(CheckpointError):
+    """A checkpoint the machine could not write (a full disk, a folder without write access): what was saved before
+    it is intact, so the same command resumes once the machine is fixed. Exit status EX_IOERR (74), not 1."""
+
+
+EX_IOERR = 74  # sysexits.h: an error doing I/O on a file; a sweep takes a trial that ends so as stopped, not failed
 
 
 class ExportError(UserError, RuntimeError):

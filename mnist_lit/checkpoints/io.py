@@ -22,7 +22,7 @@ from lightning.fabric.utilities.types import _PATH
 from mnist_lit.checkpoints.digest import DIGEST_KEY, digest
 from mnist_lit.checkpoints.files import load_checkpoint, newest_intact
 from mnist_lit.checkpoints.writer import write_atomically
-from mnist_lit.errors import CheckpointError
+from mnist_lit.errors import CheckpointError, WriteFailed
 
 
 def _copy_file(target: str, source: str) -> None:
@@ -65,7 +65,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             fn(*args)
         except OSError as err:
-            self._error = CheckpointError(f"could not write checkpoint {args[0]}: {err.strerror or err}")
+            self._error = WriteFailed(f"could not write checkpoint {args[0]}: {err.strerror or err}")
             self._failed = Path(args[0])
         except BaseException as err:
             self._error = err
@@ -76,9 +76,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         error, self._error = self._error, None
         if isinstance(error, CheckpointError) and self._failed is not None:
             if kept := newest_intact(self._failed.parent, besides=self._failed):
-                error = CheckpointError(f"{error}; the checkpoints written before it are intact (newest: {kept})")
+                error = type(error)(f"{error}; the checkpoints written before it are intact (newest: {kept})")
             else:
-                error = CheckpointError(f"{error}; no checkpoint of this run reached the disk")
+                error = type(error)(f"{error}; no checkpoint of this run reached the disk")
         raise error
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:

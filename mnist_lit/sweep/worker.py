@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint, open_log, write_atomically
-from mnist_lit.errors import CheckpointError, first_line, printable
+from mnist_lit.errors import EX_IOERR, CheckpointError, first_line, printable
 from mnist_lit.sweep.study import (
     FINGERPRINT,
     counted,
@@ -145,6 +145,8 @@ class Sweeper:
                 if trial is not False:
                     self._run(trial)
         except Exception as err:  # the storage out of reach, a full disk: stop every trial here, resumable
+            while err.__cause__ is not None:  # Optuna's storage wraps the database's own words ("disk is full")
+                err = err.__cause__
             self.errors.append(f"the sweep stopped: {first_line(err)}")
             self._stop(signal.SIGTERM)
 
@@ -300,6 +302,15 @@ class Sweeper:
         seconds += time.monotonic() - started
         if status != 0 and self.stopping.is_set():
             self._release(trial_id_of(trial), seconds)
+            return
+        if status == EX_IOERR:  # the machine's (a full disk): stopped, not failed; every trial here stops with it
+            error = _last_error(folder / "fit.log") or "a file could not be written"
+            self._release(trial_id_of(trial), seconds)
+            self.errors.append(
+                f"trial {trial.number} stopped: {error}. Fix that (free some space) and run the same command again:"
+                " its trials resume from the checkpoints they wrote"
+            )
+            self._stop(signal.SIGTERM)
             return
         if status != 0:
             error = _last_error(folder / "fit.log") or f"fit exited with status {status}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC, assert_clean_error, cli_env, run_cli
+from helpers.disk import fill, small_filesystem
 
 from mnist_lit.checkpoints.files import DIGEST_KEY, load_checkpoint
 from mnist_lit.errors import CheckpointError
@@ -30,25 +30,6 @@ def trained(trained_run):
 
 
 # --- a full disk ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path, size: str):
-    """A tmpfs of this size mounted at path, as a full disk is met for real (needs root, as CI runs)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(disk: Path, leave: int) -> None:
-    """Leave about `leave` bytes free on disk."""
-    free = shutil.disk_usage(disk).free
-    (disk / "ballast").write_bytes(b"\0" * max(free - leave, 0))
 
 
 # save_last true in the slow suite (whole runs: the default one stays under 4 minutes), false in the default one

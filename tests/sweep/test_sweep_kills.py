@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import pytest
 import torch
 import yaml
 from helpers.cli import ROOT
-from helpers.sweep import assert_same_weights, env, run, study, sweep_args
+from helpers.disk import fill_up, small_filesystem
+from helpers.sweep import assert_same_weights, env, periodic, run, study, sweep_args, wait_for
 
 pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 
@@ -116,7 +118,7 @@ def check_invariants(root: Path, url: str | None, log: str, ended: bool) -> None
         assert config["data"]["batch_size"] == trial.params["data.batch_size"]
         assert config["model"]["optimizer"]["init_args"]["lr"] == trial.params["model.optimizer.init_args.lr"]
         checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
-        steps = 2 * math.ceil(TRAIN / trial.params["data.batch_size"])
+        steps = math.ceil(TRAIN / trial.params["data.batch_size"])  # one epoch
         assert checkpoint["global_step"] == steps == trial.user_attrs["steps"], trial.number
         result = yaml.safe_load((folder / "result.json").read_text())
         assert trial.value == result["value"], trial.number
@@ -125,8 +127,9 @@ def check_invariants(root: Path, url: str | None, log: str, ended: bool) -> None
 
 def kill_and_resume(tmp_path: Path, mnist_dir: Path, kills: list[str], storage: str | None = None) -> None:
     root = tmp_path / "sweep"
-    args = sweep_args(root, mnist_dir, "--checkpoint.every_n_train_steps", "3", "--sweep.workers", "2",
-                      "--sweep.heartbeat_interval", "1", "--sweep.grace_period", "3", trials=TRIALS)  # fmt: skip
+    one_epoch = ["--trainer.max_epochs", "1", "--checkpoint.every_n_train_steps", "3"]
+    args = sweep_args(root, mnist_dir, *one_epoch, "--sweep.workers", "2", "--sweep.heartbeat_interval", "1",
+                      "--sweep.grace_period", "3", trials=TRIALS)  # fmt: skip
     url = storage.replace("postgresql://", "postgresql+psycopg://") if storage else None
     log = ""
     for kill in [*kills, None]:
@@ -147,12 +150,40 @@ def kill_and_resume(tmp_path: Path, mnist_dir: Path, kills: list[str], storage: 
         assert_same_weights(folder / "checkpoints" / "last.ckpt", tmp_path / "whole" / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.slow  # three chains of kills, each then run to the end: about 4 minutes
+@pytest.mark.slow  # three chains of kills, each then run to the end: about 3 minutes
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_a_sweep_killed_at_any_instant_ends_with_the_trials_asked_each_once(tmp_path, mnist_dir, chain):
     kill_and_resume(tmp_path, mnist_dir, CHAINS[chain])
 
 
-@pytest.mark.slow  # about a minute and a half
+@pytest.mark.slow  # about a minute
 def test_a_sweep_on_postgresql_killed_at_any_instant_ends_the_same(tmp_path, mnist_dir, postgres):
     kill_and_resume(tmp_path, mnist_dir, ["asked:2", "ckpt:2", "release:1", "tell:1"], postgres)
+
+
+@pytest.mark.slow  # about 40 s
+def test_a_trial_stopped_by_a_full_disk_is_resumed_once_when_there_is_room_again(tmp_path, mnist_dir):
+    """A full disk is the machine's, not the trial's: the sweep stops in one line with the trial stopped (not
+    failed), and the same command, once there is room, resumes it and ends as an uninterrupted sweep would."""
+    with small_filesystem(tmp_path / "disk", "16m") as disk:
+        root = disk / "sweep"
+        args = sweep_args(root, mnist_dir, "--trainer.max_epochs", "1", "--checkpoint.every_n_train_steps", "3",
+                          trials=TRIALS)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: periodic(root / "trials" / "0"), 120, "trial 0's first checkpoint", (proc,))
+            fill_up(disk)  # the disk full from here on
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode not in (0, None) and "Traceback" not in err, err
+        assert lines[-1].startswith("error: ") and re.search("No space left on device|disk is full", lines[-1]), err
+        (disk / "ballast").unlink()  # room again
+        result = sweep(args, tmp_path, None, None)
+        assert result.returncode == 0, result.stderr
+        assert "(in trials/0, taken over)" in result.stderr, result.stderr
+        check_invariants(root, None, err + result.stderr, ended=True)
