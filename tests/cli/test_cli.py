@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def test_fit_then_test_in_another_process_uses_the_trained_weights(trained, mnis
     assert "Be aware" not in result.stderr  # no nag about the fit-only curves callback
 
 
+@pytest.mark.slow  # shares a whole run with the test above
 def test_checkpoints_and_logs_go_where_the_readme_says(trained):
     names = {p.name for p in (trained / "checkpoints").iterdir()}
     assert names == {"last.ckpt", "epoch=1-step=10.ckpt"}  # every 10 steps, and last.ckpt at the end
@@ -90,11 +92,12 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, mnist_dir, run_main):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained, mnist_dir, run_main):
-    before = (trained / "checkpoints" / "last.ckpt").read_bytes()
-    status, _, err = run_main(*fit_args(mnist_dir), cwd=trained)
+def test_a_new_fit_refuses_to_overwrite_an_earlier_run(trained_run, mnist_dir, run_main, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    status, _, err = run_main(*fit_args(mnist_dir), cwd=run)
     assert_clean_error(subprocess.CompletedProcess([], status, "", err), "holds an earlier run", "--ckpt_path last")
-    assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
 @pytest.mark.slow  # a whole run or several: in the slow suite, so the default one stays under 4 minutes

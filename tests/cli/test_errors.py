@@ -49,13 +49,10 @@ def fingerprint(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory, mnist_dir):
+def run_root(tmp_path_factory, mnist_dir, trained_run):
     """An existing run that no failed command may touch, plus the bad files the cases point at."""
-    root = tmp_path_factory.mktemp("existing")
-    result = run_cli(
-        "fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.max_epochs", "1", cwd=root
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    root = tmp_path_factory.mktemp("existing") / "run"
+    shutil.copytree(trained_run, root)  # the session's finished run (conftest), a copy of its own
     bad = root / "bad"
     bad.mkdir()
     (bad / "random.ckpt").write_bytes(bytes(range(256)) * 40)
