@@ -32,8 +32,8 @@ def trained(trained_run):
 # --- a full disk ------------------------------------------------------------------------------------------------
 
 
-# save_last true in the slow suite (whole runs: the default one stays under 4 minutes), false in the default one
-@pytest.mark.parametrize("save_last", [pytest.param("true", marks=pytest.mark.slow), "false"])
+@pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes
+@pytest.mark.parametrize("save_last", ["true", "false"])
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_every_earlier_checkpoint(
     tmp_path, mnist_dir, trained, save_last
 ):
