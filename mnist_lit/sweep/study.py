@@ -23,9 +23,14 @@ def retry(study: Any, trial: Any) -> None:
     a trial that is already in a later trial's retry history (another worker found it stopped too) is left."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    if any(trial.number in t.system_attrs.get("retry_history", ()) for t in study.get_trials(deepcopy=False)):
+    if trial.number in retried(study.get_trials(deepcopy=False)):
         return
     RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
+
+
+def retried(trials: list[Any]) -> set[int]:
+    """The numbers of the trials already enqueued again: those in a later trial's retry history."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
 
 
 def storage_url(sweep: Any, root: Path) -> str:

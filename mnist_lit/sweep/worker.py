@@ -26,6 +26,7 @@ from mnist_lit.sweep.study import (
     difference,
     open_study,
     public_url,
+    retried,
     retry,
     storage_url,
     trial_folder,
@@ -203,13 +204,13 @@ class Sweeper:
                 self._release(trial_id_of(trial))
         # Failing a trial and enqueueing it again are two writes: a stopped trial whose worker died between them is
         # enqueued here (once: not if a later trial's retry history holds it)
-        retried = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+        enqueued = retried(trials)
         for trial in trials:
             if trial.state != TrialState.FAIL or counted(trial) or "surplus" in trial.user_attrs:
                 continue
             releaser = trial.system_attrs.get(RELEASER)
             dead = self._dead_here(releaser)
-            if trial.number not in retried and (dead if dead is not None else self._waited(trial.datetime_complete)):
+            if trial.number not in enqueued and (dead if dead is not None else self._waited(trial.datetime_complete)):
                 retry(self.study, copy.deepcopy(trial))
 
     @staticmethod
