@@ -231,3 +231,8 @@ def quiet_lightning() -> None:
     # interval still gets its curve (TrainingCurves adds a point at the end): neither warning says anything true.
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+    # On any machine with SLURM's tools installed (a cluster's login node, a laptop with slurm-wlm), every run not
+    # started by srun is told to prepend srun, with a command line that is not the one typed (sys.argv[0] for
+    # `-m mnist_lit`). A run that wanted several nodes and was not started on them stops after --ddp_timeout,
+    # naming the processes that did not join; one that wanted one process is right as it is.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
