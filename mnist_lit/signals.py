@@ -12,6 +12,9 @@ Where each signal is handled, and why:
   signal, or one before or after the loop, stops at once, naming the newest checkpoint saved.
 - Lightning's own SIGTERM handler is switched off (`silence_lightning`): it broadcasts from inside the handler (one
   signalled DDP process hangs every process) and ends the run with exit status 0.
+- A fit in a SLURM job (mnist_lit.slurm): SLURM's warning before pre-emption or the time limit (SIGUSR1 unless
+  Lightning's SLURMEnvironment names another) is handled as SIGTERM is (`stop_also_on`), then the job requeued.
+  Lightning's own handler for it is off with the rest (it saves from inside the handler).
 - serve (serve.py): its main process turns SIGTERM into Ctrl-C (`stop_server_on_signals`), which LitServer
   handles by stopping its processes; those it forks keep SIGTERM's default and die with their parent
   (`die_with_parent`, PR_SET_PDEATHSIG); the model processes ignore SIGINT (the main process stops them).
@@ -52,6 +55,7 @@ class Catcher(Protocol):
     def newest_saved(self) -> str | None: ...
 
 
+_also: dict[int, Any] = {}  # signals handled for this command beyond STOPPING -> their handlers before
 _catcher: Catcher | None = None  # the callback whose training loop takes the next signal, if any
 _saver: Catcher | None = None  # the callback of this process's fit, armed or not: what it saved, for the message
 
@@ -68,6 +72,10 @@ def stop_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if signum in _also:
+        # SLURM's warning: the end it announces (the requeue this process asks for, the time limit) comes as SIGTERM
+        # while the process is stopping, and would cut it short before its last line. SIGKILL still ends it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if _catcher is not None and _catcher.catch(signum):
         return
     newest = _saver.newest_saved() if _saver is not None else None  # also after training, while figures are drawn
@@ -84,8 +92,16 @@ def handling() -> Iterator[None]:
     try:
         yield
     finally:
+        previous.update(_also)
+        _also.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_also_on(signum: int) -> None:
+    """signum handled as SIGTERM is, until the command ends."""
+    if signum not in STOPPING and signum not in _also:
+        _also[signum] = signal.signal(signum, _on_signal)
 
 
 def arm(catcher: Catcher) -> None:

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "mnist_lit"
 LAYERS = [
     ("base", {"mnist_lit", "errors", "signals", "lean"}),
     ("lesson", {"model", "data", "datasets", "plain"}),
-    ("hardening", {"trust", "checkpoints", "figures", "nodes"}),
+    ("hardening", {"trust", "checkpoints", "figures", "nodes", "slurm"}),
     ("runs", {"runs", "report", "export", "serve"}),
     ("command line", {"cli"}),
     ("sweep", {"sweep", "sweep_trial"}),
@@ -120,7 +120,8 @@ def test_the_lesson_loads_no_hardening(lesson):
     code = f"import sys, mnist_lit.{lesson}; print(' '.join(m for m in sys.modules if m.startswith('mnist_lit')))"
     loaded = set(subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True,
                                 check=True).stdout.split())  # fmt: skip
-    hardening = {"checkpoints", "trust", "signals", "runs", "sweep", "serve", "cli", "report", "nodes", "digest"}
+    hardening = {"checkpoints", "trust", "signals", "runs", "sweep", "serve", "cli", "report", "nodes", "slurm",
+                 "digest"}  # fmt: skip
     assert not {unit_of(m) for m in loaded} & hardening, sorted(loaded)
 
 

@@ -17,12 +17,10 @@ import torch
 from helpers import netns
 from helpers.cli import KILLPOINTS, QUIET, SYNTHETIC
 from helpers.mnist import write_mnist
+from helpers.netns import LIMIT, finish, fit, launch, logs, mnist_lit, weights
 
 from mnist_lit.checkpoints.files import load_checkpoint
 from mnist_lit.checkpoints.resume import check_resumable
-
-NODES = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2"]
-LIMIT = 180  # seconds any one command of these tests may take
 
 
 @pytest.fixture
@@ -47,42 +45,6 @@ def data(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("nodes-data"))
 
 
-def fit(data: Path, root: Path, *extra: str) -> list[str]:
-    return ["fit", "--data.data_dir", str(data), *SYNTHETIC, *QUIET, *NODES, "--trainer.default_root_dir", str(root),
-            "--checkpoint.every_n_train_steps", "3", "--trainer.max_epochs", "3", *extra]  # fmt: skip
-
-
-def launch(
-    bed: netns.TwoNodes, folder: Path, *commands: list[str], env: dict | None = None, nproc: int = 1, **torchrun
-) -> list[subprocess.Popen]:
-    """One command per node (or the same on both), under torchrun with nproc processes; logs in
-    folder/node<I>.log."""
-    folder.mkdir(parents=True, exist_ok=True)
-    commands = commands * 2 if len(commands) == 1 else commands
-    return [
-        node.start(netns.torchrun(i, nproc, *command, **torchrun), folder / f"node{i}.log", env or netns.env())
-        for i, (node, command) in enumerate(zip(bed.nodes, commands, strict=True))
-    ]
-
-
-def mnist_lit(*args: str) -> list[str]:
-    return ["-m", "mnist_lit", *args]
-
-
-def finish(processes: list[subprocess.Popen], folder: Path, timeout: float = LIMIT) -> list[int]:
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"a node ran past {timeout} s: {logs(folder)[-3000:]}")
-    return [process.returncode for process in processes]
-
-
-def logs(folder: Path) -> str:
-    return "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(folder.glob("node*.log")))
-
-
 def worker_errors(log: str) -> list[str]:
     """mnist_lit's one-line errors in a node's output (torchrun's own report of a failed worker aside)."""
     return [line for line in log.splitlines() if line.startswith("error: ")]
@@ -92,10 +54,6 @@ def tracebacks_of_workers(log: str) -> int:
     """Python tracebacks other than torchrun's report that a worker failed (ChildFailedError, its own)."""
     blocks = log.split("Traceback (most recent call last):")[1:]
     return sum("ChildFailedError" not in block for block in blocks)
-
-
-def weights(root: Path) -> dict[str, torch.Tensor]:
-    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 def wait_for_checkpoint(root: Path, processes: list[subprocess.Popen], timeout: float = LIMIT) -> None:
@@ -234,7 +192,7 @@ def test_an_interface_the_other_node_cannot_reach_is_one_line_per_process(two_no
     to fix it, not gloo's log and a traceback per rank."""
     bed = two_nodes("own")
     command = mnist_lit(*fit(data, tmp_path, "--ddp_timeout", "5"))
-    processes = launch(bed, tmp_path, command, env={**netns.env(), "GLOO_SOCKET_IFNAME": "lo"})
+    processes = launch(bed, tmp_path, command, environment={**netns.env(), "GLOO_SOCKET_IFNAME": "lo"})
     assert all(code != 0 for code in finish(processes, tmp_path, timeout=90)), logs(tmp_path)[-3000:]
     for i in range(2):
         log = (tmp_path / f"node{i}.log").read_text()
@@ -252,7 +210,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself_exactly(two_n
     command = [*KILLPOINTS, "rank1-once", "7", *fit(data, run, "--ckpt_path", "auto")]
     # torchrun's shared rendezvous store would hand a restart the addresses of the processes it replaced
     env = {**netns.env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    codes = finish(launch(bed, run, command, env=env, elastic=2), run)
+    codes = finish(launch(bed, run, command, environment=env, elastic=2), run)
     assert codes == [0, 0], logs(run)[-3000:]
     assert (run / ".killpoint-done").exists()
     assert re.search(r"restart|Restarting", logs(run)), logs(run)[-3000:]
@@ -269,7 +227,7 @@ def test_a_node_killed_and_started_again_rejoins_and_both_resume_exactly(two_nod
     run = tmp_path / "run"
     command = [*KILLPOINTS, "slow", "300", *fit(data, run, "--ckpt_path", "auto")]
     env = {**netns.env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    processes = launch(bed, run, command, env=env, elastic=2)
+    processes = launch(bed, run, command, environment=env, elastic=2)
     wait_for_checkpoint(run, processes)
     bed.nodes[1].kill()
     again = bed.nodes[1].start(netns.torchrun(1, 1, *command, elastic=2), run / "node1-again.log", env)

@@ -188,7 +188,7 @@ def check_lightning_warnings() -> None:
         ("exists and is not empty", "lightning.pytorch.callbacks.model_checkpoint"),
         ("Total length of `", "lightning.pytorch.utilities.data"),
         ("is smaller than the logging interval", "lightning.pytorch.loops.fit_loop"),
-        ("The `srun` command is available on your system but is not used", "lightning.fabric.plugins.environments.slurm"),
+        ("`srun` command is available on your system but is not used", "lightning.fabric.plugins.environments.slurm"),
     ):
         assert words in source_of(module), (words, module)
 

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals
+from mnist_lit import LIGHTNING_COMMANDS, USAGE, nodes, runs, signals, slurm
 from mnist_lit.checkpoints import LOG_VERSION, THREADS, Checkpoint, ResumeCheck, checkpoint_dir, refuse_link
 from mnist_lit.cli import options
 from mnist_lit.cli.cores import BusyWatch, share_cores
@@ -182,6 +182,9 @@ class MNISTCLI(LightningCLI):
         directory = checkpoint_dir(config.trainer.default_root_dir, config.checkpoint.dirpath)
         nodes.set_up(trainer, config.ddp_timeout, config.ckpt_path, directory)
         signals.silence_lightning(trainer)  # mnist_lit.signals owns SIGINT and SIGTERM
+        if self.subcommand == "fit":
+            plugins = self.config_init[self.subcommand].trainer.get("plugins")
+            slurm.take_requeue_signal(trainer, plugins)  # in a SLURM job, the signal that warns of its end
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
             new = claimed or not os.path.exists(trainer.logger.log_dir)
@@ -353,6 +356,10 @@ def run_lightning(args: list[str], cli: type[MNISTCLI] = MNISTCLI) -> None:
     distributed = torch.distributed.is_available
     try:
         _run_lightning(args, cli)
+    except signals.Interrupted as err:
+        if (requeue := slurm.requeued(err.signum)) is None:
+            raise
+        raise signals.Interrupted(f"{err}; {requeue}", err.signum) from None
     except RuntimeError as err:
         # A collective with a process that died, stopped or went silent fails here (gloo: "Connection closed by
         # peer", "Timed out"), as does a start where the processes cannot reach each other.

@@ -16,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
+from helpers.cli import QUIET, SYNTHETIC
+
 ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "10.213.0"  # only ever inside the namespaces made here
 MASTER_PORT = 29500
@@ -165,3 +170,54 @@ def torchrun(node_rank: int, nproc: int, *args: str, elastic: int | None = None)
         command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{SUBNET}.1:{MASTER_PORT}", "--rdzv-id", "mnist",
                     "--max-restarts", str(elastic)]  # fmt: skip
     return [*command, *args]
+
+
+# --- runs across the two nodes, as the tests start them ---------------------------------------------------------
+
+NODES = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2"]
+LIMIT = 180  # seconds any one command of these tests may take
+
+
+def fit(data: Path, root: Path, *extra: str) -> list[str]:
+    return ["fit", "--data.data_dir", str(data), *SYNTHETIC, *QUIET, *NODES, "--trainer.default_root_dir", str(root),
+            "--checkpoint.every_n_train_steps", "3", "--trainer.max_epochs", "3", *extra]  # fmt: skip
+
+
+def launch(
+    bed: TwoNodes,
+    folder: Path,
+    *commands: list[str],
+    environment: dict | None = None,
+    nproc: int = 1,
+    elastic: int | None = None,
+) -> list[subprocess.Popen]:
+    """One command per node (or the same on both), under torchrun with nproc processes (see torchrun for elastic),
+    in environment (env()'s by default); logs in folder/node<I>.log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    commands = commands * 2 if len(commands) == 1 else commands
+    return [
+        node.start(torchrun(i, nproc, *command, elastic=elastic), folder / f"node{i}.log", environment or env())
+        for i, (node, command) in enumerate(zip(bed.nodes, commands, strict=True))
+    ]  # fmt: skip
+
+
+def mnist_lit(*args: str) -> list[str]:
+    return ["-m", "mnist_lit", *args]
+
+
+def finish(processes: list[subprocess.Popen], folder: Path, timeout: float = LIMIT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a node ran past {timeout} s: {logs(folder)[-3000:]}")
+    return [process.returncode for process in processes]
+
+
+def logs(folder: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()}" for log in sorted(folder.glob("node*.log")))
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

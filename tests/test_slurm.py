@@ -1,0 +1,218 @@
+"""SLURM for real (helpers.slurm): the README's two scripts run byte for byte on a two-node cluster, a job warned of
+its end or requeued that resumes exactly, a node lost under a job, and a job array of sweep workers on one study.
+Every job trains what torchrun's two-node test run trains, and must end on its weights, bit for bit."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import netns, slurm
+from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC
+from helpers.mnist import write_mnist
+from helpers.sweep import SHORT, counted, study, sweep_args
+
+pytestmark = pytest.mark.slow  # every test here starts a cluster and runs jobs: the slow suite's
+
+README = (ROOT / "README.md").read_text()
+LIMIT = 180  # seconds any one job of these tests may take
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT"}
+
+
+def readme_script(job_name: str) -> str:
+    """The README's sbatch script with this job name, byte for byte."""
+    scripts = [m[1] for m in re.finditer(r"```sh\n(#!/bin/bash\n.*?)```", README, re.S)]
+    (script,) = [s for s in scripts if f"#SBATCH --job-name={job_name}\n" in s]
+    return script
+
+
+@pytest.fixture
+def cluster():
+    if why := slurm.unavailable():
+        pytest.skip(why)
+    with slurm.Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("slurm-data"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    """torchrun's two-node run (as tests/test_nodes.py runs it), uninterrupted: where every job here must end."""
+    if why := slurm.unavailable():
+        pytest.skip(why)
+    folder = tmp_path_factory.mktemp("torchrun")
+    with netns.TwoNodes(folder / "bed", "own") as bed:
+        codes = netns.finish(netns.launch(bed, folder, netns.mnist_lit(*netns.fit(data, folder))), folder)
+    assert codes == [0, 0], netns.logs(folder)[-3000:]
+    return folder
+
+
+def options(data: Path) -> list[str]:
+    """What the tests add to the script's fit: torchrun's test run's options, less what the script sets itself."""
+    return ["--data.data_dir", str(data), *SYNTHETIC, *QUIET, "--checkpoint.every_n_train_steps", "3",
+            "--trainer.max_epochs", "3"]  # fmt: skip
+
+
+def slowed(script: str) -> str:
+    """The README's script with each step 300 ms longer (tests/helpers/killpoints.py), time to act mid-run."""
+    assert script.count("srun python -m mnist_lit fit") == 1
+    return script.replace("python -m mnist_lit fit", f"python {KILLPOINTS[0]} slow 300 fit")
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    expected, got = netns.weights(reference), netns.weights(run)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def wait_for_checkpoint(run: Path, cluster: slurm.Cluster, job: str) -> None:
+    deadline = time.monotonic() + LIMIT
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert time.monotonic() < deadline, f"no checkpoint from job {job}: {cluster.job(job)}"
+        time.sleep(0.1)
+
+
+def errors(log: str) -> list[str]:
+    """mnist_lit's one-line errors (SLURM's own lines say "slurmstepd-node0: error: ..." and "srun: error: ...")."""
+    return [line for line in log.splitlines() if line.startswith("error: ")]
+
+
+def output(run: Path, job: str) -> str:
+    return (run / f"mnist-{job}.out").read_text()
+
+
+def test_the_readmes_script_trains_on_two_nodes_and_ends_as_torchruns_run_does(cluster, tmp_path, data, reference):
+    script = tmp_path / "mnist.sbatch"
+    script.write_text(readme_script("mnist"))
+    run = tmp_path / "run"
+    run.mkdir()
+    job = cluster.submit(script, *options(data), chdir=run)
+    record = cluster.wait_job(job, ENDED, LIMIT)
+    log = output(run, job)
+    print(f"job {job}: {record['JobState']}, nodes {record['NodeList']}, {record['RunTime']}")
+    assert record["JobState"] == "COMPLETED" and record["NodeList"] == "node[0-1]", log[-3000:]
+    assert "Traceback" not in log and not errors(log), log[-3000:]
+    assert_same_weights(run, reference)
+
+
+@pytest.mark.parametrize(
+    "act, words",
+    [
+        (["scancel", "--signal=USR1"], "SIGUSR1: stopped at step {step} and saved"),  # what --signal=USR1@90 sends
+        (["scontrol", "requeue"], "SIGTERM: stopped at step {step} and saved"),  # as a pre-emption does
+    ],
+    ids=["warned", "requeued"],
+)
+def test_a_job_stopped_for_a_requeue_saves_then_resumes_exactly(cluster, tmp_path, data, reference, act, words):
+    script = tmp_path / "mnist.sbatch"
+    script.write_text(slowed(readme_script("mnist")))
+    run = tmp_path / "run"
+    run.mkdir()
+    job = cluster.submit(script, *options(data), chdir=run)
+    seen: list[str] = []
+    cluster.wait_job(job, {"RUNNING"}, LIMIT, seen)
+    wait_for_checkpoint(run, cluster, job)
+    acted = cluster.run(*act, job)
+    assert acted.returncode == 0, acted.stderr
+    record = cluster.wait_job(job, ENDED, LIMIT, seen)
+    log = output(run, job)
+    print(f"job {job} ({' '.join(act)}): states {' -> '.join(seen)}, Restarts={record['Restarts']}")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-3000:]
+    assert "Traceback" not in log and not errors(log), log[-3000:]
+    stops = re.findall(r"^(SIG\w+: stopped at step (\d+) .*)$", log, re.M)
+    assert len(stops) == 2, log[-3000:]  # one line from each process
+    step = stops[0][1]
+    assert all(line.startswith(words.format(step=step)) for line, _ in stops), stops
+    if act[0] == "scancel":  # mnist_lit's requeue: the first process asks, the other says who does
+        for words in (
+            f"; SLURM job {job} requeued: it runs its script again",
+            f"; the first process asks SLURM to requeue job {job}",
+        ):
+            assert sum(words in line for line, _ in stops) == 1, stops
+    assert_same_weights(run, reference)
+
+
+def test_a_job_slurm_may_not_requeue_says_so_and_the_next_submission_resumes(cluster, tmp_path, data, reference):
+    """Lightning's SLURMEnvironment in --trainer.plugins picks the signal (SIGUSR2 here); a job submitted with
+    --no-requeue cannot be requeued, and its stop line says so in scontrol's words."""
+    script = tmp_path / "mnist.sbatch"
+    script.write_text(slowed(readme_script("mnist")))
+    run = tmp_path / "run"
+    run.mkdir()
+    plugin = ["--trainer.plugins", "lightning.pytorch.plugins.environments.SLURMEnvironment",
+              "--trainer.plugins.requeue_signal", "SIGUSR2"]  # fmt: skip
+    job = cluster.submit(script, *options(data), *plugin, options=("--no-requeue",), chdir=run)
+    cluster.wait_job(job, {"RUNNING"}, LIMIT)
+    wait_for_checkpoint(run, cluster, job)
+    acted = cluster.run("scancel", "--signal=USR2", job)
+    assert acted.returncode == 0, acted.stderr
+    record = cluster.wait_job(job, ENDED, LIMIT)
+    log = output(run, job)
+    print(f"job {job} (--no-requeue, scancel --signal=USR2): {record['JobState']} {record['ExitCode']}")
+    assert record["JobState"] == "FAILED" and record["Restarts"] == "0", log[-3000:]
+    (line,) = [line for line in log.splitlines() if f"SLURM job {job} was not requeued: " in line]
+    assert line.startswith("SIGUSR2: stopped at step ") and "Traceback" not in log, log[-3000:]
+    again = cluster.submit(script, *options(data), *plugin, chdir=run)
+    record = cluster.wait_job(again, ENDED, LIMIT)
+    assert record["JobState"] == "COMPLETED", output(run, again)[-3000:]
+    assert "Restored all states from the checkpoint" in output(run, again)
+    assert_same_weights(run, reference)
+
+
+def test_a_node_lost_under_a_job_stops_the_other_in_one_line_and_the_requeued_job_resumes(
+    cluster, tmp_path, data, reference
+):
+    script = tmp_path / "mnist.sbatch"
+    script.write_text(slowed(readme_script("mnist")))
+    run = tmp_path / "run"
+    run.mkdir()
+    job = cluster.submit(script, *options(data), "--ddp_timeout", "20", chdir=run)
+    seen: list[str] = []
+    cluster.wait_job(job, {"RUNNING"}, LIMIT, seen)
+    wait_for_checkpoint(run, cluster, job)
+    lost = time.monotonic()
+    cluster.bed.nodes[1].kill()  # the machine gone: its slurmd and the job's task on it, SIGKILLed at once
+    while not errors(output(run, job)):
+        assert time.monotonic() - lost < 60, output(run, job)[-3000:]
+        time.sleep(0.1)
+    stopped = time.monotonic() - lost
+    record = cluster.wait_job(job, {"PENDING", *ENDED}, cluster.slurmd_timeout + 60, seen)
+    requeued = time.monotonic() - lost
+    print(f"node1 killed: rank 0's line after {stopped:.1f} s, job {job} back in the queue after {requeued:.1f} s"
+          f" ({record['Reason']})")  # fmt: skip
+    log = output(run, job)
+    (line,) = errors(log)
+    assert "lost node 1 (10.213.0.2) of this DDP run" in line or "another process of this DDP run stopped" in line
+    assert "Traceback" not in log and record["Restarts"] == "1"
+    cluster.start_node(1)  # the machine back: the job runs again and resumes from the shared folder
+    record = cluster.wait_job(job, ENDED, LIMIT, seen)
+    print(f"job {job}: states {' -> '.join(seen)}")
+    assert record["JobState"] == "COMPLETED", output(run, job)[-3000:]
+    assert_same_weights(run, reference)
+
+
+def test_a_job_array_of_sweep_workers_shares_one_study(cluster, tmp_path, data):
+    """Two workers, one per node, on one SQLite study in the shared root: safe here, where both nodes are one
+    kernel (the README says to use PostgreSQL on a cluster's network file system)."""
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(readme_script("mnist-sweep"))
+    root = tmp_path / "sweep"
+    args = sweep_args(root, data, *SHORT, trials=4)[1:]  # less the subcommand, which the script names
+    job = cluster.submit(script, *args, options=("--array=0-1",), chdir=tmp_path)
+    for task in ("0", "1"):
+        record = cluster.wait_job(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED"}, LIMIT)
+        log = (tmp_path / f"mnist-sweep-{job}_{task}.out").read_text()
+        assert record["JobState"] == "COMPLETED", log[-3000:]
+    trials = counted(study(root))
+    workers = sorted({t.user_attrs["worker"].split(":")[0] for t in trials})
+    by_worker = {w: sum(t.user_attrs["worker"].startswith(f"{w}:") for t in trials) for w in workers}
+    print(f"array job {job}: trials {[(t.number, t.state.name) for t in trials]}, by node {by_worker}")
+    assert len(trials) == 4 and len({t.number for t in trials}) == 4
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert workers == ["node0", "node1"], by_worker
