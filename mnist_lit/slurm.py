@@ -46,10 +46,11 @@ def take_requeue_signal(trainer: Trainer, plugins: Any) -> None:
 
 def job() -> str | None:
     """This batch job's id as scontrol takes it (an array's task as JOB_TASK); None outside one."""
-    if SLURMEnvironment.job_id() is None:
+    if (number := SLURMEnvironment.job_id()) is None or number < 0:
         return None
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID", ""), os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    # digits only: whatever else the environment holds never reaches scontrol's command line as an option
+    return f"{array}_{task}" if array.isdigit() and task.isdigit() else str(number)
 
 
 def requeued(signum: int) -> str | None:

@@ -1,10 +1,13 @@
 """SLURM for real (helpers.slurm): the README's two scripts run byte for byte on a two-node cluster, a job warned of
 its end or requeued that resumes exactly, a node lost under a job, and a job array of sweep workers on one study.
-Every job trains what torchrun's two-node test run trains, and must end on its weights, bit for bit."""
+Every job trains what torchrun's two-node test run trains, and must end on its weights, bit for bit. Those are in
+the slow suite; the default one checks the job id handed to scontrol and the words of its answer."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -14,8 +17,6 @@ from helpers import netns, slurm
 from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC
 from helpers.mnist import write_mnist
 from helpers.sweep import SHORT, counted, study, sweep_args
-
-pytestmark = pytest.mark.slow  # every test here starts a cluster and runs jobs: the slow suite's
 
 README = (ROOT / "README.md").read_text()
 LIMIT = 180  # seconds any one job of these tests may take
@@ -87,6 +88,7 @@ def output(run: Path, job: str) -> str:
     return (run / f"mnist-{job}.out").read_text()
 
 
+@pytest.mark.slow  # each test with a cluster runs whole jobs: the slow suite's
 def test_the_readmes_script_trains_on_two_nodes_and_ends_as_torchruns_run_does(cluster, tmp_path, data, reference):
     script = tmp_path / "mnist.sbatch"
     script.write_text(readme_script("mnist"))
@@ -101,6 +103,7 @@ def test_the_readmes_script_trains_on_two_nodes_and_ends_as_torchruns_run_does(c
     assert_same_weights(run, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "act, words",
     [
@@ -138,6 +141,7 @@ def test_a_job_stopped_for_a_requeue_saves_then_resumes_exactly(cluster, tmp_pat
     assert_same_weights(run, reference)
 
 
+@pytest.mark.slow
 def test_a_job_slurm_may_not_requeue_says_so_and_the_next_submission_resumes(cluster, tmp_path, data, reference):
     """Lightning's SLURMEnvironment in --trainer.plugins picks the signal (SIGUSR2 here); a job submitted with
     --no-requeue cannot be requeued, and its stop line says so in scontrol's words."""
@@ -165,6 +169,7 @@ def test_a_job_slurm_may_not_requeue_says_so_and_the_next_submission_resumes(clu
     assert_same_weights(run, reference)
 
 
+@pytest.mark.slow
 def test_a_node_lost_under_a_job_stops_the_other_in_one_line_and_the_requeued_job_resumes(
     cluster, tmp_path, data, reference
 ):
@@ -197,6 +202,7 @@ def test_a_node_lost_under_a_job_stops_the_other_in_one_line_and_the_requeued_jo
     assert_same_weights(run, reference)
 
 
+@pytest.mark.slow
 def test_a_job_array_of_sweep_workers_shares_one_study(cluster, tmp_path, data):
     """Two workers, one per node, on one SQLite study in the shared root: safe here, where both nodes are one
     kernel (the README says to use PostgreSQL on a cluster's network file system)."""
@@ -216,3 +222,51 @@ def test_a_job_array_of_sweep_workers_shares_one_study(cluster, tmp_path, data):
     assert len(trials) == 4 and len({t.number for t in trials}) == 4
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert workers == ["node0", "node1"], by_worker
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({}, None),  # not in a job
+        ({"SLURM_JOB_ID": "12"}, "12"),
+        ({"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3"}, "7_3"),  # an array's task
+        ({"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "--help", "SLURM_ARRAY_TASK_ID": "3"}, "12"),
+        ({"SLURM_JOB_ID": "-5"}, None),
+        ({"SLURM_JOB_ID": "12", "SLURM_JOB_NAME": "bash"}, None),  # Lightning's interactive job: no requeue
+    ],
+)
+def test_the_job_handed_to_scontrol_is_digits_only(monkeypatch, env, named):
+    from mnist_lit import slurm as requeue
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert requeue.job() == named
+
+
+@pytest.mark.parametrize("answer, rank, words", [
+    ("exit 0", 0, "SLURM job 12 requeued: it runs its script again (with --ckpt_path auto, its fit resumes from here)"),
+    ("echo 'scontrol: error: Invalid job id specified' >&2; exit 1", 0,
+     "SLURM job 12 was not requeued: scontrol: error: Invalid job id specified"),
+    ("exit 0", 1, "the first process asks SLURM to requeue job 12"),
+])  # fmt: skip
+def test_the_requeue_is_asked_by_the_first_process_and_its_answer_said(monkeypatch, tmp_path, answer, rank, words):
+    """scontrol stands in for SLURM's here (tests/test_slurm.py's cluster tests run the real one)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from mnist_lit import slurm as requeue
+
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "asked"}\n{answer}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.delenv("SLURM_JOB_NAME", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setattr(requeue, "_requeue_on", signal.SIGUSR1)
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    assert requeue.requeued(signal.SIGTERM) is None  # another signal: no requeue
+    assert requeue.requeued(signal.SIGUSR1) == words
+    asked = tmp_path / "asked"
+    assert (asked.read_text().split() == ["requeue", "12"]) if rank == 0 else not asked.exists()
