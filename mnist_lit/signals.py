@@ -13,7 +13,7 @@ Where each signal is handled, and why:
 - Lightning's own SIGTERM handler is switched off (`silence_lightning`): it broadcasts from inside the handler (one
   signalled DDP process hangs every process) and ends the run with exit status 0.
 - A fit in a SLURM job (mnist_lit.slurm): SLURM's warning before pre-emption or the time limit (SIGUSR1 unless
-  Lightning's SLURMEnvironment names another) is handled as SIGTERM is (`stop_also_on`), then the job requeued.
+  Lightning's SLURMEnvironment names another) is handled as SIGTERM is (`stop_on_warning`), then the job requeued.
   Lightning's own handler for it is off with the rest (it saves from inside the handler).
 - serve (serve.py): its main process turns SIGTERM into Ctrl-C (`stop_server_on_signals`), which LitServer
   handles by stopping its processes; those it forks keep SIGTERM's default and die with their parent
@@ -55,7 +55,12 @@ class Catcher(Protocol):
     def newest_saved(self) -> str | None: ...
 
 
-_also: dict[int, Any] = {}  # signals handled for this command beyond STOPPING -> their handlers before
+_warning: dict[int, Any] = {}  # SLURM's warning signal for this command, if taken -> its handler before
+_warned = False  # the warning came during this command: the end it announces follows as SIGTERM
+# Set by a process that runs fits and manages their stops (the sweep, for its trials), which may pass on a signal
+# that SLURM also sent them directly: there a second signal while training stops is the same stop, not one to stop
+# at once, and a SLURM job is the manager's to requeue (mnist_lit.slurm).
+MANAGED_ENV = "MNIST_LIT_MANAGED"
 _catcher: Catcher | None = None  # the callback whose training loop takes the next signal, if any
 _saver: Catcher | None = None  # the callback of this process's fit, armed or not: what it saved, for the message
 
@@ -72,11 +77,9 @@ def stop_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if signum in _also:
-        # SLURM's warning: the end it announces (the requeue this process asks for, the time limit) comes as SIGTERM
-        # while the process is stopping, and would cut it short before its last line. SIGKILL still ends it.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if _catcher is not None and _catcher.catch(signum):
+    if signum in _warning:
+        warned()
+    if _catcher is not None and (_catcher.catch(signum) or os.environ.get(MANAGED_ENV)):
         return
     newest = _saver.newest_saved() if _saver is not None else None  # also after training, while figures are drawn
     done = f"the newest checkpoint is {newest}" if newest else "nothing new was saved"
@@ -85,23 +88,36 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def handling() -> Iterator[None]:
-    """SIGINT and SIGTERM handled by mnist_lit for the length of a command, then as they were."""
-    global _saver
-    _saver = None  # a new command: nothing of its own saved yet
+    """SIGINT and SIGTERM handled by mnist_lit for the length of a command, then as they were (SIGTERM ignored
+    instead, once SLURM's warning came: see stop_on_warning)."""
+    global _saver, _warned
+    _saver, _warned = None, False  # a new command: nothing of its own saved yet
     previous = {sig: signal.signal(sig, _on_signal) for sig in STOPPING}
     try:
         yield
     finally:
-        previous.update(_also)
-        _also.clear()
-        for sig, handler in previous.items():
+        for sig, handler in [*_warning.items(), *previous.items()]:  # the warning first: once SIGTERM is
+            # no longer ours, a late warning must not reach _on_signal (it would set SIGTERM again)
             signal.signal(sig, handler)
+        _warning.clear()
+        if _warned:  # the process exits next, and SLURM's SIGTERM may come while it does
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def stop_also_on(signum: int) -> None:
-    """signum handled as SIGTERM is, until the command ends."""
-    if signum not in STOPPING and signum not in _also:
-        _also[signum] = signal.signal(signum, _on_signal)
+def warned() -> None:
+    """SLURM's warning came: the end it announces (the requeue this process asks for, the time limit) comes as
+    SIGTERM while the process stops, and would cut it short before its last line. Ignored until the process exits;
+    SIGKILL still ends it."""
+    global _warned
+    _warned = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_on_warning(signum: int) -> None:
+    """SLURM's warning before the end of a job (mnist_lit.slurm) handled as SIGTERM is, until the command ends.
+    Once it came, SIGTERM is ignored until the process exits (see _on_signal)."""
+    if signum not in _warning:
+        _warning[signum] = signal.signal(signum, _on_signal)
 
 
 def arm(catcher: Catcher) -> None:

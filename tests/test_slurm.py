@@ -16,7 +16,7 @@ import torch
 from helpers import netns, slurm
 from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC
 from helpers.mnist import write_mnist
-from helpers.sweep import SHORT, counted, study, sweep_args
+from helpers.sweep import counted, study, sweep_args
 
 README = (ROOT / "README.md").read_text()
 LIMIT = 180  # seconds any one job of these tests may take
@@ -127,7 +127,8 @@ def test_a_job_stopped_for_a_requeue_saves_then_resumes_exactly(cluster, tmp_pat
     log = output(run, job)
     print(f"job {job} ({' '.join(act)}): states {' -> '.join(seen)}, Restarts={record['Restarts']}")
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-3000:]
-    assert "Traceback" not in log and not errors(log), log[-3000:]
+    assert "Traceback" not in log and not errors(log) and "stopped at once" not in log, log[-3000:]
+    assert log.count("Restored all states from the checkpoint") == 1, log[-3000:]  # the requeued job resumed
     stops = re.findall(r"^(SIG\w+: stopped at step (\d+) .*)$", log, re.M)
     assert len(stops) == 2, log[-3000:]  # one line from each process
     step = stops[0][1]
@@ -159,7 +160,7 @@ def test_a_job_slurm_may_not_requeue_says_so_and_the_next_submission_resumes(clu
     record = cluster.wait_job(job, ENDED, LIMIT)
     log = output(run, job)
     print(f"job {job} (--no-requeue, scancel --signal=USR2): {record['JobState']} {record['ExitCode']}")
-    assert record["JobState"] == "FAILED" and record["Restarts"] == "0", log[-3000:]
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "140:0" and record["Restarts"] == "0", log[-3000:]
     (line,) = [line for line in log.splitlines() if f"SLURM job {job} was not requeued: " in line]
     assert line.startswith("SIGUSR2: stopped at step ") and "Traceback" not in log, log[-3000:]
     again = cluster.submit(script, *options(data), *plugin, chdir=run)
@@ -199,29 +200,49 @@ def test_a_node_lost_under_a_job_stops_the_other_in_one_line_and_the_requeued_jo
     record = cluster.wait_job(job, ENDED, LIMIT, seen)
     print(f"job {job}: states {' -> '.join(seen)}")
     assert record["JobState"] == "COMPLETED", output(run, job)[-3000:]
+    assert output(run, job).count("Restored all states from the checkpoint") == 1  # resumed, not started again
     assert_same_weights(run, reference)
 
 
 @pytest.mark.slow
-def test_a_job_array_of_sweep_workers_shares_one_study(cluster, tmp_path, data):
+def test_a_job_array_of_sweep_workers_shares_one_study_and_a_warned_task_requeues(cluster, tmp_path, data):
     """Two workers, one per node, on one SQLite study in the shared root: safe here, where both nodes are one
-    kernel (the README says to use PostgreSQL on a cluster's network file system)."""
+    kernel (the README says to use PostgreSQL on a cluster's network file system). Task 0 is warned (B:USR1, as
+    sweep.sbatch asks for) once a trial has saved a checkpoint: it stops its trial, requeues itself and resumes."""
     script = tmp_path / "sweep.sbatch"
     script.write_text(readme_script("mnist-sweep"))
     root = tmp_path / "sweep"
-    args = sweep_args(root, data, *SHORT, trials=4)[1:]  # less the subcommand, which the script names
+    args = sweep_args(root, data, "--trainer.max_epochs", "3", trials=4)[1:]  # less the subcommand: the script's
     job = cluster.submit(script, *args, options=("--array=0-1",), chdir=tmp_path)
-    for task in ("0", "1"):
-        record = cluster.wait_job(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED"}, LIMIT)
-        log = (tmp_path / f"mnist-sweep-{job}_{task}.out").read_text()
-        assert record["JobState"] == "COMPLETED", log[-3000:]
+    deadline = time.monotonic() + LIMIT
+    while not list(root.glob("trials/*/checkpoints/last.ckpt")):
+        assert time.monotonic() < deadline, cluster.job(f"{job}_0")
+        time.sleep(0.1)
+    warned = cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
+    assert warned.returncode == 0, warned.stderr
+    records = {task: cluster.wait_job(f"{job}_{task}", ENDED, LIMIT) for task in ("0", "1")}
+    logs = {task: (tmp_path / f"mnist-sweep-{job}_{task}.out").read_text() for task in ("0", "1")}
     trials = counted(study(root))
     workers = sorted({t.user_attrs["worker"].split(":")[0] for t in trials})
-    by_worker = {w: sum(t.user_attrs["worker"].startswith(f"{w}:") for t in trials) for w in workers}
-    print(f"array job {job}: trials {[(t.number, t.state.name) for t in trials]}, by node {by_worker}")
+    by_worker = {w: sum(t.user_attrs["worker"].startswith(f"{w}:") for t in trials) for w in workers}  # who ended each
+    resumed = [line for line in logs["0"].splitlines() if line.startswith("resuming trial")]
+    print(f"array job {job}: task 0 {records['0']['JobState']} Restarts={records['0']['Restarts']}, task 1"
+          f" {records['1']['JobState']}; trials {[(t.number, t.state.name) for t in trials]}, by node {by_worker};"
+          f" task 0 after its requeue: {resumed}")  # fmt: skip
+    assert all(r["JobState"] == "COMPLETED" for r in records.values()), logs
+    assert records["0"]["Restarts"] == "1" and records["1"]["Restarts"] == "0", records
+    (line,) = [line for line in logs["0"].splitlines() if line.startswith("SIGUSR1: sweep stopped")]
+    assert f"SLURM job {job}_0 requeued: it runs its script again" in line, logs["0"][-3000:]
+    assert "Traceback" not in logs["0"] + logs["1"] and "stopped at once" not in logs["0"], logs
     assert len(trials) == 4 and len({t.number for t in trials}) == 4
     assert all(t.state.name == "COMPLETE" for t in trials)
-    assert workers == ["node0", "node1"], by_worker
+    # a trial task 0 stopped went back to the study and was resumed from its checkpoint, by whichever worker came
+    # first (task 1 while task 0 waited in the queue, or task 0 on its return)
+    for log in root.glob("trials/*/fit.log"):
+        text = log.read_text()
+        assert "stopped at once" not in text and "Traceback" not in text, text[-3000:]
+        if "SIGTERM: stopped at step" in text:
+            assert "Restored all states from the checkpoint" in text and "max_epochs=3` reached" in text, text[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -245,13 +266,21 @@ def test_the_job_handed_to_scontrol_is_digits_only(monkeypatch, env, named):
     assert requeue.job() == named
 
 
-@pytest.mark.parametrize("answer, rank, words", [
-    ("exit 0", 0, "SLURM job 12 requeued: it runs its script again (with --ckpt_path auto, its fit resumes from here)"),
-    ("echo 'scontrol: error: Invalid job id specified' >&2; exit 1", 0,
+@pytest.mark.parametrize("answer, rank, ckpt_path, words", [
+    ("exit 0", 0, "auto",
+     "SLURM job 12 requeued: it runs its script again, and its fit's --ckpt_path auto resumes from the newest"
+     " checkpoint"),
+    ("echo 'scontrol: error: Invalid job id specified' >&2; exit 1", 0, "last",
      "SLURM job 12 was not requeued: scontrol: error: Invalid job id specified"),
-    ("exit 0", 1, "the first process asks SLURM to requeue job 12"),
+    ("exit 0", 1, "auto", "the first process asks SLURM to requeue job 12"),
+    ("exit 0", 0, None,
+     "SLURM job 12 not requeued: this fit has no --ckpt_path, so a requeued job would not resume it"),
+    ("exit 0", 0, "old.ckpt",
+     "SLURM job 12 not requeued: this fit has --ckpt_path old.ckpt, so a requeued job would not resume it"),
 ])  # fmt: skip
-def test_the_requeue_is_asked_by_the_first_process_and_its_answer_said(monkeypatch, tmp_path, answer, rank, words):
+def test_the_requeue_is_asked_by_the_first_process_and_its_answer_said(
+    monkeypatch, tmp_path, answer, rank, ckpt_path, words
+):
     """scontrol stands in for SLURM's here (tests/test_slurm.py's cluster tests run the real one)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -265,8 +294,64 @@ def test_the_requeue_is_asked_by_the_first_process_and_its_answer_said(monkeypat
     monkeypatch.delenv("SLURM_JOB_NAME", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.setattr(requeue, "_requeue_on", signal.SIGUSR1)
+    monkeypatch.setattr(requeue, "_ckpt_path", ckpt_path)
     monkeypatch.setattr(rank_zero_only, "rank", rank)
     assert requeue.requeued(signal.SIGTERM) is None  # another signal: no requeue
     assert requeue.requeued(signal.SIGUSR1) == words
     asked = tmp_path / "asked"
-    assert (asked.read_text().split() == ["requeue", "12"]) if rank == 0 else not asked.exists()
+    asks = rank == 0 and ckpt_path in ("auto", "last")
+    assert (asked.read_text().split() == ["requeue", "12"]) if asks else not asked.exists()
+
+
+def test_the_warning_stops_as_sigterm_does_and_then_sigterm_is_ignored_until_the_process_exits():
+    from mnist_lit import signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(signals.Interrupted) as stopped, signals.handling():
+            signals.stop_on_warning(signal.SIGUSR1)
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)  # the handler raises on the way
+        assert stopped.value.signum == signal.SIGUSR1
+        assert str(stopped.value) == "SIGUSR1: stopped at once; nothing new was saved"  # no training loop here
+        # SLURM's SIGTERM for the end it announced may come while the process exits: it must not cut it short
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == before[signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.fixture
+def in_a_job(monkeypatch):
+    """This process as one task of a SLURM batch job, as srun starts it (Lightning's SLURMEnvironment detects it)."""
+    for name, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "mnist", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "1",
+                        "SLURM_NODELIST": "localhost"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+
+def test_a_new_fit_in_a_job_refuses_a_file_lightning_would_resume_in_its_place(in_a_job, tmp_path, mnist_dir, run_main):
+    """Lightning resumes an hpc_ckpt_N.ckpt it finds in the root of a new run in a SLURM job, unchecked (a planted
+    pickle runs code as it loads): refused before anything is built."""
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"planted")
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--ckpt_path", "auto",
+                              cwd=tmp_path)  # fmt: skip
+    assert status == 1 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'hpc_ckpt_3.ckpt'} is named like Lightning's own SLURM checkpoints, which Lightning"
+        " would resume in a SLURM job in place of this new run, without mnist_lit's checks: move it out of the run's"
+        " folder"
+    ], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_3.ckpt"]
+
+
+def test_sigterm_cannot_be_the_warning(in_a_job, tmp_path, mnist_dir, run_main):
+    status, _, err = run_main("fit", "--data.data_dir", str(mnist_dir), *SYNTHETIC, *QUIET, "--trainer.plugins",
+                              "lightning.pytorch.plugins.environments.SLURMEnvironment",
+                              "--trainer.plugins.requeue_signal", "SIGTERM", cwd=tmp_path)  # fmt: skip
+    assert status == 1 and err.strip().splitlines()[-1].startswith(
+        "error: --trainer.plugins: SLURMEnvironment's requeue_signal SIGTERM cannot warn of a job's end"
+    ), err

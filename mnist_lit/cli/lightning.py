@@ -184,7 +184,7 @@ class MNISTCLI(LightningCLI):
         signals.silence_lightning(trainer)  # mnist_lit.signals owns SIGINT and SIGTERM
         if self.subcommand == "fit":
             plugins = self.config_init[self.subcommand].trainer.get("plugins")
-            slurm.take_requeue_signal(trainer, plugins)  # in a SLURM job, the signal that warns of its end
+            slurm.take_requeue_signal(trainer, plugins, self.ckpt_path_given)  # in a SLURM job, its end's warning
         if trainer.logger is not None and rank_zero_only.rank == 0 and trainer.logger.log_dir is not None:
             # The logger fixes its version folder here; one that is already there holds an earlier run's files.
             new = claimed or not os.path.exists(trainer.logger.log_dir)
@@ -237,6 +237,7 @@ class MNISTCLI(LightningCLI):
         subcommand = self.config.subcommand
         config = self.config[subcommand]
         root = config.trainer.default_root_dir
+        self.ckpt_path_given = config.ckpt_path  # before 'auto' and 'last' are resolved: a SLURM requeue needs it
         self.run = runs.open_run(
             subcommand,
             config.ckpt_path,
@@ -262,6 +263,8 @@ class MNISTCLI(LightningCLI):
                     raise self.from_the_checkpoint(str(err)) from None
         else:
             self.config[subcommand].ckpt_path = None  # fit's 'auto' where there was no run to resume: a new one
+            if subcommand == "fit":
+                slurm.refuse_lightnings_checkpoint(root)
         self._check_seed()  # again: a resume's seed is the checkpoint's
 
     def check_options(self, parser: LightningArgumentParser, args: Any) -> None:

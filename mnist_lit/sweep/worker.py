@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mnist_lit import signals, slurm
 from mnist_lit.checkpoints import RunLock, checkpoint_dir, newest_checkpoint, open_log, write_atomically
 from mnist_lit.errors import EX_IOERR, CheckpointError, first_line, printable
 from mnist_lit.sweep.study import (
@@ -105,7 +106,9 @@ class Sweeper:
             self.study.set_user_attr("root", here)
         if earlier is None or "study" not in earlier:
             write_atomically(str(recorded), json.dumps({**fingerprint, "study": study}, indent=1).encode())
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.job = slurm.job()  # in a SLURM batch job, its warning too: the trials stop, the job is requeued
+        stops = (signal.SIGINT, signal.SIGTERM, *([slurm.WARNING] if self.job else []))
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in stops}
         try:
             threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.sweep.workers)]
             for thread in threads:
@@ -116,19 +119,25 @@ class Sweeper:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.signum == slurm.WARNING:
+                signals.warned()
         if self.signum:
             name = signal.Signals(self.signum).name
             # each fit says in its fit.log what it saved (nothing, if it had not started training)
-            print(f"\n{name}: sweep stopped; the same command resumes its stopped trials from their checkpoints",
-                  file=sys.stderr)  # fmt: skip
+            resumes = "the same command resumes its stopped trials from their checkpoints"
+            if self.signum == slurm.WARNING and self.job:
+                resumes = slurm.requeue(self.job, resumes)
+            print(f"\n{name}: sweep stopped; {resumes}", file=sys.stderr)
             sys.exit(128 + self.signum)
         if self.errors:
             sys.exit(f"error: {self.errors[0]}")
         report(self.study, self.root, self.sweep.metric, self.space)
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == slurm.WARNING:  # SLURM's SIGTERM that follows reaches the trials too: one stop for them
+            signals.warned()
         self.signum = self.signum or signum
-        self._stop(signum)
+        self._stop(signal.SIGTERM if signum == slurm.WARNING else signum)  # every fit stops on SIGTERM
 
     def _stop(self, signum: int) -> None:
         self.stopping.set()
@@ -276,7 +285,8 @@ class Sweeper:
             "--trainer.default_root_dir", str(folder), "--trainer.enable_progress_bar", "false",
             "--trainer.callbacks+=mnist_lit.sweep.trial.Report", *(["--ckpt_path", "last"] if resume else []),
         ]  # fmt: skip
-        env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")}
+        env = {**os.environ, STORAGE_ENV: self.url, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
+               signals.MANAGED_ENV: "1"}  # its stop, and its SLURM job, are this process's  # fmt: skip
         trial_id = trial_id_of(trial)
         env[TRIAL_ENV] = json.dumps({"study": self.sweep.study_name, "trial_id": trial_id, "folder": str(folder),
                                      "metric": self.sweep.metric, "pruner": self.sweep.pruner,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from helpers import netns
 
-TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "scancel")
+TOOLS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "scancel", "sinfo")
 
 CONF = """\
 ClusterName=mnist
@@ -76,11 +76,11 @@ class Cluster:
 
     def __init__(self, slurmd_timeout: int = 10, kill_wait: int = 10) -> None:
         self.slurmd_timeout, self.kill_wait = slurmd_timeout, kill_wait
+
+    def __enter__(self) -> Cluster:
         self.folder = Path(tempfile.mkdtemp(prefix="mnist-slurm-"))
         self.bed = netns.TwoNodes(self.folder / "bed", "own")
         self.conf = self.folder / "slurm.conf"
-
-    def __enter__(self) -> Cluster:
         try:
             self._start()
         except BaseException:
