@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
 from mnist_lit import signals
 from mnist_lit.errors import CheckpointError, ConfigError, one_line
@@ -44,11 +44,13 @@ def take_requeue_signal(trainer: Trainer, plugins: Any, ckpt_path: str | None) -
     global _requeue_on, _ckpt_path
     given = plugins if isinstance(plugins, list) else [plugins]
     given = [*given, getattr(trainer.strategy, "cluster_environment", None)]  # a single process holds none
-    environment = next((p for p in given if isinstance(p, SLURMEnvironment)), None)
+    environment = next((p for p in given if isinstance(p, ClusterEnvironment)), None)
     if environment is None:
         if not SLURMEnvironment.detect():  # not in a job, or in an interactive one (job name bash or interactive)
             return
         environment = SLURMEnvironment()
+    if not isinstance(environment, SLURMEnvironment):  # the user's choice of another: SLURM's signals are not ours
+        return
     warning = environment.requeue_signal
     if not environment.auto_requeue or warning is None or job() is None:
         return

@@ -10,6 +10,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from helpers import netns, slurm
 from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC
 from helpers.mnist import write_mnist
 from helpers.sweep import counted, study, sweep_args
+from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
 
 README = (ROOT / "README.md").read_text()
 LIMIT = 180  # seconds any one job of these tests may take
@@ -357,3 +359,29 @@ def test_sigterm_cannot_be_the_warning(in_a_job, tmp_path, mnist_dir, run_main):
     assert status == 1 and err.strip().splitlines()[-1].startswith(
         "error: --trainer.plugins: SLURMEnvironment's requeue_signal SIGTERM cannot warn of a job's end"
     ), err
+
+
+@pytest.mark.parametrize(
+    "plugins, job_name, taken",
+    [
+        (None, "mnist", signal.SIGUSR1),  # Lightning's default
+        (lambda: SLURMEnvironment(requeue_signal=signal.SIGUSR2), "mnist", signal.SIGUSR2),
+        (lambda: SLURMEnvironment(auto_requeue=False), "mnist", None),
+        (LightningEnvironment, "mnist", None),  # another cluster environment, chosen by the user
+        (None, "interactive", None),  # Lightning's interactive job: not a batch job to requeue
+    ],
+)
+def test_which_signal_warns_is_lightnings_choice(in_a_job, monkeypatch, plugins, job_name, taken):
+    from mnist_lit import signals
+    from mnist_lit import slurm as requeue
+
+    monkeypatch.setenv("SLURM_JOB_NAME", job_name)
+    monkeypatch.setattr(requeue, "_requeue_on", None)
+    trainer = SimpleNamespace(strategy=SimpleNamespace())  # a single process: no cluster environment on it
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    with signals.handling():
+        requeue.take_requeue_signal(trainer, None if plugins is None else [plugins()], "auto")
+        assert requeue._requeue_on == taken
+        for sig, handler in before.items():
+            assert (signal.getsignal(sig) is not handler) == (sig == taken), sig
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the command's end puts them back
