@@ -379,6 +379,25 @@ def loader_benchmark(data_dir: str, rounds: int) -> None:
         print(f"  {name:26s} {statistics.median(values):6.3f} s an epoch, {per_batch:.3f} ms a batch (median)")
 
 
+def fit_then_test(
+    side: str, fit_args: list[str], common: list[str], env: dict[str, str], root: str
+) -> tuple[float, float]:
+    """`fit FIT_ARGS` then `test COMMON --ckpt_path last`, whole processes in root as a user runs them: the fit's
+    wall time and the test accuracy (the benchmark ends, naming side, if either fails)."""
+    fit = [sys.executable, "-m", "mnist_lit", "fit", *fit_args]
+    start = time.perf_counter()
+    done = subprocess.run(fit, env=env, cwd=root, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{side} fit failed:\n{done.stderr[-3000:]}")
+    test = [sys.executable, "-m", "mnist_lit", "test", *common, "--ckpt_path", "last"]
+    tested = subprocess.run(test, env=env, cwd=root, capture_output=True, text=True)
+    found = re.search(r"test/acc\s+([\d.]+)", tested.stdout)
+    if tested.returncode or not found:
+        sys.exit(f"{side} test failed:\n{tested.stderr[-3000:]}")
+    return elapsed, float(found[1])
+
+
 def recipe_benchmark(data_dir: str, seeds: list[int], env: dict[str, str]) -> None:
     """configs/fast.yaml against the default recipe: `fit` then `test`, whole processes, alternated per seed."""
     fit_times: dict[str, list[float]] = {"default": [], "fast": []}
@@ -388,24 +407,12 @@ def recipe_benchmark(data_dir: str, seeds: list[int], env: dict[str, str]) -> No
             for side in ("default", "fast") if i % 2 == 0 else ("fast", "default"):
                 root = tempfile.mkdtemp(dir=scratch)
                 common = ["--data.data_dir", data_dir, "--trainer.default_root_dir", root]
-                fit = [sys.executable, "-m", "mnist_lit", "fit", *(["--config", str(ROOT / "configs" / "fast.yaml")]
-                       if side == "fast" else []), *common, "--seed_everything", str(seed)]  # fmt: skip
-                start = time.perf_counter()
-                done = subprocess.run(fit, env=env, cwd=root, capture_output=True, text=True)
-                elapsed = time.perf_counter() - start
-                if done.returncode:
-                    sys.exit(f"{side} fit failed:\n{done.stderr[-3000:]}")
-                test = [sys.executable, "-m", "mnist_lit", "test", *common, "--ckpt_path", "last"]
-                tested = subprocess.run(test, env=env, cwd=root, capture_output=True, text=True)
-                found = re.search(r"test/acc\s+([\d.]+)", tested.stdout)
-                if tested.returncode or not found:
-                    sys.exit(f"{side} test failed:\n{tested.stderr[-3000:]}")
+                config = ["--config", str(ROOT / "configs" / "fast.yaml")] if side == "fast" else []
+                elapsed, accuracy = fit_then_test(side, [*config, *common, "--seed_everything", str(seed)], common,
+                                                  env, root)  # fmt: skip
                 fit_times[side].append(elapsed)
-                accuracies[side].append(float(found[1]))
-                print(
-                    f"seed {seed} {side:8s} fit {elapsed:6.1f} s   test accuracy {100 * float(found[1]):.2f}%",
-                    flush=True,
-                )
+                accuracies[side].append(accuracy)
+                print(f"seed {seed} {side:8s} fit {elapsed:6.1f} s   test accuracy {100 * accuracy:.2f}%", flush=True)
                 shutil.rmtree(root)
     print("\nmean over seeds " + ",".join(map(str, seeds)))
     for side in ("default", "fast"):
