@@ -12,7 +12,7 @@ Where each signal is handled, and why:
   signal, or one before or after the loop, stops at once, naming the newest checkpoint saved.
 - Lightning's own SIGTERM handler is switched off (`silence_lightning`): it broadcasts from inside the handler (one
   signalled DDP process hangs every process) and ends the run with exit status 0.
-- A fit in a SLURM job (mnist_lit.slurm): SLURM's warning before pre-emption or the time limit (SIGUSR1 unless
+- A fit in a SLURM job (mnist_lit.slurm): SLURM's warning of the job's end (`--signal`; SIGUSR1 unless
   Lightning's SLURMEnvironment names another) is handled as SIGTERM is (`stop_on_warning`), then the job requeued.
   Lightning's own handler for it is off with the rest (it saves from inside the handler).
 - serve (serve.py): its main process turns SIGTERM into Ctrl-C (`stop_server_on_signals`), which LitServer
@@ -115,7 +115,7 @@ def warned() -> None:
 
 def stop_on_warning(signum: int) -> None:
     """SLURM's warning before the end of a job (mnist_lit.slurm) handled as SIGTERM is, until the command ends.
-    Once it came, SIGTERM is ignored until the process exits (see _on_signal)."""
+    Once it came, SIGTERM is ignored until the process exits (see warned)."""
     if signum not in _warning:
         _warning[signum] = signal.signal(signum, _on_signal)
 

@@ -57,7 +57,8 @@ def take_requeue_signal(trainer: Trainer, plugins: Any, ckpt_path: str | None) -
     if warning in NOT_A_WARNING:
         raise ConfigError(
             f"--trainer.plugins: SLURMEnvironment's requeue_signal {signal.Signals(warning).name} cannot warn of a"
-            " job's end (SIGINT and SIGTERM stop a run already): choose another, such as SIGUSR1 or SIGUSR2"
+            " job's end (SIGINT and SIGTERM stop a run already; SIGKILL, SIGSTOP and SIGCHLD cannot be taken as a"
+            " warning): choose another, such as SIGUSR1 or SIGUSR2"
         )
     _requeue_on, _ckpt_path = int(warning), ckpt_path
     signals.stop_on_warning(_requeue_on)

@@ -68,11 +68,7 @@ def reference(tmp_path_factory, data) -> Path:
     """An uninterrupted two-node run (3 epochs), as every interrupted one must end."""
     if why := netns.unavailable():
         pytest.skip(why)
-    folder = tmp_path_factory.mktemp("reference")
-    with netns.TwoNodes(folder / "bed", "own") as bed:
-        codes = finish(launch(bed, folder, mnist_lit(*fit(data, folder))), folder)
-    assert codes == [0, 0], logs(folder)[-3000:]
-    return folder
+    return netns.reference_run(tmp_path_factory.mktemp("reference"), data)
 
 
 @pytest.mark.slow  # whole runs: in the slow suite, so the default one stays under 4 minutes

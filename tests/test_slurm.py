@@ -50,11 +50,7 @@ def reference(tmp_path_factory, data) -> Path:
     """torchrun's two-node run (as tests/test_nodes.py runs it), uninterrupted: where every job here must end."""
     if why := slurm.unavailable():
         pytest.skip(why)
-    folder = tmp_path_factory.mktemp("torchrun")
-    with netns.TwoNodes(folder / "bed", "own") as bed:
-        codes = netns.finish(netns.launch(bed, folder, netns.mnist_lit(*netns.fit(data, folder))), folder)
-    assert codes == [0, 0], netns.logs(folder)[-3000:]
-    return folder
+    return netns.reference_run(tmp_path_factory.mktemp("torchrun"), data)
 
 
 def options(data: Path) -> list[str]:

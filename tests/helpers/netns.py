@@ -221,3 +221,11 @@ def logs(folder: Path) -> str:
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
     return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def reference_run(folder: Path, data: Path) -> Path:
+    """An uninterrupted two-node run of fit()'s training, in folder: how every interrupted one must end."""
+    with TwoNodes(folder / "bed", "own") as bed:
+        codes = finish(launch(bed, folder, mnist_lit(*fit(data, folder))), folder)
+    assert codes == [0, 0], logs(folder)[-3000:]
+    return folder
