@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from mnist_lit import USAGE
+from mnist_lit.errors import write_line
 from mnist_lit.signals import stop_at_once
 
 
@@ -57,13 +58,13 @@ def run(args: list[str]) -> None:
             else:
                 runner(args[1:])
     except signals.Interrupted as err:
-        print(f"\n{printable(str(err))}", file=sys.stderr)
+        write_line(f"\n{printable(str(err))}")
         sys.exit(128 + err.signum)  # the shell's convention for "ended by this signal"
     except Exception as err:
         if (line := error_line(err)) is None:
             raise
         if isinstance(err, (OSError, WriteFailed)):  # the machine's: a sweep resumes such a trial, not fails it
-            print(line, file=sys.stderr)
+            write_line(line)
             sys.exit(EX_IOERR)
         sys.exit(line)
 
@@ -75,6 +76,11 @@ def main() -> None:
     except BrokenPipeError:  # `mnist-lit --help | head -3`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         sys.exit(141)  # 128 + SIGPIPE, what the shell reports for a command a closed pipe ended
+    except SystemExit as exit_:
+        if not isinstance(exit_.code, str):
+            raise
+        write_line(exit_.code)  # not Python's own printing, which writes the message and its newline apart
+        sys.exit(1)
 
 
 def _main() -> None:
@@ -93,7 +99,7 @@ def _main() -> None:
         run(args)
     except KeyboardInterrupt as err:  # before anything was built: nothing to save
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
-        print(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved", file=sys.stderr)
+        write_line(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved")
         sys.exit(128 + signum)
 
 

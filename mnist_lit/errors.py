@@ -7,6 +7,7 @@ the machine's: a file it could not write)."""
 from __future__ import annotations
 
 import re
+import sys
 
 
 class UserError(Exception):
@@ -63,3 +64,10 @@ def printable(text: str) -> str:
     """Text from elsewhere (a file's name, a study's record), safe to print as one line: control characters (a
     newline, a terminal's escape sequences) shown escaped."""
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
+def write_line(line: str) -> None:
+    """One line to stderr in one write. The processes of a DDP run share one stream (torchrun's, srun's), and Python
+    writes `sys.exit(message)`'s message and its newline apart: two processes' lines ran together in CI."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()

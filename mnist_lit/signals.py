@@ -30,10 +30,11 @@ import contextlib
 import ctypes
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Protocol
+
+from mnist_lit.errors import write_line
 
 STOPPING = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
@@ -71,8 +72,7 @@ def stop_at_once(signum: int, frame: FrameType | None) -> None:
     The process ends here, before anything is built. An exception raised this early is not reliable: one raised in
     a callback of the import machinery is printed and dropped (the command ran on), and one raised inside torch's
     initialisation can leave Python exiting as if killed by SIGINT after the line was printed."""
-    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved\n")
-    sys.stderr.flush()
+    write_line(f"\n{signal.Signals(signum).name}: stopped at once; nothing new was saved")
     os._exit(128 + signum)
 
 

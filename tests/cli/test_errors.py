@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from helpers.cli import QUIET, SYNTHETIC, assert_clean_error, run_cli
 from helpers.mnist import write_mnist
 from PIL import Image
 
+from mnist_lit.__main__ import main as entry
 from mnist_lit.__main__ import run as main
 from mnist_lit.checkpoints.files import DIGEST_KEY, digest, load_checkpoint
 from mnist_lit.errors import CheckpointError
@@ -539,3 +541,28 @@ def test_resuming_a_run_trained_past_the_limit_says_nothing_to_train_before_anyt
     assert {k: after.get(k) for k in before if not k.endswith(".lock")} == {
         k: v for k, v in before.items() if not k.endswith(".lock")
     }
+
+
+class Writes(io.StringIO):
+    """A stderr that keeps each write it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_the_error_line_reaches_stderr_in_one_write(monkeypatch, tmp_path):
+    """The processes of a DDP run share torchrun's stream: a line written in two pieces (Python's own
+    `sys.exit(message)` writes the message, then its newline) ran into another process's line in CI."""
+    stderr = Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    monkeypatch.setattr("sys.argv", ["mnist_lit", "export", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    with pytest.raises(SystemExit) as exited:
+        entry()
+    assert exited.value.code == 1
+    (line,) = [text for text in stderr.writes if text.strip()]
+    assert line.startswith("error: ") and line.endswith("\n") and line.count("\n") == 1, stderr.writes
