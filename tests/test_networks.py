@@ -238,7 +238,7 @@ def test_a_users_network_serves_and_resumes_bit_for_bit(tiny_run, tmp_path, mnis
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
 
 
-@pytest.mark.slow  # 5 epochs of the 24-channel ConvNet on the real files: about 3½ minutes here
+@pytest.mark.slow  # 5 epochs of the 24-channel ConvNet on the real files: about 3 minutes here
 def test_the_built_in_convnet_with_its_config_reaches_99_5_percent(tmp_path, real_mnist):
     """What the README promises, on any machine: another processor moves a run as another seed does, and seeds 1-3
     gave 99.58, 99.56 and 99.59% on an AMD EPYC, the lowest 6 test images above the bar (seed 1, run here: 8)."""
