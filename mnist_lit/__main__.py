@@ -69,9 +69,10 @@ def run(args: list[str]) -> None:
         sys.exit(line)
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The command: args, or the command line's. Every line it ends with reaches stderr in one write."""
     try:
-        _main()
+        _main(sys.argv[1:] if args is None else args)
         sys.stdout.flush()  # here, where a closed pipe can still be answered quietly, not at interpreter exit
     except BrokenPipeError:  # `mnist-lit --help | head -3`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
@@ -83,8 +84,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def _main() -> None:
-    args = sys.argv[1:]
+def _main(args: list[str]) -> None:
     # Listing the subcommands needs neither torch nor Lightning: answer at once instead of in seconds.
     if args in (["-h"], ["--help"]):
         print(USAGE)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_lit.__main__ import run as main
+from mnist_lit.__main__ import main  # the command's entry point: its lines end as a user's do
 from mnist_lit.checkpoints import io as checkpoint_io
 from mnist_lit.datasets import batches
 
