@@ -74,6 +74,34 @@ class ConvNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.block2(self.block1(x)), 1)))
 
 
+class BatchNormNet(nn.Module):
+    """The guide's Net with batch norm after each convolution, wider, and no dropout: the same two 5x5
+    convolutions, each followed by 2x2 max pooling, then two linear layers. Outputs logits.
+
+    Net's shape keeps its speed on a CPU (a 28x28 image meets one convolution before it is pooled, and no padding),
+    and batch norm lets it take a learning rate ten times the guide's: configs/batchnorm.yaml trains it to 99% in
+    one epoch."""
+
+    def __init__(self, width: int = 16, hidden: int = 256) -> None:
+        """
+        Args:
+            width: Channels of the first convolution; the second has twice as many.
+            hidden: Units of the hidden linear layer.
+        """
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, kernel_size=5, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=5, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc1 = nn.Linear(2 * width * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
 NET_SPEC: dict[str, Any] = {"class_path": "mnist_lit.model.Net", "init_args": {}}  # the default network
 
 

@@ -20,7 +20,7 @@ from helpers.cli import KILLPOINTS, QUIET, ROOT, SYNTHETIC, assert_clean_error, 
 
 from mnist_lit import runs
 from mnist_lit.errors import CheckpointError
-from mnist_lit.model import ConvNet, LitMNIST, Net, check_contract
+from mnist_lit.model import BatchNormNet, ConvNet, LitMNIST, Net, check_contract
 
 TINY = ["--model.net", "helpers.tinynet.TinyNet", "--model.net.width", "3"]
 
@@ -191,6 +191,7 @@ def test_a_checkpoint_naming_a_hostile_network_is_refused_before_anything_is_imp
 def test_the_contract_is_checked_once_early_in_one_line(tmp_path, mnist_dir, run_main):
     check_contract(Net())
     check_contract(ConvNet())
+    check_contract(BatchNormNet())
     with pytest.raises(
         ValueError, match=r"gives \(2, 784\) for a batch of 2 images of 1x28x28; it must give \(2, 10\)"
     ):
@@ -206,6 +207,7 @@ def test_log_softmax_is_applied_to_logits_and_never_again_to_the_nets_log_probab
     x = torch.randn(3, 10)
     assert torch.equal(log_probabilities(Net(), x), x)  # the guide's numbers, bit for bit
     assert torch.allclose(log_probabilities(ConvNet(), x).exp().sum(1), torch.ones(3))
+    assert torch.allclose(log_probabilities(BatchNormNet(), x).exp().sum(1), torch.ones(3))
     model = LitMNIST(net={"class_path": "mnist_lit.model.ConvNet", "init_args": {"width": 4}}, freeze=("block1",))
     assert model.hparams["net"]["init_args"] == {"width": 4}
     assert not any(p.requires_grad for p in model.net.block1.parameters())
@@ -252,3 +254,21 @@ def test_the_built_in_convnet_with_its_config_reaches_99_5_percent(tmp_path, rea
     accuracy = printed_metrics(test.stdout)["test/acc"]
     print(f"ConvNet, configs/convnet.yaml: test/acc {accuracy:.4f}")
     assert accuracy >= 0.995, test.stdout[-2000:]
+
+
+@pytest.mark.slow  # one epoch, then six, of BatchNormNet on the real files: about a minute here
+@pytest.mark.parametrize(("config", "bar"), [("bn99", 0.989), ("bn995", 0.994)])
+def test_batchnormnet_with_its_configs_reaches_99_and_99_5_percent(tmp_path, real_mnist, config, bar):
+    """What the README promises, on any machine: another processor moves a run as another seed does. Seeds 1-3 gave
+    99.11, 99.25 and 99.18% with configs/bn99.yaml, 99.58, 99.58 and 99.52% with configs/bn995.yaml (seed 1 runs
+    here), on an AMD EPYC; the bars leave one seed's room below the promised mean."""
+    from helpers.cli import printed_metrics
+
+    data = ["--data.data_dir", str(real_mnist), *QUIET]
+    fit = run_cli("fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *data, cwd=tmp_path, timeout=1200)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    test = run_cli("test", "--ckpt_path", "last", *data, cwd=tmp_path)  # the network comes with the checkpoint
+    assert test.returncode == 0, test.stderr[-2000:]
+    accuracy = printed_metrics(test.stdout)["test/acc"]
+    print(f"BatchNormNet, configs/{config}.yaml: test/acc {accuracy:.4f}")
+    assert accuracy >= bar, test.stdout[-2000:]
