@@ -7,7 +7,7 @@ left out, and notes the training time when the accuracy first reached 99.0% and 
 is the default recipe's mean fit time in the same run, and the per-config means.
 
     python tests/benchmarks/time_to_accuracy.py [--data_dir ../shared/mnist] [--seeds 1,2,3]
-        [--configs default,fast,net99,convnet]      # names in configs/ (default: the guide's recipe, no config)
+        [--configs default,fast,net99,bn99,bn995,convnet]   # names in configs/ (default: the guide's recipe, no config)
 
 The fit time is the process's wall time (start-up and data loading included, as a user waits for them) less the
 callback's test passes (not the rest of its cost: here the default's fit read 53 s with it, 45-48 s without);
@@ -83,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "mnist"))
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--configs", default="default,fast,net99,convnet")
+    parser.add_argument("--configs", default="default,fast,net99,bn99,bn995,convnet")
     args = parser.parse_args()
     configs, seeds = args.configs.split(","), [int(s) for s in args.seeds.split(",")]
     if "default" not in configs:
