@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -51,7 +52,7 @@ class ConvNet(nn.Module):
     """A small modern CNN for 28x28 images: two blocks of two 3x3 convolutions with batch norm, max pooling after
     each block, dropout and one linear layer. Outputs logits."""
 
-    def __init__(self, width: int = 16, dropout: float = 0.25) -> None:
+    def __init__(self, width: PositiveInt = 16, dropout: ClosedUnitInterval = 0.25) -> None:
         """
         Args:
             width: Channels of the first block; the second has twice as many.
@@ -82,7 +83,7 @@ class BatchNormNet(nn.Module):
     and batch norm lets it take a learning rate ten times the guide's: configs/batchnorm.yaml trains it to 99% in
     one epoch."""
 
-    def __init__(self, width: int = 16, hidden: int = 256) -> None:
+    def __init__(self, width: PositiveInt = 16, hidden: PositiveInt = 256) -> None:
         """
         Args:
             width: Channels of the first convolution; the second has twice as many.

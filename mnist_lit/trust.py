@@ -31,6 +31,8 @@ TRUST_ENV = "MNIST_LIT_TRUST"
 PLAIN_TYPE_NAMES = {
     "float", "int", "bool", "str", "None", "NoneType", "Tensor", "torch", "tuple", "Tuple", "list", "List",
     "Sequence", "Iterable", "collections", "abc", "typing", "Optional", "Union", "Literal",
+    # jsonargparse.typing's numbers with a range (mnist_lit.model's networks): ints and floats, checked when parsed
+    "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "ClosedUnitInterval", "OpenUnitInterval",
 }  # fmt: skip
 MAX_DEPTH = 2  # a list of lists at most (OneCycleLR's max_lr per group, Adafactor's eps pair)
 

@@ -124,6 +124,8 @@ def explain_class_option(message: str) -> str | None:
         return f"{option}: {ambiguous[1].rstrip('.')}"
     if problem := re.search(rf"Problem with given class_path '([^']+)':\s*(.*?){end}", message, re.S):
         cls, cause = problem[1].rpartition(".")[2], one_line(problem[2])
+        if inner := re.match(r'Parser key "([^"]+)":\s*(.*)', cause):  # one of the class's own arguments
+            return explain(f'Parser key "{option[2:]}.{inner[1]}":\n{inner[2]}', classes=False)
     elif callable_ := re.search(rf"expects a function or a callable class: (.*?){end}", message, re.S):
         cause = callable_[1].strip()
         # one of the class's own arguments: its message, less the last "Got value" (the whole class's)

@@ -139,6 +139,14 @@ CASES = {
         ["--data.image_val_fraction: 'half' is not valid; it takes a number >= 0 and <= 1"],
     ),
     "zero lr": (["fit", "--model.lr", "0"], ["--model.optimizer.lr: 0.0 is out of range; it must be > 0"]),
+    "a network's width of 0": (
+        ["fit", "--model.net", "mnist_lit.model.BatchNormNet", "--model.net.width", "0"],
+        ["--model.net.width: 0 is out of range; it must be > 0"],
+    ),
+    "a network's dropout of 1.5": (
+        ["fit", "--model.net", "ConvNet", "--model.net.dropout", "1.5"],
+        ["--model.net.dropout: 1.5 is out of range; it must be >= 0 and <= 1"],
+    ),
     "lr not a number": (["fit", "--model.optimizer.lr", "abc"], ["--model.optimizer.lr: 'abc' is not valid"]),
     "momentum of 1.5": (["fit", "--model.momentum", "1.5"], ["--model.optimizer.momentum: 1.5 is out of range"]),
     "unknown optimizer": (["fit", "--model.optimizer", "Adamm"], ["--model.optimizer", "no class named 'Adamm'"]),
