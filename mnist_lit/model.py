@@ -80,8 +80,8 @@ class BatchNormNet(nn.Module):
     convolutions, each followed by 2x2 max pooling, then two linear layers. Outputs logits.
 
     Net's shape keeps its speed on a CPU (a 28x28 image meets one convolution before it is pooled, and no padding),
-    and batch norm lets it take a learning rate ten times the guide's: configs/batchnorm.yaml trains it to 99% in
-    one epoch."""
+    and batch norm lets it train at a peak learning rate of 0.2 (the guide's: 0.01): configs/bn99.yaml takes it past
+    99% in one epoch, configs/bn995.yaml past 99.5% in six."""
 
     def __init__(self, width: PositiveInt = 16, hidden: PositiveInt = 256) -> None:
         """
