@@ -49,16 +49,20 @@ class Net(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """A small modern CNN for 28x28 images: two blocks of two 3x3 convolutions with batch norm, max pooling after
-    each block, dropout and one linear layer. Outputs logits."""
+    """A small modern CNN for 28x28 images. Outputs logits.
+
+    Two blocks of two 3x3 convolutions with batch norm, max pooling after each block, dropout and one linear layer.
+    """
 
     def __init__(self, width: PositiveInt = 16, dropout: ClosedUnitInterval = 0.25) -> None:
         """
         Args:
             width: Channels of the first block; the second has twice as many.
-            dropout: Dropout before the linear layer.
+            dropout: Dropout before the linear layer (the probability of zeroing each input), below 1.
         """
         super().__init__()
+        if dropout == 1:  # every input of the linear layer zeroed while training: only its bias would learn
+            raise ValueError("a dropout of 1 zeroes every input of the linear layer, which then never learns")
 
         def block(inputs: int, outputs: int) -> nn.Sequential:
             layers = []
@@ -76,8 +80,9 @@ class ConvNet(nn.Module):
 
 
 class BatchNormNet(nn.Module):
-    """The guide's Net with batch norm after each convolution, wider, and no dropout: the same two 5x5
-    convolutions, each followed by 2x2 max pooling, then two linear layers. Outputs logits.
+    """The guide's Net with batch norm after each convolution, wider, and no dropout. Outputs logits.
+
+    The same two 5x5 convolutions, each followed by 2x2 max pooling, then two linear layers.
 
     Net's shape keeps its speed on a CPU (a 28x28 image meets one convolution before it is pooled, and no padding),
     and batch norm lets it train at a peak learning rate of 0.2 (the guide's: 0.01): configs/bn99.yaml takes it past

@@ -16,10 +16,12 @@ import importlib
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import jsonargparse.typing
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,7 +33,8 @@ TRUST_ENV = "MNIST_LIT_TRUST"
 PLAIN_TYPE_NAMES = {
     "float", "int", "bool", "str", "None", "NoneType", "Tensor", "torch", "tuple", "Tuple", "list", "List",
     "Sequence", "Iterable", "collections", "abc", "typing", "Optional", "Union", "Literal",
-    # jsonargparse.typing's numbers with a range (mnist_lit.model's networks): ints and floats, checked when parsed
+    # jsonargparse.typing's numbers with a range (mnist_lit.model's networks): ints and floats, their range checked
+    # by the type (check_spec) before the class is built
     "PositiveInt", "NonNegativeInt", "PositiveFloat", "NonNegativeFloat", "ClosedUnitInterval", "OpenUnitInterval",
 }  # fmt: skip
 MAX_DEPTH = 2  # a list of lists at most (OneCycleLR's max_lr per group, Adafactor's eps pair)
@@ -181,6 +184,8 @@ def check_spec(field: str, spec: Any, trusted: Iterable[str] | None = None, part
             raise Untrusted(f"{option}: {_short(value)} is not a plain value (a number, a string, a boolean or a list)")
         if _has_str(value) and not re.search(r"\bstr\b|Literal", annotation):
             raise Untrusted(f"{option}: {_short(value)} is a string, and {cls.__name__}'s {name} takes {annotation}")
+        if (ranged := _ranged_type(cls, parameter.annotation)) is not None:
+            _check_range(option, ranged, value)
     if field == "net":
         _check_size(kind, cls, init_args)
     return cls
@@ -212,7 +217,9 @@ def _check_size(kind: Kind, cls: type, init_args: dict[str, Any]) -> None:
         module.register_module_buffer_registration_hook(lambda m, name, b: count(0, _numel(b))),
     ]
     try:
-        with torch.device("meta"):
+        # quiet: a warning of the class's own (torch's on a layer of no size) is the real build's to give, once
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             probe = cls(**init_args)
     except _OverLimit as err:
         raise Untrusted(f"{kind.option} {cls.__name__}: {_short(init_args)} {err}") from None
@@ -281,6 +288,30 @@ def _annotation_text(annotation: Any) -> str | None:
         return text
     names = set(re.findall(r"[A-Za-z_]\w*", re.sub(r"'[^']*'|\"[^\"]*\"", "", text)))
     return text if names and names <= PLAIN_TYPE_NAMES else None
+
+
+def _ranged_type(cls: type, annotation: Any) -> type | None:
+    """The jsonargparse ranged number type an annotation names (PositiveInt, ClosedUnitInterval), if it
+    is one: the class's module's name for it where annotations are text (`from __future__ import annotations`)."""
+    if isinstance(annotation, str):
+        annotation = getattr(inspect.getmodule(cls), annotation, None) or getattr(jsonargparse.typing, annotation, None)
+    if isinstance(annotation, type) and issubclass(annotation, (int, float)) and annotation not in (int, float, bool):
+        return annotation if annotation.__module__ == jsonargparse.typing.__name__ else None
+    return None
+
+
+def _check_range(option: str, ranged: type, value: Any) -> None:
+    """A file's value for a ranged argument, checked by the type itself, as the command line checks it: before the
+    class is built with it (a width of 0 or a dropout of nan would otherwise reach torch, or pass unseen)."""
+    try:
+        ranged(value)
+    except (TypeError, ValueError) as err:
+        # their-words[jsonargparse.restriction]: the type's refusal, read for its bounds
+        if bounds := re.search(r"does not conform to restriction (.+)", str(err)):
+            rule = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", bounds[1])
+            raise Untrusted(f"{option}: {_short(value)} is out of range; it must be {rule}") from None
+        takes = "an int" if issubclass(ranged, int) else "a number"
+        raise Untrusted(f"{option}: {_short(value)} is not valid; it takes {takes}") from None
 
 
 def _plain(value: Any, depth: int = 0) -> bool:

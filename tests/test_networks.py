@@ -123,6 +123,10 @@ HOSTILE_NETS = {
         spec("torch.nn.Conv2d", in_channels=1, out_channels=99, kernel_size=10**5),
         "over the limit",
     ),
+    "a width of 0 for a ranged width": (
+        spec("mnist_lit.model.BatchNormNet", width=0),
+        "--model.net.width: 0 is out of range; it must be > 0",
+    ),
     "a container of modules named by a file": (spec("torch.nn.Sequential", args=["os.system"]), "no argument"),
     "a layer whose output would take all memory": (spec("torch.nn.Upsample", scale_factor=1000.0), "over the limit"),
 }
@@ -169,6 +173,42 @@ def test_a_networks_forward_pass_is_sized_on_the_meta_device_before_it_runs(case
         with pytest.raises(Untrusted, match=re.escape(words)):
             check_spec("net", value, trusted=("torchvision",))
     assert time.monotonic() - start < 30
+
+
+# A network's ranged numbers (jsonargparse's PositiveInt and the like) set by a file: refused as the command line
+# refuses them, before the class is built (where torch would warn, or pass a nan by).
+OUT_OF_RANGE = {
+    "width 0": ({"width": 0}, "--model.net.width: 0 is out of range; it must be > 0"),
+    "width -3": ({"width": -3}, "--model.net.width: -3 is out of range; it must be > 0"),
+    "width 1.5": ({"width": 1.5}, "--model.net.width: 1.5 is not valid; it takes an int"),
+    "width true": ({"width": True}, "--model.net.width: True is not valid; it takes an int"),
+    "width null": ({"width": None}, "--model.net.width: None is not valid; it takes an int"),
+    "hidden 0": ({"hidden": 0}, "--model.net.hidden: 0 is out of range; it must be > 0"),
+    "dropout nan": ({"dropout": float("nan")}, "--model.net.dropout: nan is out of range; it must be >= 0 and <= 1"),
+    "dropout -0.1": ({"dropout": -0.1}, "--model.net.dropout: -0.1 is out of range"),
+    "dropout 1": ({"dropout": 1.0}, "a dropout of 1 zeroes every input of the linear layer, which then never learns"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_a_files_number_out_of_a_networks_range_is_refused_as_on_the_command_line_with_no_warning(case, recwarn):
+    from mnist_lit.errors import Untrusted
+    from mnist_lit.trust import check_spec
+
+    init_args, words = OUT_OF_RANGE[case]
+    net = "mnist_lit.model.ConvNet" if "dropout" in init_args else "mnist_lit.model.BatchNormNet"
+    with pytest.raises(Untrusted, match=re.escape(words)):
+        check_spec("net", spec(net, **init_args))
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+
+
+def test_a_config_files_width_of_0_is_one_line_and_no_warning(tmp_path, mnist_dir):
+    (tmp_path / "my.yaml").write_text("model:\n  net:\n    class_path: mnist_lit.model.BatchNormNet\n"
+                                      "    init_args: {width: 0}\n")  # fmt: skip
+    result = run_cli("fit", "--config", "my.yaml", *data_args(mnist_dir), cwd=tmp_path)
+    assert_clean_error(result, "--config my.yaml: --model.net.width: 0 is out of range; it must be > 0")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my.yaml"]  # refused before anything was written
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_NETS))

@@ -143,6 +143,10 @@ CASES = {
         ["fit", "--model.net", "mnist_lit.model.BatchNormNet", "--model.net.width", "0"],
         ["--model.net.width: 0 is out of range; it must be > 0"],
     ),
+    "a network's dropout of 1, which would train nothing": (
+        ["fit", "--model.net", "ConvNet", "--model.net.dropout", "1"],
+        ["--model.net ConvNet", "a dropout of 1 zeroes every input of the linear layer, which then never learns"],
+    ),
     "a network's dropout of 1.5": (
         ["fit", "--model.net", "ConvNet", "--model.net.dropout", "1.5"],
         ["--model.net.dropout: 1.5 is out of range; it must be >= 0 and <= 1"],
