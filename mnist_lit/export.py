@@ -17,6 +17,7 @@ from mnist_lit.errors import ExportError
 from mnist_lit.model import Net, log_probabilities
 
 ONNX_TOLERANCE = 1e-4
+CHECK_IMAGES = 5  # random images the written file is run on, beside torch
 
 
 class Classifier(nn.Module):
@@ -66,7 +67,10 @@ def export(ckpt_path: str | os.PathLike, output: Path, directory: Path | None = 
         onnx_file = Path(scratch) / "model.onnx"
         difference = _write_onnx(Classifier(net).eval(), onnx_file)
         write_atomically(str(output), io.BytesIO(onnx_file.read_bytes()))
-    return f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e}{inputs})"
+    return (
+        f"wrote {output} (ONNX, dynamic batch; onnxruntime matches torch to {difference:.1e} on {CHECK_IMAGES} random"
+        f" images{inputs})"
+    )
 
 
 def _write_onnx(net: nn.Module, path: Path) -> float:
@@ -89,7 +93,7 @@ def _write_onnx(net: nn.Module, path: Path) -> float:
         ) from None
     # Check the written file, with another batch size than the one traced.
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images = torch.randn(5, 1, 28, 28)
+    images = torch.randn(CHECK_IMAGES, 1, 28, 28)
     (onnx_out,) = session.run(None, {"image": images.numpy()})
     with torch.inference_mode():
         difference = float((torch.from_numpy(onnx_out) - net(images)).abs().max())
