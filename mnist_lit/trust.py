@@ -300,6 +300,11 @@ def _ranged_type(cls: type, annotation: Any) -> type | None:
     return None
 
 
+def range_rule(restriction: str) -> str:
+    """A jsonargparse restriction as words of a rule: "v>=0 and v<=1" as ">= 0 and <= 1"."""
+    return re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restriction)
+
+
 def _check_range(option: str, ranged: type, value: Any) -> None:
     """A file's value for a ranged argument, checked by the type itself, as the command line checks it: before the
     class is built with it (a width of 0 or a dropout of nan would otherwise reach torch, or pass unseen)."""
@@ -308,8 +313,7 @@ def _check_range(option: str, ranged: type, value: Any) -> None:
     except (TypeError, ValueError) as err:
         # their-words[jsonargparse.restriction]: the type's refusal, read for its bounds
         if bounds := re.search(r"does not conform to restriction (.+)", str(err)):
-            rule = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", bounds[1])
-            raise Untrusted(f"{option}: {_short(value)} is out of range; it must be {rule}") from None
+            raise Untrusted(f"{option}: {_short(value)} is out of range; it must be {range_rule(bounds[1])}") from None
         takes = "an int" if issubclass(ranged, int) else "a number"
         raise Untrusted(f"{option}: {_short(value)} is not valid; it takes {takes}") from None
 

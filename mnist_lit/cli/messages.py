@@ -20,6 +20,7 @@ from mnist_lit.cli import options
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.errors import ConfigError, UserError, one_line, printable
 from mnist_lit.model import GUIDE_SGD, LitMNIST
+from mnist_lit.trust import range_rule
 
 # jsonargparse's restricted number types, as a value of each is described
 _RESTRICTED = {
@@ -51,8 +52,7 @@ def explain(message: str, classes: bool = True, names: list[str] | None = None) 
     message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
     # their-words[jsonargparse.restriction]: a restricted type's refusal, read for the option, value and bounds
     if restricted := re.search(r"(--\S+): Not of type \w+: (.*?) does not conform to restriction (.+)", message):
-        bounds = re.sub(r"v\s*([<>=]+)\s*", r"\1 ", restricted[3])
-        return f"{restricted[1]}: {restricted[2]} is out of range; it must be {bounds}"
+        return f"{restricted[1]}: {restricted[2]} is out of range; it must be {range_rule(restricted[3])}"
     # their-words[jsonargparse.union]: a union's refusal, read for the types it takes
     if union := re.search(
         r"(--\S+): (?:- Expected a path but .*?)?Does not validate against any of .*Given value: (.*)$", message
