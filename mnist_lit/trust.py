@@ -310,6 +310,8 @@ def _check_range(option: str, ranged: type, value: Any) -> None:
     class is built with it (a width of 0 or a dropout of nan would otherwise reach torch, or pass unseen)."""
     try:
         ranged(value)
+    except OverflowError:  # an int past any float (10**400 where a float goes)
+        raise Untrusted(f"{option}: {_short(value)} is out of range; it is too large for a float") from None
     except (TypeError, ValueError) as err:
         # their-words[jsonargparse.restriction]: the type's refusal, read for its bounds
         if bounds := re.search(r"does not conform to restriction (.+)", str(err)):

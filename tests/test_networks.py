@@ -186,6 +186,7 @@ OUT_OF_RANGE = {
     "hidden 0": ({"hidden": 0}, "--model.net.hidden: 0 is out of range; it must be > 0"),
     "dropout nan": ({"dropout": float("nan")}, "--model.net.dropout: nan is out of range; it must be >= 0 and <= 1"),
     "dropout -0.1": ({"dropout": -0.1}, "--model.net.dropout: -0.1 is out of range"),
+    "dropout an int past any float": ({"dropout": 10**400}, "is out of range; it is too large for a float"),
     "dropout 1": ({"dropout": 1.0}, "a dropout of 1 zeroes every input of the linear layer, which then never learns"),
 }
 
