@@ -23,7 +23,7 @@ def pyplot() -> Any:
 
 def curves_figure(plt: Any, train: list[tuple[int, float]], val: list[tuple[int, float, float]]) -> Any:
     """Loss (train and validation) and validation accuracy against steps done: TrainingCurves' points."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), layout="tight")
     steps, losses = zip(*train, strict=True)
     ax_loss.plot(steps, losses, label="train (mean between points)", lw=1)
     if val:
@@ -47,7 +47,7 @@ def curves_figure(plt: Any, train: list[tuple[int, float]], val: list[tuple[int,
 def confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> Any:
     """The test confusion matrix, each row shaded by its share of the true class, counts written in."""
     named = any(not name.isdigit() for name in classes)
-    fig, ax = plt.subplots(figsize=(8, 7) if named else (6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 7) if named else (6.5, 5.5), layout="tight")
     shown = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
     ax.imshow(shown.sqrt().numpy(), cmap="Blues")  # sqrt: the few mistakes stay visible beside the large diagonal
     for true in range(10):
@@ -66,28 +66,32 @@ def confusion_figure(plt: Any, confusion: Tensor, classes: tuple[str, ...]) -> A
 
 def mistakes_figure(plt: Any, mistakes: list[tuple[Tensor, int, int]], total: int, known: Known) -> Any:
     """The misclassified images (normalised, as the model saw them), ten a row, each titled true → predicted."""
-    columns = 10
+    columns, width, height, band = 10, 1.1, 1.3, 0.6  # inches: a tile's width and height, the figure title's band
     rows = max(1, -(-len(mistakes) // columns))
-    # constrained layout makes room for the figure's title above the first row's titles (tight_layout would not)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.6), squeeze=False, layout="constrained"
-    )
-    fig.get_layout_engine().set(h_pad=0.1)  # inches between rows, and between the title and the first row
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, true, pred) in zip(axes.flat, mistakes, strict=False):
-        ax.imshow((image * known.std + known.mean).numpy(), cmap="gray_r", vmin=0, vmax=1)
+    fig = plt.figure(figsize=(columns * width, rows * height + band))
+    # One axes, each image drawn at its place in it: a subplot for each image, laid out by constrained layout, took
+    # 3.3 s to draw 100 of them (half of a 6.5 s `test`), against 0.3 s here.
+    ax = fig.add_axes((0, 0, 1, rows * height / (rows * height + band)))
+    side = max((max(image.shape) for image, _, _ in mistakes), default=28)  # 28 pixels: 0.9 inch, as before
+    cell_x, cell_y = width * side / 0.9, height * side / 0.9  # a tile, in image pixels
+    for k, (image, true, pred) in enumerate(mistakes):
+        row, column = divmod(k, columns)
+        x, y = column * cell_x + (cell_x - image.shape[1]) / 2, (row + 0.9) * cell_y - image.shape[0]  # room above
+        ax.imshow((image * known.std + known.mean).numpy(), cmap="gray_r", vmin=0, vmax=1,
+                  extent=(x, x + image.shape[1], y + image.shape[0], y))  # fmt: skip
         title = f"{known.classes[true]} → {known.classes[pred]}"
-        ax.set_title(title.replace(" → ", " →\n") if len(title) > 10 else title, fontsize=8, color="C3")
+        title = title.replace(" → ", " →\n") if len(title) > 10 else title
+        ax.text(x + image.shape[1] / 2, y - 0.05 * side, title, fontsize=8, color="C3", ha="center", va="bottom")
+    ax.set(xlim=(0, columns * cell_x), ylim=(rows * cell_y, 0))
+    ax.axis("off")
     shown = f"the first {len(mistakes)} of {total}" if total > len(mistakes) else f"all {total}"
-    fig.suptitle(f"Misclassified test images, true → predicted ({shown})")
+    top = 1 - 0.15 / (rows * height + band)
+    fig.suptitle(f"Misclassified test images, true → predicted ({shown})", y=top, va="top")
     return fig
 
 
 def image_bytes(fig: Any, format: str) -> bytes:
-    """The figure as an image file's bytes (its own layout, or tight_layout's); the figure is cleared."""
-    if fig.get_layout_engine() is None:  # a figure built with its own layout keeps it
-        fig.tight_layout()
+    """The figure as an image file's bytes, laid out as it was built to be; the figure is cleared."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=100, format=format)
     fig.clf()
